@@ -1,0 +1,67 @@
+"""`fluxir` command line.
+
+Each subcommand lives next to the code it drives and exposes `register(subparsers)`, which adds
+its parser and sets `func(args) -> int`. A `UserError` ends the command with its one-line
+message and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from fluxir_jax.errors import UserError
+
+# (module exposing register(subparsers), or None with a placeholder help text)
+_COMMANDS: list[tuple[str, str, str | None]] = [
+    ("info", "fluxir_jax.info", None),
+    ("convert", None, "convert PyTorch FLUX.1 checkpoints to Orbax (arrives with issue 4)"),
+    ("compare", None, "compare a converted checkpoint against PyTorch (arrives with issue 4)"),
+    ("encode-prompts", None, "encode prompts with local T5/CLIP (arrives with issue 4)"),
+    ("export-adapter", None, "export FluxIR adapter weights to safetensors (arrives with issue 5)"),
+    ("degrade", None, "build a paired LQ/HQ dataset from your own images (arrives with issue 6)"),
+    ("eval", None, "image-quality metrics over folders (arrives with issue 7)"),
+    ("gen", None, "FluxGen: generate, select and degrade training pairs (later issue)"),
+    ("train", None, "train the FluxIR adapter (later issue)"),
+    ("restore", None, "restore low-quality images (later issue)"),
+]
+
+
+def _placeholder(name: str, text: str):
+    def run(args) -> int:
+        print(f"fluxir {name}: not available yet; {text}", file=sys.stderr)
+        return 2
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fluxir", description="FluxGen + FluxIR image restoration on FLUX.1 (JAX/Flax).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module, text in _COMMANDS:
+        if module is not None:
+            importlib.import_module(module).register(sub)
+        else:
+            p = sub.add_parser(name, help=text, description=text)
+            p.set_defaults(func=_placeholder(name, text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"fluxir {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"fluxir {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
