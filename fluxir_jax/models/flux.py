@@ -1,0 +1,320 @@
+"""The FLUX.1 MM-DiT (BFL `flux/model.py` semantics) in Flax NNX, with scanned blocks.
+
+    vec = time_in(emb(t)) [+ guidance_in(emb(g))] + vector_in(y)
+    txt = txt_in(txt); img = img_in(img); pe = rope(cat(txt_ids, img_ids))
+    (img, txt) <- 19 x DoubleStreamBlock           (+ control residuals after each block)
+    x = cat(txt, img) <- 38 x SingleStreamBlock    (+ control residuals after each block)
+    out = final_layer(x[:, T:], vec)
+
+The 19 double and 38 single blocks are one `DoubleStreamBlock` / `SingleStreamBlock` module
+each whose parameters carry a leading layer axis (`double_blocks/img_attn/qkv/kernel` is
+[depth, C, 3C]); the forward pass runs them with `lax.scan`, so compile time does not grow
+with depth. `remat_policy` chooses what the backward pass recomputes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fluxir_jax.models.layers import (
+    Array,
+    BlockDims,
+    DoubleStreamBlock,
+    LastLayer,
+    MLPEmbedder,
+    SingleStreamBlock,
+    embed_nd,
+    linear,
+    timestep_embedding,
+)
+
+REMAT_POLICIES = ("none", "full", "save_attention", "save_qkv_attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class FluxConfig:
+    """BFL `FluxParams` field names, plus dtypes and the layer-loop knobs.
+
+    dtype          activation / compute dtype ("bfloat16" on accelerators, "float32" for parity)
+    param_dtype    storage dtype of the parameters
+    remat_policy   what a backward pass keeps from the forward pass, per block:
+                   "none" (keep everything), "full" (recompute everything),
+                   "save_attention" (keep attention outputs, recompute the rest),
+                   "save_qkv_attention" (keep qkv projections and attention outputs)
+    scan_layers    True: lax.scan over the stacked blocks; False: an unrolled Python loop
+                   over the same stacked parameters (for debugging; compile grows with depth)
+    """
+
+    in_channels: int = 64
+    out_channels: int = 64
+    vec_in_dim: int = 768
+    context_in_dim: int = 4096
+    hidden_size: int = 3072
+    mlp_ratio: float = 4.0
+    num_heads: int = 24
+    depth: int = 19
+    depth_single_blocks: int = 38
+    axes_dim: tuple[int, ...] = (16, 56, 56)
+    theta: int = 10_000
+    qkv_bias: bool = True
+    guidance_embed: bool = True
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat_policy: str = "none"
+    scan_layers: bool = True
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        head_dim = self.hidden_size // self.num_heads
+        if sum(self.axes_dim) != head_dim:
+            raise ValueError(f"sum(axes_dim)={sum(self.axes_dim)} must equal the head dim {head_dim}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
+        for name in ("dtype", "param_dtype"):
+            jnp.dtype(getattr(self, name))  # raises TypeError on an unknown dtype
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def block_dims(self) -> BlockDims:
+        return BlockDims(self.hidden_size, self.num_heads, self.mlp_ratio, self.qkv_bias)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ControlStream:
+    """Residuals added after each block of one kind (double or single), per stream.
+
+    The residual of block k is `img[k] * img_gate[k]` for the image tokens (likewise txt),
+    with broadcasting that lets callers pass either form:
+      - per-block residuals: `img` [n, B, L, C], gate None;
+      - shared features with per-block channel gates (what the FluxIR SE layers produce, and
+        n times cheaper in memory): `img` [B, L, C] and `img_gate` [n, B, C].
+    A stream left None receives nothing.
+    """
+
+    img: Optional[Array] = None
+    txt: Optional[Array] = None
+    img_gate: Optional[Array] = None
+    txt_gate: Optional[Array] = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Control:
+    """Control residuals for the double blocks and the single blocks (either may be None)."""
+
+    double: Optional[ControlStream] = None
+    single: Optional[ControlStream] = None
+
+
+def _remat(fn: Callable, policy: str) -> Callable:
+    if policy == "none":
+        return fn
+    saveable = {
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "save_attention": jax.checkpoint_policies.save_only_these_names("attn_output"),
+        "save_qkv_attention": jax.checkpoint_policies.save_only_these_names(
+            "attn_output", "img_qkv_proj", "txt_qkv_proj", "lin1_norm_hidden_states"
+        ),
+    }[policy]
+    return jax.checkpoint(fn, policy=saveable, prevent_cse=False)
+
+
+def _split_control(stream: ControlStream | None, n: int):
+    """Split a ControlStream into (per-layer xs scanned over, constants shared by all layers)."""
+    if stream is None:
+        return None, None
+    per_layer = {}
+    shared = {}
+    for name in ("img", "txt"):
+        feat, gate = getattr(stream, name), getattr(stream, f"{name}_gate")
+        if feat is None:
+            continue
+        if gate is None:
+            per_layer[name] = feat  # [n, B, N, C]
+        else:
+            shared[name] = feat  # [B, N, C]
+            per_layer[f"{name}_gate"] = gate  # [n, B, C]
+    return per_layer, shared
+
+
+def _residual(name: str, layer_ctrl, shared_ctrl) -> Array | None:
+    """The residual of one layer for stream `name`, or None."""
+    if layer_ctrl is None:
+        return None
+    if name in layer_ctrl:
+        return layer_ctrl[name]
+    if f"{name}_gate" in layer_ctrl:
+        return shared_ctrl[name] * layer_ctrl[f"{name}_gate"][:, None, :]
+    return None
+
+
+def _add(x: Array, r: Array | None) -> Array:
+    return x if r is None else x + r.astype(x.dtype)
+
+
+class Flux(nnx.Module):
+    """FLUX.1 transformer; call as `model(img, img_ids, txt, txt_ids, timesteps, y, guidance, control)`."""
+
+    def __init__(self, config: FluxConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        kw = dict(dtype=config.dtype, param_dtype=config.param_dtype)
+        c = config.hidden_size
+        self.img_in = linear(config.in_channels, c, rngs=rngs, **kw)
+        self.time_in = MLPEmbedder(256, c, rngs=rngs, **kw)
+        self.vector_in = MLPEmbedder(config.vec_in_dim, c, rngs=rngs, **kw)
+        self.guidance_in = MLPEmbedder(256, c, rngs=rngs, **kw) if config.guidance_embed else None
+        self.txt_in = linear(config.context_in_dim, c, rngs=rngs, **kw)
+        self.double_blocks = _stacked(DoubleStreamBlock, config.depth, config, rngs)
+        self.single_blocks = _stacked(SingleStreamBlock, config.depth_single_blocks, config, rngs)
+        self.final_layer = LastLayer(c, config.out_channels, rngs=rngs, **kw)
+
+    # -- conditioning ------------------------------------------------------------------
+
+    def embed_vec(self, timesteps: Array, y: Array, guidance: Array | None) -> Array:
+        """vec [B, C] from t in [0, 1], the pooled text vector y and the guidance scale."""
+        dt = jnp.dtype(self.config.dtype)
+        vec = self.time_in(timestep_embedding(timesteps, 256).astype(dt))
+        if self.guidance_in is not None:
+            vec = vec + self.guidance_in(timestep_embedding(guidance, 256).astype(dt))
+        return vec + self.vector_in(y.astype(dt))
+
+    def pos_embed(self, txt_ids: Array, img_ids: Array) -> Array:
+        """Rope tables for [txt; img]: [B, T+L, head_dim/2, 2, 2] float32."""
+        return embed_nd(jnp.concatenate([txt_ids, img_ids], axis=1), self.config.axes_dim, self.config.theta)
+
+    # -- forward -----------------------------------------------------------------------
+
+    def __call__(
+        self,
+        img: Array,
+        img_ids: Array,
+        txt: Array,
+        txt_ids: Array,
+        timesteps: Array,
+        y: Array,
+        guidance: Array | None = None,
+        control: Control | None = None,
+    ) -> Array:
+        img_ids, txt_ids = self._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance, control)
+        dt = jnp.dtype(self.config.dtype)
+        vec = self.embed_vec(timesteps, y, guidance)
+        pe = self.pos_embed(txt_ids, img_ids)
+        img = self.img_in(img.astype(dt))
+        txt = self.txt_in(txt.astype(dt))
+        img, txt = self.run_double_blocks(img, txt, vec, pe, control.double if control else None)
+        x = jnp.concatenate([txt, img], axis=1)
+        x = self.run_single_blocks(x, vec, pe, txt.shape[1], control.single if control else None)
+        return self.final_layer(x[:, txt.shape[1] :], vec)
+
+    def run_double_blocks(self, img, txt, vec, pe, stream: ControlStream | None = None):
+        per_layer, shared = _split_control(stream, self.config.depth)
+
+        def body(carry, layer_params, layer_ctrl):
+            img, txt = carry
+            img, txt = nnx.merge(graphdef, layer_params)(img, txt, vec, pe)
+            img = _add(img, _residual("img", layer_ctrl, shared))
+            txt = _add(txt, _residual("txt", layer_ctrl, shared))
+            return img, txt
+
+        graphdef, params = nnx.split(self.double_blocks)
+        return self._loop(body, (img, txt), params, per_layer, self.config.depth)
+
+    def run_single_blocks(self, x, vec, pe, num_txt: int, stream: ControlStream | None = None):
+        per_layer, shared = _split_control(stream, self.config.depth_single_blocks)
+
+        def body(x, layer_params, layer_ctrl):
+            x = nnx.merge(graphdef, layer_params)(x, vec, pe)
+            r_txt = _residual("txt", layer_ctrl, shared)
+            r_img = _residual("img", layer_ctrl, shared)
+            if r_txt is not None or r_img is not None:
+                txt, img = x[:, :num_txt], x[:, num_txt:]
+                x = jnp.concatenate([_add(txt, r_txt), _add(img, r_img)], axis=1)
+            return x
+
+        graphdef, params = nnx.split(self.single_blocks)
+        return self._loop(body, x, params, per_layer, self.config.depth_single_blocks)
+
+    def _loop(self, body, carry, params, per_layer_ctrl, n: int):
+        step = _remat(body, self.config.remat_policy)
+        if self.config.scan_layers:
+            def scan_body(c, xs):
+                return step(c, *xs), None
+
+            carry, _ = jax.lax.scan(scan_body, carry, (params, per_layer_ctrl))
+            return carry
+        for i in range(n):
+            layer = jax.tree.map(lambda a: a[i], (params, per_layer_ctrl))
+            carry = step(carry, *layer)
+        return carry
+
+    # -- input validation ----------------------------------------------------------------
+
+    def _check_inputs(self, img, img_ids, txt, txt_ids, timesteps, y, guidance, control):
+        cfg = self.config
+        n_axes = len(cfg.axes_dim)
+
+        def expect(name, arr, shape):
+            got = tuple(getattr(arr, "shape", ()))
+            ok = len(got) == len(shape) and all(s is None or s == g for s, g in zip(shape, got))
+            if not ok:
+                want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+                raise ValueError(f"Flux: `{name}` must have shape {want}, got {list(got)}")
+
+        expect("img", img, (None, None, cfg.in_channels))
+        b, l = img.shape[:2]
+        expect("txt", txt, (b, None, cfg.context_in_dim))
+        t = txt.shape[1]
+        if getattr(img_ids, "ndim", 0) == 2:
+            img_ids = jnp.broadcast_to(img_ids, (b, *img_ids.shape))
+        if getattr(txt_ids, "ndim", 0) == 2:
+            txt_ids = jnp.broadcast_to(txt_ids, (b, *txt_ids.shape))
+        expect("img_ids", img_ids, (b, l, n_axes))
+        expect("txt_ids", txt_ids, (b, t, n_axes))
+        expect("timesteps", timesteps, (b,))
+        expect("y", y, (b, cfg.vec_in_dim))
+        if cfg.guidance_embed:
+            if guidance is None:
+                raise ValueError("Flux: `guidance` [B] is required for a guidance-embedded model (flux-dev); got None")
+            expect("guidance", guidance, (b,))
+        if control is not None:
+            self._check_control(control, b, l, t)
+        return img_ids, txt_ids
+
+    def _check_control(self, control: Control, b: int, l: int, t: int):
+        c = self.config.hidden_size
+        for kind, n in (("double", self.config.depth), ("single", self.config.depth_single_blocks)):
+            stream = getattr(control, kind)
+            if stream is None:
+                continue
+            for name, tokens in (("img", l), ("txt", t)):
+                feat, gate = getattr(stream, name), getattr(stream, f"{name}_gate")
+                where = f"control.{kind}.{name}"
+                if feat is None:
+                    if gate is not None:
+                        raise ValueError(f"Flux: `{where}_gate` given without `{where}`")
+                    continue
+                want = (b, tokens, c) if gate is not None else (n, b, tokens, c)
+                if tuple(feat.shape) != want:
+                    raise ValueError(f"Flux: `{where}` must have shape {list(want)}, got {list(feat.shape)}")
+                if gate is not None and tuple(gate.shape) != (n, b, c):
+                    raise ValueError(f"Flux: `{where}_gate` must have shape {[n, b, c]}, got {list(gate.shape)}")
+
+
+def _stacked(block_cls, n: int, config: FluxConfig, rngs: nnx.Rngs):
+    """One block module whose parameters have a leading layer axis of size n."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(r):
+        return block_cls(config.block_dims, rngs=r, dtype=config.dtype, param_dtype=config.param_dtype)
+
+    return make(rngs)

@@ -1,0 +1,310 @@
+"""FLUX.1 building blocks in Flax NNX, with the semantics of the BFL reference.
+
+Module and parameter names mirror the BFL checkpoint keys (`img_attn.qkv`, `img_mlp.0`,
+`modulation.lin`, ...), so a checkpoint maps onto these modules by a mechanical walk
+(Linear kernel = W.T). Layout conventions:
+
+    B batch, L tokens, H heads, D head dim, C hidden (= H * D)
+    activations  [B, L, C]
+    q, k, v      [B, L, H, D]   (the layout `jax.nn.dot_product_attention` takes)
+    rope tables  [B, L, D/2, 2, 2] in float32
+
+Positional and timestep math always runs in float32, whatever the activation dtype.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+Array = jax.Array
+NORM_EPS = 1e-6
+
+
+# ----------------------------------------------------------------------------- pure math
+
+
+def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0, time_factor: float = 1000.0) -> Array:
+    """Sinusoidal embedding of t in [0, 1] (scaled by `time_factor`): [B] -> [B, dim], float32.
+
+    Cosines first, then sines, as in BFL `flux/modules/layers.py`.
+    """
+    t = time_factor * jnp.asarray(t, jnp.float32)
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+def _rope_frequencies(dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """omega_d = theta^(-2d/dim), split as hi + lo in float32.
+
+    `hi` keeps 12 significant bits, so `pos * hi` is exact in float32 for integer positions
+    below 2^12; `lo` carries the rest. Rotating by hi and lo separately gives angles accurate
+    to float64 level (BFL builds its tables in float64) instead of float32's ~1e-5 at pos 256.
+    """
+    omega = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    exponent = np.floor(np.log2(omega))
+    hi = np.round(omega / 2.0**exponent * 2.0**11) * 2.0 ** (exponent - 11)
+    lo = omega - hi
+    return hi.astype(np.float32), lo.astype(np.float32)
+
+
+def rope(pos: Array, dim: int, theta: float) -> Array:
+    """Rotary tables for one position axis: pos [..., L] -> [..., L, dim/2, 2, 2] float32.
+
+    Each frequency gets the 2x2 rotation [[cos, -sin], [sin, cos]] (BFL `flux/math.py`).
+    """
+    if dim % 2:
+        raise ValueError(f"rope dim must be even, got {dim}")
+    hi, lo = _rope_frequencies(dim, theta)
+    pos = jnp.asarray(pos, jnp.float32)[..., None]
+    a, b = pos * hi, pos * lo  # angle = a + b; b is tiny, so its rounding error is negligible
+    cos = jnp.cos(a) * jnp.cos(b) - jnp.sin(a) * jnp.sin(b)
+    sin = jnp.sin(a) * jnp.cos(b) + jnp.cos(a) * jnp.sin(b)
+    out = jnp.stack([cos, -sin, sin, cos], axis=-1)
+    return out.reshape(*out.shape[:-1], 2, 2)
+
+
+def embed_nd(ids: Array, axes_dim: tuple[int, ...], theta: float) -> Array:
+    """Concatenate per-axis rope tables: ids [B, L, n_axes] -> pe [B, L, sum(axes_dim)/2, 2, 2]."""
+    if ids.shape[-1] != len(axes_dim):
+        raise ValueError(f"ids have {ids.shape[-1]} axes, config has axes_dim {axes_dim}")
+    return jnp.concatenate([rope(ids[..., i], d, theta) for i, d in enumerate(axes_dim)], axis=-3)
+
+
+def apply_rope(xq: Array, xk: Array, pe: Array) -> tuple[Array, Array]:
+    """Rotate adjacent pairs of q and k: [B, L, H, D] with pe [B, L, D/2, 2, 2]; float32 inside."""
+    pe = pe[:, :, None]  # broadcast over heads: [B, L, 1, D/2, 2, 2]
+
+    def rotate(x):
+        x2 = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 1, 2)  # [..., D/2, 1, 2]
+        out = pe[..., 0] * x2[..., 0] + pe[..., 1] * x2[..., 1]  # [..., D/2, 2]
+        return out.reshape(x.shape).astype(x.dtype)
+
+    return rotate(xq), rotate(xk)
+
+
+def attention(q: Array, k: Array, v: Array, pe: Array) -> Array:
+    """Rope then softmax attention over the whole sequence (no mask): [B, L, H, D] -> [B, L, H*D]."""
+    q, k = apply_rope(q, k, pe)
+    out = jax.nn.dot_product_attention(q, k, v)
+    return out.reshape(*out.shape[:2], -1)
+
+
+def layer_norm(x: Array, eps: float = NORM_EPS) -> Array:
+    """LayerNorm without affine parameters, two-pass statistics in float32, cast back."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def gelu_tanh(x: Array) -> Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def _dtype(name) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def linear(din: int, dout: int, *, rngs: nnx.Rngs, dtype, param_dtype, use_bias: bool = True) -> nnx.Linear:
+    """nnx.Linear with torch-like init (kernel [din, dout]; checkpoint W is [dout, din])."""
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=use_bias,
+        dtype=_dtype(dtype),
+        param_dtype=_dtype(param_dtype),
+        kernel_init=nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+        rngs=rngs,
+    )
+
+
+class RMSNorm(nnx.Module):
+    """x * rsqrt(mean(x^2) + 1e-6) in float32, cast back, times `scale`."""
+
+    def __init__(self, dim: int, *, param_dtype="float32"):
+        self.scale = nnx.Param(jnp.ones((dim,), _dtype(param_dtype)))
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        rrms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + NORM_EPS)
+        return (x32 * rrms).astype(x.dtype) * self.scale[...].astype(x.dtype)
+
+
+class QKNorm(nnx.Module):
+    def __init__(self, dim: int, *, param_dtype="float32"):
+        self.query_norm = RMSNorm(dim, param_dtype=param_dtype)
+        self.key_norm = RMSNorm(dim, param_dtype=param_dtype)
+
+    def __call__(self, q: Array, k: Array, v: Array) -> tuple[Array, Array]:
+        return self.query_norm(q).astype(v.dtype), self.key_norm(k).astype(v.dtype)
+
+
+class MLPEmbedder(nnx.Module):
+    """in_layer -> SiLU -> out_layer."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, *, rngs: nnx.Rngs, dtype="float32", param_dtype="float32"):
+        self.in_layer = linear(in_dim, hidden_dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.out_layer = linear(hidden_dim, hidden_dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x: Array) -> Array:
+        return self.out_layer(jax.nn.silu(self.in_layer(x)))
+
+
+class ModulationOut(NamedTuple):
+    shift: Array  # [B, 1, C]
+    scale: Array
+    gate: Array
+
+
+class Modulation(nnx.Module):
+    """lin(SiLU(vec)) chunked into (shift, scale, gate) once, or twice when `double`."""
+
+    def __init__(self, dim: int, double: bool, *, rngs: nnx.Rngs, dtype="float32", param_dtype="float32"):
+        self.is_double = double
+        self.multiplier = 6 if double else 3
+        self.lin = linear(dim, self.multiplier * dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, vec: Array) -> tuple[ModulationOut, ModulationOut | None]:
+        out = self.lin(jax.nn.silu(vec))[:, None, :]
+        chunks = jnp.split(out, self.multiplier, axis=-1)
+        first = ModulationOut(*chunks[:3])
+        return first, (ModulationOut(*chunks[3:]) if self.is_double else None)
+
+
+def modulate(x: Array, mod: ModulationOut) -> Array:
+    return (1 + mod.scale) * x + mod.shift
+
+
+class SelfAttention(nnx.Module):
+    """Fused qkv projection, q/k RMSNorm, output projection (attention itself is joint, outside)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, *, rngs: nnx.Rngs, dtype="float32", param_dtype="float32"):
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.qkv = linear(dim, 3 * dim, use_bias=qkv_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.norm = QKNorm(head_dim, param_dtype=param_dtype)
+        self.proj = linear(dim, dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def split_qkv(self, qkv: Array) -> tuple[Array, Array, Array]:
+        """"B L (K H D) -> K x [B, L, H, D]", then RMSNorm on q and k."""
+        q, k, v = jnp.split(qkv.reshape(*qkv.shape[:2], 3, self.num_heads, -1), 3, axis=2)
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+        q, k = self.norm(q, k, v)
+        return q, k, v
+
+
+def _mlp(dim: int, hidden: int, *, rngs, dtype, param_dtype) -> nnx.List:
+    """Sequential(Linear, GELU-tanh, Linear) with checkpoint keys `.0` and `.2`."""
+    return nnx.List(
+        [
+            linear(dim, hidden, rngs=rngs, dtype=dtype, param_dtype=param_dtype),
+            None,
+            linear(hidden, dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype),
+        ]
+    )
+
+
+def _run_mlp(mlp: nnx.List, x: Array) -> Array:
+    return mlp[2](gelu_tanh(mlp[0](x)))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockDims:
+    hidden_size: int
+    num_heads: int
+    mlp_ratio: float
+    qkv_bias: bool = True
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+
+class DoubleStreamBlock(nnx.Module):
+    """Separate weights for the image and text streams, joint attention over [txt; img]."""
+
+    def __init__(self, dims: BlockDims, *, rngs: nnx.Rngs, dtype="float32", param_dtype="float32"):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        c = dims.hidden_size
+        self.num_heads = dims.num_heads
+        self.img_mod = Modulation(c, True, **kw)
+        self.img_attn = SelfAttention(c, dims.num_heads, dims.qkv_bias, **kw)
+        self.img_mlp = _mlp(c, dims.mlp_hidden, **kw)
+        self.txt_mod = Modulation(c, True, **kw)
+        self.txt_attn = SelfAttention(c, dims.num_heads, dims.qkv_bias, **kw)
+        self.txt_mlp = _mlp(c, dims.mlp_hidden, **kw)
+
+    def __call__(self, img: Array, txt: Array, vec: Array, pe: Array) -> tuple[Array, Array]:
+        img_mod1, img_mod2 = self.img_mod(vec)
+        txt_mod1, txt_mod2 = self.txt_mod(vec)
+
+        img_qkv = checkpoint_name(self.img_attn.qkv(modulate(layer_norm(img), img_mod1)), "img_qkv_proj")
+        txt_qkv = checkpoint_name(self.txt_attn.qkv(modulate(layer_norm(txt), txt_mod1)), "txt_qkv_proj")
+        iq, ik, iv = self.img_attn.split_qkv(img_qkv)
+        tq, tk, tv = self.txt_attn.split_qkv(txt_qkv)
+
+        t = txt.shape[1]
+        q, k, v = (jnp.concatenate(p, axis=1) for p in ((tq, iq), (tk, ik), (tv, iv)))
+        attn = checkpoint_name(attention(q, k, v, pe), "attn_output")
+        txt_attn, img_attn = attn[:, :t], attn[:, t:]
+
+        img = img + img_mod1.gate * self.img_attn.proj(img_attn)
+        img = img + img_mod2.gate * _run_mlp(self.img_mlp, modulate(layer_norm(img), img_mod2))
+        txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
+        txt = txt + txt_mod2.gate * _run_mlp(self.txt_mlp, modulate(layer_norm(txt), txt_mod2))
+        return img, txt
+
+
+class SingleStreamBlock(nnx.Module):
+    """Parallel attention + MLP on the concatenated stream: linear1 -> (qkv, mlp_in) fused."""
+
+    def __init__(self, dims: BlockDims, *, rngs: nnx.Rngs, dtype="float32", param_dtype="float32"):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        c = dims.hidden_size
+        self.num_heads = dims.num_heads
+        self.hidden_size = c
+        self.mlp_hidden = dims.mlp_hidden
+        self.linear1 = linear(c, 3 * c + self.mlp_hidden, **kw)
+        self.linear2 = linear(c + self.mlp_hidden, c, **kw)
+        self.norm = QKNorm(c // dims.num_heads, param_dtype=param_dtype)
+        self.modulation = Modulation(c, False, **kw)
+
+    def __call__(self, x: Array, vec: Array, pe: Array) -> Array:
+        mod, _ = self.modulation(vec)
+        x_mod = checkpoint_name(modulate(layer_norm(x), mod), "lin1_norm_hidden_states")
+        h = self.linear1(x_mod)
+        qkv, mlp = h[..., : 3 * self.hidden_size], h[..., 3 * self.hidden_size :]
+        q, k, v = jnp.split(qkv.reshape(*qkv.shape[:2], 3, self.num_heads, -1), 3, axis=2)
+        q, k = self.norm(q[:, :, 0], k[:, :, 0], v[:, :, 0])
+        attn = checkpoint_name(attention(q, k, v[:, :, 0], pe), "attn_output")
+        out = self.linear2(jnp.concatenate([attn, gelu_tanh(mlp)], axis=-1))
+        return x + mod.gate * out
+
+
+class LastLayer(nnx.Module):
+    """adaLN (shift, scale) from vec, LayerNorm, linear to output channels."""
+
+    def __init__(self, hidden_size: int, out_channels: int, *, rngs: nnx.Rngs, dtype="float32", param_dtype="float32"):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.linear = linear(hidden_size, out_channels, **kw)
+        self.adaLN_modulation = nnx.List([None, linear(hidden_size, 2 * hidden_size, **kw)])
+
+    def __call__(self, x: Array, vec: Array) -> Array:
+        shift, scale = jnp.split(self.adaLN_modulation[1](jax.nn.silu(vec)), 2, axis=-1)
+        x = (1 + scale[:, None, :]) * layer_norm(x) + shift[:, None, :]
+        return self.linear(x)
