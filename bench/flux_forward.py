@@ -1,0 +1,123 @@
+"""Transformer forward time: our jitted Flax model vs diffusers' PyTorch model, same config and weights.
+
+    .venv/bin/python bench/flux_forward.py [--model small] [--res 256] [--txt 128] [--repeats 7]
+
+Both run float32 on the CPU with the same thread count; medians over repeats after a warm-up
+(compile time reported separately). On an accelerator pass --dtype bfloat16 (PyTorch is then
+skipped unless CUDA is available). Appends a record to bench/results/flux_forward.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from bench.compile_flux_dev import cpu_name  # noqa: E402
+from fluxir_jax.models import configs  # noqa: E402
+from fluxir_jax.models.flux import Flux  # noqa: E402
+
+
+def timed(fn, repeats):
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out), out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="small")
+    ap.add_argument("--res", type=int, default=256)
+    ap.add_argument("--txt", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--no-torch", action="store_true")
+    args = ap.parse_args()
+
+    cfg = configs.get(args.model, dtype=args.dtype, param_dtype=args.dtype)
+    h = w = args.res // 16
+    b, L, T = args.batch, h * w, args.txt
+    rng = np.random.default_rng(0)
+    x = dict(
+        img=rng.standard_normal((b, L, cfg.in_channels)).astype(np.float32),
+        txt=rng.standard_normal((b, T, cfg.context_in_dim)).astype(np.float32),
+        y=rng.standard_normal((b, cfg.vec_in_dim)).astype(np.float32),
+        t=np.full((b,), 0.5, np.float32), g=np.full((b,), 3.5, np.float32),
+    )
+    ids = np.zeros((h, w, 3), np.float32)
+    ids[..., 1], ids[..., 2] = np.arange(h)[:, None], np.arange(w)[None]
+    img_ids, txt_ids = ids.reshape(L, 3), np.zeros((T, 3), np.float32)
+
+    model = Flux(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def fwd(state, img, img_ids, txt, txt_ids, t, y, g):
+        return nnx.merge(graphdef, state)(img, img_ids, txt, txt_ids, t, y, g)
+
+    bc = lambda a: jnp.broadcast_to(jnp.asarray(a), (b, *a.shape))  # noqa: E731
+    jargs = (state, jnp.asarray(x["img"]), bc(img_ids), jnp.asarray(x["txt"]), bc(txt_ids), jnp.asarray(x["t"]), jnp.asarray(x["y"]), jnp.asarray(x["g"]))
+    t0 = time.perf_counter()
+    fwd(*jargs).block_until_ready()
+    compile_s = time.perf_counter() - t0
+    jax_s, jax_all = timed(lambda: fwd(*jargs).block_until_ready(), args.repeats)
+
+    rec = dict(model=args.model, res=args.res, tokens=L, txt=T, batch=b, dtype=args.dtype, jax_median_s=round(jax_s, 4),
+               jax_first_call_s=round(compile_s, 2), backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
+               cpu=cpu_name(), cores=os.cpu_count(), repeats=args.repeats)
+    if not args.no_torch and args.dtype == "float32":
+        import torch
+        from diffusers import FluxTransformer2DModel
+
+        from convert.flux_map import bfl_to_diffusers, flax_to_bfl
+
+        torch.set_num_threads(os.cpu_count())
+        dm = FluxTransformer2DModel(
+            patch_size=1, in_channels=cfg.in_channels, num_layers=cfg.depth, num_single_layers=cfg.depth_single_blocks,
+            attention_head_dim=cfg.head_dim, num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_in_dim,
+            pooled_projection_dim=cfg.vec_in_dim, guidance_embeds=cfg.guidance_embed, axes_dims_rope=cfg.axes_dim,
+        ).eval()
+        bfl = {}
+        for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+            arr = np.asarray(var.get_value())
+            if path[0] in ("double_blocks", "single_blocks"):
+                for i in range(arr.shape[0]):
+                    k, v = flax_to_bfl(path, arr[i], i)
+                    bfl[k] = v
+            else:
+                k, v = flax_to_bfl(path, arr)
+                bfl[k] = v
+        dm.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in bfl_to_diffusers(bfl).items()})
+        targs = dict(hidden_states=torch.from_numpy(x["img"]), encoder_hidden_states=torch.from_numpy(x["txt"]),
+                     pooled_projections=torch.from_numpy(x["y"]), timestep=torch.from_numpy(x["t"]),
+                     img_ids=torch.from_numpy(img_ids), txt_ids=torch.from_numpy(txt_ids), guidance=torch.from_numpy(x["g"]), return_dict=False)
+        with torch.inference_mode():
+            ref = dm(**targs)[0].numpy()
+            torch_s, _ = timed(lambda: dm(**targs), args.repeats)
+        out = np.asarray(fwd(*jargs))
+        rec.update(torch_median_s=round(torch_s, 4), torch_over_jax=round(torch_s / jax_s, 2),
+                   rel_err_vs_torch=float(np.linalg.norm(out - ref) / np.linalg.norm(ref)), torch=torch.__version__)
+    rec["date"] = time.strftime("%Y-%m-%d")
+    print(json.dumps(rec, indent=1))
+    res = pathlib.Path(__file__).parent / "results" / "flux_forward.jsonl"
+    res.parent.mkdir(exist_ok=True)
+    with res.open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    main()
