@@ -204,18 +204,30 @@ class Flux(nnx.Module):
         guidance: Array | None = None,
         control: Control | None = None,
     ) -> Array:
+        return self.forward(img, img_ids, txt, txt_ids, timesteps, y, guidance, control)[0]
+
+    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, control=None, *, intermediates=False):
+        """`__call__` that can also return every block's output (for numerics comparisons).
+
+        With `intermediates=True` the second value is a dict: `double_img` [depth, B, L, C],
+        `double_txt` [depth, B, T, C] and `single` [depth_single, B, T+L, C] (outputs after
+        each block, control residuals included); otherwise it is None.
+        """
         img_ids, txt_ids = self._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance, control)
         dt = jnp.dtype(self.config.dtype)
         vec = self.embed_vec(timesteps, y, guidance)
         pe = self.pos_embed(txt_ids, img_ids)
         img = self.img_in(img.astype(dt))
         txt = self.txt_in(txt.astype(dt))
-        img, txt = self.run_double_blocks(img, txt, vec, pe, control.double if control else None)
+        (img, txt), d_hist = self.run_double_blocks(img, txt, vec, pe, control.double if control else None, intermediates)
         x = jnp.concatenate([txt, img], axis=1)
-        x = self.run_single_blocks(x, vec, pe, txt.shape[1], control.single if control else None)
-        return self.final_layer(x[:, txt.shape[1] :], vec)
+        x, s_hist = self.run_single_blocks(x, vec, pe, txt.shape[1], control.single if control else None, intermediates)
+        out = self.final_layer(x[:, txt.shape[1] :], vec)
+        if not intermediates:
+            return out, None
+        return out, dict(double_img=d_hist[0], double_txt=d_hist[1], single=s_hist)
 
-    def run_double_blocks(self, img, txt, vec, pe, stream: ControlStream | None = None):
+    def run_double_blocks(self, img, txt, vec, pe, stream: ControlStream | None = None, intermediates: bool = False):
         per_layer, shared = _split_control(stream, self.config.depth)
 
         def body(carry, layer_params, layer_ctrl):
@@ -226,9 +238,9 @@ class Flux(nnx.Module):
             return img, txt
 
         graphdef, params = nnx.split(self.double_blocks)
-        return self._loop(body, (img, txt), params, per_layer, self.config.depth)
+        return self._loop(body, (img, txt), params, per_layer, self.config.depth, intermediates)
 
-    def run_single_blocks(self, x, vec, pe, num_txt: int, stream: ControlStream | None = None):
+    def run_single_blocks(self, x, vec, pe, num_txt: int, stream: ControlStream | None = None, intermediates: bool = False):
         per_layer, shared = _split_control(stream, self.config.depth_single_blocks)
 
         def body(x, layer_params, layer_ctrl):
@@ -241,20 +253,24 @@ class Flux(nnx.Module):
             return x
 
         graphdef, params = nnx.split(self.single_blocks)
-        return self._loop(body, x, params, per_layer, self.config.depth_single_blocks)
+        return self._loop(body, x, params, per_layer, self.config.depth_single_blocks, intermediates)
 
-    def _loop(self, body, carry, params, per_layer_ctrl, n: int):
+    def _loop(self, body, carry, params, per_layer_ctrl, n: int, intermediates: bool = False):
+        """Run `body` over the n stacked layers; returns (carry, per-layer outputs or None)."""
         step = _remat(body, self.config.remat_policy)
         if self.config.scan_layers:
             def scan_body(c, xs):
-                return step(c, *xs), None
+                c = step(c, *xs)
+                return c, (c if intermediates else None)
 
-            carry, _ = jax.lax.scan(scan_body, carry, (params, per_layer_ctrl))
-            return carry
+            return jax.lax.scan(scan_body, carry, (params, per_layer_ctrl))
+        history = []
         for i in range(n):
             layer = jax.tree.map(lambda a: a[i], (params, per_layer_ctrl))
             carry = step(carry, *layer)
-        return carry
+            history.append(carry)
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *history) if intermediates else None
+        return carry, stacked
 
     # -- input validation ----------------------------------------------------------------
 

@@ -213,3 +213,28 @@ def test_full_flux_dev_compiles_from_abstract_shapes():
     print(f"flux-dev 1024x1024 lower+compile: {seconds:.1f} s")
     out = compiled.out_info
     assert out.shape == (1, L, 64) and out.dtype == bf
+
+
+def test_intermediates_match_diffusers_blocks():
+    """Per-block outputs (what `fluxir compare` tabulates) against forward hooks on diffusers' blocks."""
+    dm = tiny_diffusers(True, seed=8)
+    model = flax_from_diffusers(dm)
+    x = inputs(batch=1, h=2, w=3, t=4, seed=8)
+    seen = {"double": [], "single": []}
+    hooks = [b.register_forward_hook(lambda m, a, out: seen["double"].append([o.numpy() for o in out])) for b in dm.transformer_blocks]
+    hooks += [b.register_forward_hook(lambda m, a, out: seen["single"].append([o.numpy() for o in out])) for b in dm.single_transformer_blocks]
+    ref = run_diffusers(dm, x)
+    for h in hooks:
+        h.remove()
+    b = 1
+    ids = lambda a: jnp.broadcast_to(jnp.asarray(a), (b, *a.shape))  # noqa: E731
+    with jax.default_matmul_precision("highest"):
+        out, inter = model.forward(jnp.asarray(x["img"]), ids(x["img_ids"]), jnp.asarray(x["txt"]), ids(x["txt_ids"]),
+                                   jnp.asarray(x["timesteps"]), jnp.asarray(x["y"]), jnp.asarray(x["guidance"]), intermediates=True)
+    assert rel_err(out, ref) <= PARITY_TOL
+    for k, (txt_ref, img_ref) in enumerate(seen["double"]):  # diffusers returns (txt, img)
+        assert rel_err(inter["double_img"][k], img_ref) <= PARITY_TOL
+        assert rel_err(inter["double_txt"][k], txt_ref) <= PARITY_TOL
+    for k, (txt_ref, img_ref) in enumerate(seen["single"]):
+        assert rel_err(inter["single"][k], np.concatenate([txt_ref, img_ref], axis=1)) <= PARITY_TOL
+    assert inter["double_img"].shape[0] == 2 and inter["single"].shape[0] == 3
