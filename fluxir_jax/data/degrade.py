@@ -191,7 +191,7 @@ def _as_image(img: np.ndarray) -> np.ndarray:
 def _trim_zero_border(kernel: np.ndarray) -> np.ndarray:
     """Drop all-zero outer rings of a square odd kernel (filtering result is unchanged)."""
     k = kernel
-    while k.shape[0] > 1 and k.shape[0] == k.shape[1] and not (k[0].any() or k[-1].any() or k[:, 0].any() or k[:, -1].any()):
+    while k.shape[0] > 1 and not (k[0].any() or k[-1].any() or k[:, 0].any() or k[:, -1].any()):
         k = k[1:-1, 1:-1]
     return k
 
@@ -221,12 +221,13 @@ def _filter_direct(src: np.ndarray, k: np.ndarray) -> np.ndarray:
         return cv2.filter2D(src, -1, k, borderType=cv2.BORDER_REFLECT_101)
     h, w, r = src.shape[0], src.shape[1], n // 2
     padded = cv2.copyMakeBorder(src, r, r, r, r, cv2.BORDER_REFLECT_101)
+    buf = np.empty_like(padded)  # one buffer for all strips: fresh pages cost more than the arithmetic
     rows = (_DIRECT_TAPS - 1) // n
     out = None
-    for a in range(0, n, rows):
-        strip = k[a : a + rows]
-        part = cv2.filter2D(padded[a : a + h + strip.shape[0] - 1], -1, strip, anchor=(0, 0), borderType=cv2.BORDER_CONSTANT)
-        out = part[:h, :w].copy() if out is None else np.add(out, part[:h, :w], out=out)
+    for a in range(0, n, rows):  # strip rows [a, a + rows) of the kernel, anchored at its top-left tap
+        cv2.filter2D(padded, -1, k[a : a + rows], dst=buf, anchor=(0, 0), borderType=cv2.BORDER_CONSTANT)
+        part = buf[a : a + h, :w]
+        out = part.copy() if out is None else np.add(out, part, out=out)
     return out
 
 
@@ -238,17 +239,19 @@ def filter2d(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     that of the full kernel to float32 precision.
     """
     src = _as_image(img)
-    k = _trim_zero_border(np.asarray(kernel, dtype=np.float64))
+    k = np.asarray(kernel, dtype=np.float64)
     if k.ndim != 2 or k.shape[0] != k.shape[1] or k.shape[0] % 2 == 0:
-        raise ValueError(f"filter2d needs a square odd kernel, got {np.shape(kernel)}")
+        raise ValueError(f"filter2d needs a square odd kernel, got {k.shape}")
+    k = _trim_zero_border(k)
     terms = _separable_terms(k)
     if terms is None:
-        return _filter_direct(src, k.astype(np.float32))
-    out = None
-    for ky, kx in terms:
-        part = cv2.sepFilter2D(src, -1, kx, ky, borderType=cv2.BORDER_REFLECT_101)
-        out = part if out is None else np.add(out, part, out=out)
-    return out
+        return _filter_direct(src, k.astype(np.float32)).reshape(src.shape)
+    out = cv2.sepFilter2D(src, -1, terms[0][1], terms[0][0], borderType=cv2.BORDER_REFLECT_101)
+    buf = np.empty_like(out) if len(terms) > 1 else None
+    for ky, kx in terms[1:]:
+        cv2.sepFilter2D(src, -1, kx, ky, dst=buf, borderType=cv2.BORDER_REFLECT_101)
+        out += buf
+    return out.reshape(src.shape)
 
 
 def _adaptive_pool_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
@@ -294,18 +297,19 @@ def resize_torch_like(img: np.ndarray, out_hw: tuple[int, int], mode: str, scale
     oh, ow = int(out_hw[0]), int(out_hw[1])
     if oh < 1 or ow < 1:
         raise ValueError(f"resize to an empty size {out_hw}")
+    shape = (oh, ow) + src.shape[2:]
     if mode == "area":
-        return _area_resize(src, (oh, ow))  # torch's area mode ignores scale_factor
+        return _area_resize(src, (oh, ow)).reshape(shape)  # torch's area mode ignores scale_factor
     flag = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}.get(mode)
     if flag is None:
         raise ValueError(f"unknown resize mode {mode!r} (known: {', '.join(RESIZE_MODES)})")
     if scale_factor is None:
-        return cv2.resize(src, (ow, oh), interpolation=flag)
+        return cv2.resize(src, (ow, oh), interpolation=flag).reshape(shape)
     # OpenCV maps with 1/fx when no size is given; its size is round(), torch's floor(): crop.
     out = cv2.resize(src, (0, 0), fx=scale_factor, fy=scale_factor, interpolation=flag)
     if out.shape[0] < oh or out.shape[1] < ow:
         raise ValueError(f"out_hw {out_hw} does not match scale_factor {scale_factor} for size {src.shape[:2]}")
-    return out[:oh, :ow]
+    return out[:oh, :ow].reshape(shape)
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:
@@ -316,6 +320,8 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
 def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
     """JPEG round trip of an RGB (or gray) [0, 1] image at integer ``quality`` (libjpeg, 4:2:0)."""
     u8 = to_uint8(img)
+    if not (u8.ndim == 2 or (u8.ndim == 3 and u8.shape[2] in (1, 3))):
+        raise ValueError(f"jpeg expects an [H, W], [H, W, 1] or [H, W, 3] image, got shape {u8.shape}")
     color = u8.ndim == 3 and u8.shape[2] == 3
     enc_in = cv2.cvtColor(u8, cv2.COLOR_RGB2BGR) if color else u8
     ok, buf = cv2.imencode(".jpg", enc_in, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])

@@ -105,6 +105,20 @@ def test_filter2d_matches_direct_correlation(name, kernel):
     assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(kernel).sum())
 
 
+@pytest.mark.parametrize("shape", [(33, 40), (33, 40, 1), (8, 9, 3)])
+def test_filter2d_and_resize_keep_gray_and_tiny_shapes(shape):
+    img = np.random.default_rng(5).random(shape, dtype=np.float32)
+    img3 = img.reshape(shape[:2] + (-1,))
+    for kernel in (_kernel_zoo()["random21"], _kernel_zoo()["rank1_21"], _kernel_zoo()["random7"]):
+        got = D.filter2d(img, kernel)
+        assert got.shape == img.shape
+        assert np.abs(got.reshape(img3.shape) - _direct_correlation(img3, kernel)).max() <= 1e-5
+    for mode in D.RESIZE_MODES:
+        got = D.resize_torch_like(img, (15, 21), mode)
+        assert got.shape == (15, 21) + shape[2:]
+        assert np.abs(got.reshape(15, 21, -1) - _torch_resize(img3, mode, size=(15, 21))).max() <= 1e-5
+
+
 def test_filter2d_equals_torch_conv2d_on_reflect_padding():
     """BasicSR's filter2D: F.pad(reflect) then a grouped conv2d (correlation)."""
     img = np.random.default_rng(5).random((40, 52, 3), dtype=np.float32)
@@ -128,6 +142,12 @@ def test_jpeg_round_trip_matches_pillow():
             assert ours.shape == img.shape and ours.dtype == np.float32
             assert abs(_psnr(ours, ref) - _psnr(pil, ref)) < 1.0, (name, q)
             assert _psnr(ours, ref) < 45  # it really compressed
+    gray = _photo("astronaut")[..., 1]
+    for shape in (gray.shape, gray.shape + (1,)):
+        g = D.jpeg(gray.reshape(shape), 50)
+        assert g.shape == shape and 25 < _psnr(g.reshape(gray.shape), gray) < 45
+    with pytest.raises(ValueError, match="jpeg expects"):
+        D.jpeg(np.zeros((8, 8, 4), np.float32), 50)
     a, b = D.jpeg(_photo("astronaut"), 30), D.jpeg(_photo("astronaut"), 90)
     assert _psnr(a, _photo("astronaut")) < _psnr(b, _photo("astronaut")) - 3
 
