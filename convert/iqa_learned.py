@@ -464,6 +464,52 @@ def convert_clipiqa(src: str | os.PathLike, dst: str | os.PathLike, bpe_path: st
     save_converted(dst, "clipiqa", cfg, flat)
 
 
+# ----------------------------------------------------------------------------- MUSIQ
+
+
+def convert_musiq_tensors(tensors: Mapping[str, np.ndarray], source: str = "weights",
+                          preset: str = "koniq") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Original MUSIQ Flax checkpoint (`opt/target/...` npz keys) -> (config, {our key: array}).
+
+    Optimizer state (`opt/state/...`) and an empty/unused `pre_logits` are ignored.
+    """
+    from fluxir_jax.iqa import musiq
+
+    if preset not in musiq.PRESETS:
+        raise UserError(f"unknown MUSIQ preset {preset!r} (known: {', '.join(musiq.PRESETS)})")
+    cfg = musiq.PRESETS[preset]
+    prefix = "opt/target/" if any(k.startswith("opt/target/") for k in tensors) else ""
+    ours = abstract_shapes(musiq.abstract_model(cfg))
+    wanted = {prefix + key.replace(".", "/"): (key, shape) for key, (_, shape) in ours.items()}
+    out = {}
+    for k, v in tensors.items():
+        if k not in wanted:
+            rest = k[len(prefix):] if k.startswith(prefix) else k
+            if (prefix and not k.startswith(prefix)) or rest.startswith("pre_logits/"):
+                continue
+            raise UserError(f"{source}: unexpected key {k!r} (not a MUSIQ {preset} checkpoint?)")
+        key, shape = wanted[k]
+        a = np.asarray(v, np.float32)
+        if tuple(a.shape) != tuple(shape):
+            raise UserError(f"{source}: key {k!r} has shape {tuple(a.shape)}, expected {tuple(shape)} "
+                            f"(not a MUSIQ {preset} checkpoint?)")
+        out[key] = a
+    for k, (key, _) in wanted.items():
+        if key not in out:
+            raise UserError(f"{source}: missing key {k!r} (not a MUSIQ {preset} checkpoint?)")
+    return cfg.to_dict(), {k: out[k] for k in ours}
+
+
+def load_musiq_weights(path: str | os.PathLike, preset: str = "koniq") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(config, flat) from a converted MUSIQ file or an original `.npz` checkpoint."""
+    return _load("musiq", path, lambda p: convert_musiq_tensors(read_tensors(p), p, preset))
+
+
+def convert_musiq(src: str | os.PathLike, dst: str | os.PathLike, preset: str = "koniq") -> None:
+    cfg, flat = convert_musiq_tensors(read_tensors(src), str(src), preset)
+    save_converted(dst, "musiq", cfg, flat)
+
+
 # ----------------------------------------------------------------------------- command line
 
 
