@@ -18,7 +18,7 @@ _COMMANDS: list[tuple[str, str, str | None]] = [
     ("convert", None, "convert PyTorch FLUX.1 checkpoints to Orbax (arrives with issue 4)"),
     ("compare", None, "compare a converted checkpoint against PyTorch (arrives with issue 4)"),
     ("encode-prompts", None, "encode prompts with local T5/CLIP (arrives with issue 4)"),
-    ("export-adapter", None, "export FluxIR adapter weights to safetensors (arrives with issue 5)"),
+    ("export-adapter", "fluxir_jax.models.adapter_io", None),
     ("degrade", None, "build a paired LQ/HQ dataset from your own images (arrives with issue 6)"),
     ("eval", None, "image-quality metrics over folders (arrives with issue 7)"),
     ("gen", None, "FluxGen: generate, select and degrade training pairs (later issue)"),

@@ -30,6 +30,12 @@ def run(args: argparse.Namespace) -> int:
             f"  {name:13s} {n / 1e6:10.1f} M params  hidden {cfg.hidden_size}, heads {cfg.num_heads}, "
             f"blocks {cfg.depth}+{cfg.depth_single_blocks}, guidance {'yes' if cfg.guidance_embed else 'no'}"
         )
+        if cfg.hidden_size >= 256:
+            from fluxir_jax.models.adapter import FluxIRConfig, count_params
+
+            text_len = 512 if cfg.guidance_embed else 256
+            n_ad = count_params(FluxIRConfig(text_len=text_len), cfg)
+            print(f"  {'':13s} {n_ad / 1e6:10.1f} M params  FluxIR adapter (default FluxIRConfig, text length {text_len})")
     return 0
 
 
