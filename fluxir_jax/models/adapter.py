@@ -176,13 +176,15 @@ class FluxIR(nnx.Module):
         return Control(double=double, single=single)
 
 
-def check_compatible(adapter: FluxIR, base: FluxConfig) -> None:
-    """Refuse a base whose sizes differ from the adapter's (one line naming the mismatch)."""
+def check_compatible(adapter: FluxIR, base: FluxConfig, text_len: int | None = None) -> None:
+    """Refuse a base (and its stored text length) that differs from the adapter's, in one line."""
     mine = adapter.base_config
     for field in ("hidden_size", "num_heads", "depth", "depth_single_blocks", "in_channels", "context_in_dim", "vec_in_dim", "guidance_embed"):
         a, b = getattr(mine, field), getattr(base, field)
         if a != b:
             raise UserError(f"adapter was built for base {field}={a}, the loaded base has {field}={b}")
+    if text_len is not None and text_len != adapter.config.text_len:
+        raise UserError(f"adapter was built for text length {adapter.config.text_len}, the base's text embeddings have length {text_len}")
 
 
 def fluxir_forward(base: Flux, adapter: FluxIR, img, lq, img_ids, txt, txt_ids, t, y, guidance=None) -> Array:

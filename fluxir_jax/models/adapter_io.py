@@ -194,6 +194,13 @@ def load_adapter(directory: str | pathlib.Path, base_config: FluxConfig | None =
 
 def export_main(args) -> int:
     adapter = load_adapter(args.checkpoint)
+    if args.base:
+        from fluxir_jax.models import configs
+
+        base = (config_io.load(FluxConfig, args.base) if args.base.endswith((".yaml", ".yml")) else configs.get(args.base))
+        check_compatible(adapter, base, args.text_len)
+    elif args.text_len is not None and args.text_len != adapter.config.text_len:
+        raise UserError(f"adapter was built for text length {adapter.config.text_len}, not {args.text_len}")
     out = pathlib.Path(args.out)
     if out.exists() and not args.overwrite:
         raise UserError(f"output {out} already exists (pass --overwrite)")
@@ -208,4 +215,6 @@ def register(sub) -> None:
     p.add_argument("checkpoint", help="Orbax adapter checkpoint directory (adapter.json + params/)")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--base", help="check against this base: a preset name (flux-dev) or a FluxConfig YAML file")
+    p.add_argument("--text-len", type=int, help="check against this text-embedding length (512 dev, 256 schnell)")
     p.set_defaults(func=export_main)

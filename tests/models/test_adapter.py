@@ -211,3 +211,22 @@ def test_mismatched_text_length_is_refused():
 def test_cli_refuses_a_non_adapter_directory(tmp_path, capsys):
     assert cli.main(["export-adapter", str(tmp_path), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "not a FluxIR adapter checkpoint" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_mismatched_base_with_exit_2(tmp_path, capsys):
+    _, adapter, _ = make()
+    adapter_io.save_adapter(adapter, tmp_path / "ckpt")
+    out = tmp_path / "a.safetensors"
+    assert cli.main(["export-adapter", str(tmp_path / "ckpt"), "--out", str(out), "--base", "flux-dev"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "adapter was built for base hidden_size=64, the loaded base has hidden_size=3072" in err and "\n" not in err
+    assert not out.exists()
+    assert cli.main(["export-adapter", str(tmp_path / "ckpt"), "--out", str(out), "--text-len", "512"]) == 2
+    assert "text length 5, not 512" in capsys.readouterr().err and not out.exists()
+    config_file = tmp_path / "base.yaml"
+    from fluxir_jax import config as config_io
+
+    config_io.dump(BASE, config_file)
+    assert cli.main(["export-adapter", str(tmp_path / "ckpt"), "--out", str(out), "--base", str(config_file), "--text-len", "7"]) == 2
+    assert "text length 5" in capsys.readouterr().err
+    assert cli.main(["export-adapter", str(tmp_path / "ckpt"), "--out", str(out), "--base", str(config_file), "--text-len", "5"]) == 0
