@@ -510,6 +510,51 @@ def convert_musiq(src: str | os.PathLike, dst: str | os.PathLike, preset: str = 
     save_converted(dst, "musiq", cfg, flat)
 
 
+# ----------------------------------------------------------------------------- MANIQA
+
+
+def convert_maniqa_state_dict(sd: Mapping[str, np.ndarray], source: str = "weights",
+                              preset: str = "koniq") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """IIGROUP/MANIQA state dict -> (config, {our key: array}).
+
+    Ignored: ViT blocks after the last feature block, `vit.norm`, `vit.fc_norm`, `vit.head`,
+    the unused `swintransformer*.downsample` conv, and the `relative_position_index` /
+    `attn_mask` buffers (recomputed).
+    """
+    import re
+
+    from fluxir_jax.iqa import maniqa
+
+    if preset not in maniqa.PRESETS:
+        raise UserError(f"unknown MANIQA preset {preset!r} (known: {', '.join(maniqa.PRESETS)})")
+    cfg = maniqa.PRESETS[preset]
+    used = cfg.vit_depth_used
+
+    def ignore(k: str) -> bool:
+        m = re.match(r"vit\.blocks\.(\d+)\.", k)
+        if m:
+            return int(m.group(1)) >= used
+        return (k.startswith(("vit.norm.", "vit.fc_norm.", "vit.head.", "swintransformer1.downsample.",
+                              "swintransformer2.downsample."))
+                or k.endswith((".relative_position_index", ".attn_mask")))
+
+    def rename(k: str) -> str:
+        return re.sub(r"^(fc_score|fc_weight)\.fc(\d+)\.", r"\1.\2.", k)
+
+    ours = abstract_shapes(maniqa.abstract_model(cfg))
+    return cfg.to_dict(), torch_to_ours(sd, ours, source, rename=rename, ignore=ignore)
+
+
+def load_maniqa_weights(path: str | os.PathLike, preset: str = "koniq") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(config, flat) from a converted MANIQA file or an IIGROUP/MANIQA state dict."""
+    return _load("maniqa", path, lambda p: convert_maniqa_state_dict(read_tensors(p), p, preset))
+
+
+def convert_maniqa(src: str | os.PathLike, dst: str | os.PathLike, preset: str = "koniq") -> None:
+    cfg, flat = convert_maniqa_state_dict(read_tensors(src), str(src), preset)
+    save_converted(dst, "maniqa", cfg, flat)
+
+
 # ----------------------------------------------------------------------------- command line
 
 

@@ -273,6 +273,7 @@ def clipiqa_score(graphdef: nnx.GraphDef, state: nnx.State, images: Array) -> Ar
 _clipiqa_score_jit = jax.jit(clipiqa_score, static_argnums=0)
 
 
+@functools.lru_cache(maxsize=8)
 def abstract_model(cfg: CLIPIQAConfig) -> CLIPIQA:
     return nnx.eval_shape(lambda: CLIPIQA(cfg, rngs=nnx.Rngs(0)))
 

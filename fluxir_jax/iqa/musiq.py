@@ -378,6 +378,7 @@ def musiq_score(graphdef: nnx.GraphDef, state: nnx.State, images: Array) -> Arra
 _musiq_score_jit = jax.jit(musiq_score, static_argnums=0)
 
 
+@functools.lru_cache(maxsize=8)
 def abstract_model(cfg: MUSIQConfig) -> MUSIQ:
     return nnx.eval_shape(lambda: MUSIQ(cfg, rngs=nnx.Rngs(0)))
 
