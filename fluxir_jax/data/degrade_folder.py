@@ -1,0 +1,428 @@
+"""`fluxir degrade --input DIR --out DIR [key=value ...]`: a paired dataset from your own HQ images.
+
+Every png/jpg/jpeg/webp/tif/tiff file under `--input` (recursive, case-insensitive extension) is
+read, converted to 8-bit RGB (grayscale, palette, RGBA/LA (alpha composited on white), 16-bit,
+CMYK; EXIF orientation applied), reflect-padded (reflect-101, bottom/right, as BasicSR) when a
+side is shorter than the GT crop (`gt.crop_size`), cropped to a multiple of the scale, degraded with the
+Real-ESRGAN second-order model (`fluxir_jax.data.degrade`) with a per-image seed derived from
+`(seed, relative path)`, and stored as one example of a paired dataset
+(`fluxir_jax.data.dataset`). Files that cannot be decoded (empty, truncated, not an image) are
+skipped and listed with the reason; the summary is printed and written as
+`degrade_summary.json` inside the dataset.
+
+Output: the dataset appears atomically at `--out` when the run completes; until then it is
+built in `<out>.partial/`, and re-running the same command after an interruption resumes there
+(finished shards are kept, images already stored are not processed again). An `--out` that
+already holds a finished dataset is an error.
+
+Overrides: `seed=1 store_lq=false workers=8 shard_size=128 max_side=2048 ...` set fields of
+`DegradeFolderConfig`; degradation keys (`gt.crop_size=512`, `scale=4`,
+`stage1.noise.gray_prob=0.4`, ..., optionally prefixed `degradation.`) set `DegradationConfig`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import pathlib
+import shutil
+import sys
+import time
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+
+from fluxir_jax import config as config_lib
+from fluxir_jax.errors import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
+SUMMARY_NAME = "degrade_summary.json"
+
+
+@dataclasses.dataclass
+class DegradeFolderConfig:
+    """Settings of `fluxir degrade` (the degradation model has its own `DegradationConfig`)."""
+
+    seed: int = 0  # base seed; each image's seed is derived from (seed, its relative path)
+    store_lq: bool = True  # false: store HQ only and degrade on the fly in training
+    max_side: int = 0  # >0: downscale (Lanczos) images whose longer side exceeds this
+    shard_size: int = 128  # examples per ArrayRecord shard
+    workers: int = 0  # worker processes; 0 = all cores available to this process
+    png_compress_level: int = 1  # 0..9, zlib level of the stored PNGs
+
+
+def image_seed(seed: int, rel: str) -> int:
+    """Per-image seed (63 bits) from the base seed and the image's relative path."""
+    digest = hashlib.sha256(f"{int(seed)}:{rel}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def find_images(root: pathlib.Path) -> tuple[list[pathlib.Path], int]:
+    """Image files under `root` (sorted by relative path) and the number of other files."""
+    images, others = [], 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in filenames:
+            p = pathlib.Path(dirpath) / name
+            if p.suffix.lower() in IMAGE_EXTENSIONS:
+                images.append(p)
+            else:
+                others += 1
+    images.sort(key=lambda p: p.relative_to(root).as_posix())
+    return images, others
+
+
+class BadImage(Exception):
+    """The file cannot be used; the message is the reason shown in the summary."""
+
+
+def load_rgb8(path: pathlib.Path) -> tuple[np.ndarray, list[str]]:
+    """Decode any supported image to uint8 HWC RGB; returns (image, conversion notes)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise BadImage(f"cannot read file: {e.strerror or e}") from None
+    if size == 0:
+        raise BadImage("empty file (0 bytes)")
+    notes: list[str] = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                if _orientation(im) not in (None, 1):
+                    notes.append("EXIF orientation applied")
+                    arr = _to_rgb8(ImageOps.exif_transpose(im), notes)
+                else:
+                    arr = _to_rgb8(im, notes)
+    except UnidentifiedImageError:
+        raise BadImage("not a recognised image file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(f"image too large ({e})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        msg = str(e) or type(e).__name__
+        if "truncated" in msg:
+            raise BadImage(f"truncated image ({msg})") from None
+        raise BadImage(f"corrupt or unreadable image ({msg})") from None
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise BadImage("image has no pixels")
+    return arr, notes
+
+
+def _orientation(im) -> int | None:
+    try:
+        return im.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - broken EXIF is not our problem
+        return None
+
+
+def _to_rgb8(im, notes: list[str]) -> np.ndarray:
+    from PIL import Image
+
+    mode = im.mode
+    if mode == "RGB":
+        return np.asarray(im)
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(im).astype(np.float64)
+        a = np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8)
+        notes.append(f"16-bit ({mode}) -> 8-bit RGB")
+        return np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a[..., :3]
+    if mode == "F":
+        a = np.asarray(im).astype(np.float64)
+        a = a * 255.0 if a.size and np.nanmax(a) <= 1.0 else a
+        a = np.clip(np.round(np.nan_to_num(a)), 0, 255).astype(np.uint8)
+        notes.append("32-bit float (F) -> 8-bit RGB")
+        return np.repeat(a[..., None], 3, axis=2)
+    if mode == "P" and "transparency" in im.info:
+        im, mode = im.convert("RGBA"), "RGBA"
+        notes.append("palette with transparency -> RGBA")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        if rgba.getextrema()[3][0] < 255:
+            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            rgba = Image.alpha_composite(bg, rgba)
+            notes.append(f"{mode} -> RGB (alpha composited on white)")
+        else:
+            notes.append(f"{mode} -> RGB (opaque alpha dropped)")
+        return np.asarray(rgba.convert("RGB"))
+    names = {"L": "grayscale (L)", "1": "bilevel (1)", "P": "palette (P)", "CMYK": "CMYK", "YCbCr": "YCbCr", "LAB": "LAB", "HSV": "HSV"}
+    notes.append(f"{names.get(mode, mode)} -> RGB")
+    return np.asarray(im.convert("RGB"))
+
+
+def _encode_png(arr: np.ndarray, level: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr, np.uint8), "RGB").save(buf, format="PNG", compress_level=int(level))
+    return buf.getvalue()
+
+
+def prepare_hq(img: np.ndarray, cfg: DegradeFolderConfig, crop_size: int, scale: int, notes: list[str]) -> np.ndarray:
+    """Downscale (max_side), reflect-pad to `crop_size`, crop to a multiple of `scale`."""
+    h, w = img.shape[:2]
+    if cfg.max_side > 0 and max(h, w) > cfg.max_side:
+        from PIL import Image
+
+        r = cfg.max_side / max(h, w)
+        nw, nh = max(1, round(w * r)), max(1, round(h * r))
+        img = np.asarray(Image.fromarray(img).resize((nw, nh), Image.Resampling.LANCZOS))
+        notes.append(f"downscaled {h}x{w} -> {nh}x{nw}")
+        h, w = nh, nw
+    ph, pw = max(0, crop_size - h), max(0, crop_size - w)
+    if ph or pw:
+        img = np.pad(img, ((0, ph), (0, pw), (0, 0)), mode="reflect")
+        notes.append(f"reflect-padded {h}x{w} -> {img.shape[0]}x{img.shape[1]}")
+    h2, w2 = img.shape[0] - img.shape[0] % scale, img.shape[1] - img.shape[1] % scale
+    if (h2, w2) != img.shape[:2]:
+        notes.append(f"cropped {img.shape[0]}x{img.shape[1]} -> {h2}x{w2} (multiple of {scale})")
+        img = img[:h2, :w2]
+    return np.ascontiguousarray(img)
+
+
+def process_image(task: tuple[str, str, dict, Any]) -> dict:
+    """Worker: one file -> {"rel", "example" (PairExample or None), "reason", "notes"}."""
+    from fluxir_jax.data.dataset import PairExample
+
+    path, rel, cfg_dict, deg_cfg = task
+    cfg = DegradeFolderConfig(**cfg_dict)
+    try:
+        img, notes = load_rgb8(pathlib.Path(path))
+    except BadImage as e:
+        return {"rel": rel, "example": None, "reason": str(e), "notes": []}
+    src_hw = list(img.shape[:2])
+    hq = prepare_hq(img, cfg, deg_cfg.gt.crop_size, deg_cfg.scale, notes)
+    seed = image_seed(cfg.seed, rel)
+    lq_png, params = None, {}
+    if cfg.store_lq:
+        from fluxir_jax.data.degrade import degrade
+
+        rng = np.random.default_rng(seed)
+        lq, _, params = degrade(hq.astype(np.float32) / 255.0, rng, deg_cfg)
+        lq8 = np.clip(np.round(np.asarray(lq, np.float64) * 255.0), 0, 255).astype(np.uint8)
+        lq_png = _encode_png(lq8, cfg.png_compress_level)
+    ex = PairExample(
+        id=rel,
+        hq_png=_encode_png(hq, cfg.png_compress_level),
+        lq_png=lq_png,
+        seed=seed,
+        params=params,
+        meta={"source": rel, "source_hw": src_hw, "notes": notes},
+    )
+    return {"rel": rel, "example": ex, "reason": None, "notes": notes}
+
+
+def _worker_init() -> None:
+    # Workers only decode and degrade on numpy/OpenCV; keep each to one thread.
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except ImportError:
+        pass
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _field_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(`DegradeFolderConfig` overrides, `DegradationConfig` overrides).
+
+    A key goes to `DegradeFolderConfig` when its first part is one of its fields, to
+    `DegradationConfig` when it starts with `degradation.` or its first part is a field of
+    `DegradationConfig` (`scale`, `gt.crop_size`, `stage1.noise.gray_prob`, ...).
+    """
+    from fluxir_jax.data.degrade import DegradationConfig
+
+    mine_fields, deg_fields = _field_names(DegradeFolderConfig), _field_names(DegradationConfig)
+    mine, deg = [], []
+    for o in overrides:
+        if "=" not in o:
+            raise UserError(f"override {o!r} is not of the form key=value")
+        key = o.split("=", 1)[0].strip()
+        if key.startswith("degradation."):
+            deg.append(o.strip()[len("degradation."):])
+        elif key.split(".")[0] in mine_fields:
+            mine.append(o)
+        elif key.split(".")[0] in deg_fields:
+            deg.append(o)
+        else:
+            raise UserError(
+                f"unknown config key {key} (known: {', '.join(sorted(mine_fields))}, "
+                f"and the degradation keys {', '.join(sorted(deg_fields))}, optionally prefixed with degradation.)"
+            )
+    return mine, deg
+
+
+def load_configs(config_path: str | None, overrides: Sequence[str]):
+    """(`DegradeFolderConfig`, `DegradationConfig`) from an optional YAML file plus overrides.
+
+    The YAML file holds `DegradeFolderConfig` keys at the top level and the degradation keys
+    under `degradation:`. The GT crop size (`gt.crop_size`, the size small images are padded
+    to) and `scale` are the degradation's.
+    """
+    import yaml
+
+    from fluxir_jax.data.degrade import DegradationConfig
+
+    data: dict = {}
+    if config_path is not None:
+        p = pathlib.Path(config_path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config file {p} must hold a mapping at the top level")
+    data = dict(data)
+    deg_data = data.pop("degradation", None) or {}
+    if not isinstance(deg_data, dict):
+        raise UserError("config key degradation must be a mapping")
+    mine, deg = split_overrides(overrides)
+    cfg = config_lib.apply_overrides(config_lib.from_dict(DegradeFolderConfig, data), mine)
+    deg_cfg = config_lib.apply_overrides(config_lib.from_dict(DegradationConfig, deg_data), deg)
+    if cfg.shard_size < 1 or cfg.workers < 0 or not 0 <= cfg.png_compress_level <= 9 or cfg.max_side < 0:
+        raise UserError("shard_size must be >= 1, workers >= 0, png_compress_level in 0..9, max_side >= 0")
+    return cfg, deg_cfg
+
+
+def degrade_folder(
+    input_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    cfg: DegradeFolderConfig,
+    degradation: Any,
+    *,
+    progress: bool = True,
+) -> dict:
+    """Build the paired dataset at `out_dir` from the images under `input_dir`; returns the summary."""
+    from tqdm import tqdm
+
+    from fluxir_jax.data.dataset import DatasetWriter
+
+    root = pathlib.Path(input_dir).absolute()
+    if not root.is_dir():
+        raise UserError(f"input directory not found: {input_dir}")
+    out = pathlib.Path(out_dir).absolute()
+    images, others = find_images(root)
+    if not images:
+        raise UserError(f"no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}) found under {root}")
+    t0 = time.time()
+    mine = config_lib.to_dict(cfg)
+    mine.pop("workers")  # does not change the output
+    full_config = {"degrade_folder": mine, "degradation": config_lib.to_dict(degradation)}
+    writer = DatasetWriter(out, config=full_config, shard_size=cfg.shard_size, info={"producer": "fluxir degrade"})
+    cfg_dict = config_lib.to_dict(cfg)
+    tasks = []
+    already = 0
+    for p in images:
+        rel = p.relative_to(root).as_posix()
+        if rel in writer:
+            already += 1
+        else:
+            tasks.append((str(p), rel, cfg_dict, degradation))
+    workers = min(cfg.workers or available_cores(), max(1, len(tasks)))
+    skipped, converted = [], []
+    written = 0
+    bar = tqdm(total=len(tasks), desc="fluxir degrade", unit="img", disable=not progress, file=sys.stderr)
+    with writer:
+        if workers > 1:
+            ctx = multiprocessing.get_context("spawn")
+            pool = ctx.Pool(workers, initializer=_worker_init)
+            results = pool.imap(process_image, tasks, chunksize=1)
+        else:
+            pool = None
+            results = map(process_image, tasks)
+        try:
+            for res in results:
+                bar.update(1)
+                if res["example"] is None:
+                    skipped.append({"file": res["rel"], "reason": res["reason"]})
+                    continue
+                if res["notes"]:
+                    converted.append({"file": res["rel"], "notes": res["notes"]})
+                if writer.add(res["example"]):
+                    written += 1
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+        summary = {
+            "input": str(root),
+            "out": str(out),
+            "found": len(images),
+            "written": written,
+            "already_present": already,
+            "skipped": skipped,
+            "converted": converted,
+            "ignored_other_files": others,
+            "num_examples": writer.num_examples,
+            "workers": workers,
+            "seconds": round(time.time() - t0, 3),
+        }
+        if writer.num_examples == 0:
+            shutil.rmtree(writer.work_dir, ignore_errors=True)
+            raise UserError(f"none of the {len(images)} images under {root} could be used: " + "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3]))
+        (writer.work_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=1))
+        writer.close(extra_info={"summary_file": SUMMARY_NAME})
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = [
+        f"wrote {summary['written']} pairs to {summary['out']} "
+        f"({summary['num_examples']} in the dataset; {summary['already_present']} already present, "
+        f"{len(summary['skipped'])} skipped, {summary['ignored_other_files']} non-image files ignored)"
+    ]
+    if summary["skipped"]:
+        lines.append(f"skipped {len(summary['skipped'])}:")
+        lines += [f"  {s['file']}: {s['reason']}" for s in summary["skipped"]]
+    if summary["converted"]:
+        lines.append(f"converted {len(summary['converted'])}:")
+        lines += [f"  {c['file']}: {'; '.join(c['notes'])}" for c in summary["converted"]]
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    """`func` of the `degrade` subcommand."""
+    if not pathlib.Path(args.input).is_dir():
+        raise UserError(f"input directory not found: {args.input}")
+    cfg, deg_cfg = load_configs(args.config, args.overrides)
+    summary = degrade_folder(args.input, args.out, cfg, deg_cfg, progress=not args.no_progress)
+    print(format_summary(summary))
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add `fluxir degrade` to the CLI's subparsers."""
+    p = subparsers.add_parser(
+        "degrade",
+        help="build a paired LQ/HQ dataset from your own images",
+        description=(
+            "Build a paired LQ/HQ dataset (ArrayRecord shards) from a folder of your own HQ images "
+            "(png/jpg/jpeg/webp/tif/tiff, recursive), degraded with the Real-ESRGAN second-order model. "
+            "The dataset appears at --out when complete; an interrupted run resumes from <out>.partial."
+        ),
+    )
+    p.add_argument("--input", required=True, metavar="DIR", help="folder of HQ images (searched recursively)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output dataset directory (must not hold a finished dataset)")
+    p.add_argument("--config", metavar="YAML", default=None, help="settings file (DegradeFolderConfig keys; degradation: {...})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. seed=1 workers=8 gt.crop_size=512 stage1.noise.gray_prob=0.4")
+    p.set_defaults(func=run)
