@@ -19,7 +19,7 @@ _COMMANDS: list[tuple[str, str, str | None]] = [
     ("compare", None, "compare a converted checkpoint against PyTorch (arrives with issue 4)"),
     ("encode-prompts", None, "encode prompts with local T5/CLIP (arrives with issue 4)"),
     ("export-adapter", "fluxir_jax.models.adapter_io", None),
-    ("degrade", None, "build a paired LQ/HQ dataset from your own images (arrives with issue 6)"),
+    ("degrade", "fluxir_jax.data.degrade_folder", None),
     ("eval", "fluxir_jax.iqa.eval_cli", None),
     ("gen", None, "FluxGen: generate, select and degrade training pairs (later issue)"),
     ("train", None, "train the FluxIR adapter (later issue)"),
