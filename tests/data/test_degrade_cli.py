@@ -17,11 +17,8 @@ CROP = 64
 
 
 @pytest.fixture
-def fluxir(monkeypatch):
-    """`fluxir ...` through `fluxir_jax.cli.main` (wiring `degrade` in if the CLI does not yet)."""
-    if dict((n, m) for n, m, _ in cli._COMMANDS).get("degrade") is None:
-        cmds = [(n, "fluxir_jax.data.degrade_folder" if n == "degrade" else m, t) for n, m, t in cli._COMMANDS]
-        monkeypatch.setattr(cli, "_COMMANDS", cmds)
+def fluxir():
+    """`fluxir ...` through `fluxir_jax.cli.main`."""
     return lambda *argv: cli.main([str(a) for a in argv])
 
 
