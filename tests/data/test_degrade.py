@@ -251,8 +251,10 @@ def test_apply_degradation_replays_sampled_params():
     lq, _, params = D.degrade(hq, np.random.default_rng(11), D.DegradationConfig())
     rng = np.random.default_rng(11)
     sampled = D.sample_degradation(rng, D.DegradationConfig(), (256, 256))
+    before = json.dumps(sampled)
     replay, p2 = D.apply_degradation(hq, sampled, rng)
     assert np.array_equal(replay, lq) and p2 == params
+    assert json.dumps(sampled) == before  # the caller's dict is left as it was
 
 
 def _gaussian(x, p, rng):
