@@ -242,8 +242,8 @@ def _filter_direct(src: np.ndarray, k: np.ndarray) -> np.ndarray:
     rows = (_DIRECT_TAPS - 1) // n
     out = None
     for a in range(0, n, rows):  # strip rows [a, a + rows) of the kernel, anchored at its top-left tap
-        cv2.filter2D(padded, -1, k[a : a + rows], dst=buf, anchor=(0, 0), borderType=cv2.BORDER_CONSTANT)
-        part = buf[a : a + h, :w]
+        res = cv2.filter2D(padded, -1, k[a : a + rows], dst=buf, anchor=(0, 0), borderType=cv2.BORDER_CONSTANT)
+        part = res[a : a + h, :w]
         out = part.copy() if out is None else np.add(out, part, out=out)
     return out
 
@@ -266,8 +266,7 @@ def filter2d(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     out = cv2.sepFilter2D(src, -1, terms[0][1], terms[0][0], borderType=cv2.BORDER_REFLECT_101)
     buf = np.empty_like(out) if len(terms) > 1 else None
     for ky, kx in terms[1:]:
-        cv2.sepFilter2D(src, -1, kx, ky, dst=buf, borderType=cv2.BORDER_REFLECT_101)
-        out += buf
+        out += cv2.sepFilter2D(src, -1, kx, ky, dst=buf, borderType=cv2.BORDER_REFLECT_101)
     return out.reshape(src.shape)
 
 
@@ -378,7 +377,7 @@ def _poisson_tables(vals: int) -> tuple[np.ndarray, np.ndarray, int]:
         logp = k[None, :] * np.log(lam[:, None]) - lam[:, None] - special.gammaln(k + 1)[None, :]
     logp[0] = np.where(k == 0, 0.0, -np.inf)  # lambda = 0: all mass at 0
     cdf = np.cumsum(np.exp(logp), axis=1)
-    cdf[:, -1] = 2.0  # sentinel: the search always stops (tail mass beyond 14 sigma ~ 1e-40)
+    cdf /= cdf[:, -1:]  # exactly 1 at the end (the tail beyond 14 sigma is ~1e-40), so u < 1 stops
     grid = np.arange(_GUIDE) / _GUIDE
     guide = np.stack([np.searchsorted(row, grid, side="right") for row in cdf]).astype(np.int32)
     return cdf.ravel(), guide.ravel(), n
