@@ -104,11 +104,8 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if suffix == ".safetensors":
             from safetensors import safe_open
 
-            try:
-                import torch  # noqa: F401  (bf16/fp16 tensors need a framework that has them)
-                framework = "pt"
-            except ImportError:
-                framework = "numpy"
+            # bf16 tensors need a framework that has them: torch when installed
+            framework = "pt" if importlib.util.find_spec("torch") is not None else "numpy"
             with safe_open(str(p), framework=framework) as f:
                 return {k: _to_numpy(f.get_tensor(k)) for k in f.keys()}
         if suffix == ".npz":
@@ -443,10 +440,10 @@ def convert_clipiqa_state_dict(sd: Mapping[str, np.ndarray], source: str = "weig
     for name, pairs in clipiqa.PROMPT_SETS.items():
         flat[f"text_features.{name}"] = f[start:start + 2 * len(pairs)].reshape(len(pairs), 2, -1)
         start += 2 * len(pairs)
-    return {"visual": dataclasses_asdict(vcfg)}, flat
+    return {"visual": _config_dict(vcfg)}, flat
 
 
-def dataclasses_asdict(x: Any) -> dict[str, Any]:
+def _config_dict(x: Any) -> dict[str, Any]:
     import dataclasses
 
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(x).items()}

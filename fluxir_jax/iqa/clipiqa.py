@@ -24,8 +24,9 @@ Public API:
     CLIPResNetConfig, CLIPIQAConfig, PRESETS, PROMPT_SETS
     CLIPIQA(config, rngs=...)            nnx.Module; model(images) -> scores [N]
     clipiqa_score(graphdef, state, images) -> [N]   pure, jittable (graphdef static)
-    load_clipiqa(weights, prompts="ensemble") -> (graphdef, state)
-    make_clipiqa(weights, prompts="ensemble") -> jitted images -> scores
+    load_clipiqa(weights, prompts="ensemble", pos_embedding=False, bpe_path=None) -> (graphdef, state)
+    make_clipiqa(weights, prompts="ensemble", pos_embedding=False, bpe_path=None) -> jitted images -> scores
+    registry names: "clipiqa" (ensemble), "clipiqa-original"
 """
 from __future__ import annotations
 
@@ -35,7 +36,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from fluxir_jax.errors import UserError

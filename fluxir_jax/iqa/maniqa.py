@@ -25,6 +25,7 @@ Public API:
     maniqa_score(graphdef, state, images) -> [N]        pure, jittable (graphdef static)
     load_maniqa(weights, preset="koniq") -> (graphdef, state)
     make_maniqa(weights, preset="koniq") -> jitted images -> scores
+    registry names: "maniqa" (koniq), "maniqa-kadid", "maniqa-pipal"
 """
 from __future__ import annotations
 

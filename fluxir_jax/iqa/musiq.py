@@ -25,6 +25,7 @@ Public API:
     musiq_score(graphdef, state, images) -> [N]          pure, jittable (graphdef static)
     load_musiq(weights, preset="koniq") -> (graphdef, state)
     make_musiq(weights, preset="koniq") -> jitted images -> scores
+    registry names: "musiq" (koniq), "musiq-spaq", "musiq-ava"
 """
 from __future__ import annotations
 

@@ -192,6 +192,37 @@ def test_preprocessing_matches_tf_semantics():
     assert musiq.hash_positions(7, 10).tolist() == [0, 1, 2, 4, 5, 7, 8]  # legacy (not half-pixel) nearest
 
 
+# Produced once with TensorFlow 2.21 running the ops of google-research musiq/model/preprocessing.py
+# (tf2.image.resize GAUSSIAN, tf.compat.v1.image.resize NEAREST_NEIGHBOR, tf.image.extract_patches
+# SAME) on seeded random images; per-token sums and projections on a seeded random vector.
+TF_TINY_SUM = [7.01699, 16.37796, -13.6737, -18.7821, 14.80708, 8.15605, 28.20837, 12.62694, 11.22748, -34.46377,
+               -13.46719, -9.20432, -25.17102, 2.07182, -17.62492, -9.86535, 0.0, 0.0, 0.0, 0.0, 18.32523, 7.15995,
+               26.47796, -0.22598, -0.77115, -24.09413, -9.8277, -8.60068, -9.01636, -8.9846, -12.08618, -3.43766]
+TF_TINY_DOT = [7.27964, -2.18401, 4.93716, -11.64284, -10.74368, -0.51433, -19.16765, -2.16035, 0.43795, 2.0021,
+               2.04169, 2.31724, -4.34122, -0.93929, -1.93215, -8.87234, 0.0, 0.0, 0.0, 0.0, -13.89634, 17.68457,
+               -18.48771, -9.93455, 14.62376, -1.28867, 0.19877, -17.2274, -7.96806, -2.08282, -24.29597, -10.26547]
+TF_TINY_SPATIAL = [0, 2, 8, 10, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+TF_TINY_SCALE = [0] * 4 + [1] * 12 + [0] * 4 + [2] * 12
+TF_TINY_MASK = [1] * 16 + [0] * 4 + [1] * 12
+TF_KONIQ_BLOCK_DOTS = [-35.105, -98.419, 95.5796]   # 100x75 image: scale 224 (49), 384 (144), native (12)
+TF_KONIQ_ABS_DOT = 2541.9069
+
+
+def test_preprocessing_matches_tensorflow_golden():
+    img = np.random.default_rng(0).random((40, 56, 3), dtype=np.float32)
+    p, sp, sc, mk = (np.asarray(v)[0] for v in musiq.multiscale_tokens(jnp.asarray(img[None]), TINY))
+    r = np.random.default_rng(2).standard_normal(16 * 16 * 3)
+    np.testing.assert_allclose(p.sum(-1), TF_TINY_SUM, atol=2e-4)
+    np.testing.assert_allclose(p @ r, TF_TINY_DOT, atol=2e-4)
+    assert sp.tolist() == TF_TINY_SPATIAL and sc.tolist() == TF_TINY_SCALE and mk.astype(int).tolist() == TF_TINY_MASK
+    img = np.random.default_rng(1).random((100, 75, 3), dtype=np.float32)
+    p = np.asarray(musiq.multiscale_tokens(jnp.asarray(img[None]), musiq.PRESETS["koniq"])[0])[0]
+    d = p @ np.random.default_rng(2).standard_normal(32 * 32 * 3)
+    assert p.shape[0] == 49 + 144 + 12
+    np.testing.assert_allclose([d[:49].sum(), d[49:193].sum(), d[193:].sum()], TF_KONIQ_BLOCK_DOTS, atol=2e-3)
+    np.testing.assert_allclose(np.abs(d).sum(), TF_KONIQ_ABS_DOT, rtol=1e-6)
+
+
 @pytest.mark.parametrize("num_classes", [1, 10])
 def test_musiq_matches_torch_reference(tmp_path, num_classes):
     cfg = dataclasses.replace(TINY, num_classes=num_classes)
