@@ -163,6 +163,11 @@ def bfl_to_diffusers(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def diffusers_sources(bkey: str) -> list[str]:
+    """Diffusers keys (ordered by part) that form BFL key `bkey`; KeyError if unknown."""
+    return _bfl_sources(bkey)
+
+
 def _bfl_sources(bkey: str) -> list[str]:
     """Diffusers keys (ordered by part) that form BFL key `bkey`."""
     parts = bkey.split(".")

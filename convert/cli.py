@@ -1,0 +1,174 @@
+"""Command lines: `fluxir convert`, `fluxir compare`, `fluxir encode-prompts`.
+
+`register(sub)` adds `convert`; `register_compare(sub)` / `register_encode_prompts(sub)` add
+the other two (`convert.compare.register` and `convert.text.register` delegate here, so each
+subcommand has a module exposing `register`). `main(argv)` runs any of the three on its own,
+with the same error handling as `fluxir` (UserError -> one line on stderr, exit code 2).
+Heavy libraries are imported only when a command runs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import uuid
+
+from fluxir_jax.errors import UserError
+
+
+def _axes(text: str) -> tuple[int, ...]:
+    try:
+        axes = tuple(int(a) for a in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    return axes
+
+
+# ----------------------------------------------------------------------------- convert
+
+
+def run_convert(args) -> int:
+    from convert.convert import convert
+
+    convert(
+        args.sources, args.out, fmt=args.format, dtype=args.dtype, overwrite=args.overwrite,
+        axes_dim=args.axes_dim, vae_norm_groups=args.vae_norm_groups, t5=args.t5, clip=args.clip,
+        t5_len=args.t5_len, text_dtype=args.text_dtype, progress=not args.no_progress,
+    )
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "convert", help="convert FLUX.1 PyTorch checkpoints (BFL files, diffusers folders) to Orbax",
+        description="Convert FLUX.1 checkpoints to one Orbax checkpoint directory (transformer + vae + "
+                    "config.json + text/empty.npz). Sources: flux1-*.safetensors, ae.safetensors, diffusers "
+                    "transformer/ and vae/ folders, or a diffusers pipeline root holding both.",
+    )
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="BFL .safetensors file or diffusers folder")
+    p.add_argument("-o", "--out", required=True, help="output checkpoint directory (must not exist)")
+    p.add_argument("--format", default="auto", choices=("auto", "bfl", "diffusers"), help="force the source layout")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="stored dtype (default: keep the source's)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new one is complete)")
+    p.add_argument("--axes-dim", type=_axes, default=None, metavar="A,B,C",
+                   help="RoPE axes (default: diffusers config.json, else BFL's proportions of the head dim)")
+    p.add_argument("--vae-norm-groups", type=int, default=None, metavar="N",
+                   help="VAE GroupNorm groups (default: config.json norm_num_groups, else 32)")
+    p.add_argument("--t5", default=None, metavar="DIR", help="local T5 encoder folder (transformers, safetensors)")
+    p.add_argument("--clip", default=None, metavar="DIR", help="local CLIP text encoder folder")
+    p.add_argument("--t5-len", type=int, default=None, metavar="L", help="T5 tokens (default 512 dev / 256 schnell)")
+    p.add_argument("--text-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype the text encoders run in")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_convert)
+
+
+# ----------------------------------------------------------------------------- compare
+
+
+def run_compare(args) -> int:
+    from convert.compare import compare
+
+    return compare(args.paths[:-1], args.paths[-1], tol=args.tol, layers=args.layers, seed=args.seed,
+                   fmt=args.format, axes_dim=args.axes_dim, vae_norm_groups=args.vae_norm_groups)
+
+
+def register_compare(sub) -> None:
+    p = sub.add_parser(
+        "compare", help="check a converted checkpoint against the PyTorch source, block by block",
+        description="Run the PyTorch reference (diffusers FluxTransformer2DModel / AutoencoderKL built from "
+                    "SOURCE) and the converted Flax models on the same seeded random inputs in float32 and "
+                    "print relative errors per block; exit 1 if any exceeds --tol.",
+    )
+    p.add_argument("paths", nargs="+", metavar="SOURCE... CKPT", help="source file(s)/folder(s), then the checkpoint")
+    p.add_argument("--tol", type=float, default=1e-4, help="largest acceptable relative error (default 1e-4)")
+    p.add_argument("--layers", type=int, default=None, metavar="N", help="compare only the first N double and N single blocks")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", default="auto", choices=("auto", "bfl", "diffusers"))
+    p.add_argument("--axes-dim", type=_axes, default=None, metavar="A,B,C")
+    p.add_argument("--vae-norm-groups", type=int, default=None, metavar="N")
+    p.set_defaults(func=run_compare)
+
+
+# ----------------------------------------------------------------------------- encode-prompts
+
+
+def run_encode_prompts(args) -> int:
+    import numpy as np
+
+    from convert import text
+
+    path = pathlib.Path(args.prompts)
+    if not path.is_file():
+        raise UserError(f"--prompts {path}: no such file")
+    try:
+        prompts = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"--prompts {path}: not UTF-8 text") from None
+    if not prompts:
+        raise UserError(f"--prompts {path}: no prompts (one per line)")
+    out = pathlib.Path(args.out).absolute()
+    if out.exists() and not args.overwrite:
+        raise UserError(f"output {out} already exists (pass --overwrite to replace it)")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: directory {out.parent} does not exist")
+    if args.t5_len <= 0:
+        raise UserError(f"--t5-len must be positive, got {args.t5_len}")
+    emb = text.encode(prompts, t5_dir=args.t5, clip_dir=args.clip, t5_len=args.t5_len, dtype=args.text_dtype)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, t5=emb["t5"], clip=emb["clip"], prompts=np.array(prompts, dtype=str))
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    print(f"wrote {out}: {len(prompts)} prompts, t5 {list(emb['t5'].shape)}, clip {list(emb['clip'].shape)}")
+    return 0
+
+
+def register_encode_prompts(sub) -> None:
+    p = sub.add_parser(
+        "encode-prompts", help="encode prompts with local T5/CLIP folders to an .npz",
+        description="Encode each line of --prompts with T5 (hidden states [L, d]) and CLIP (pooled [d]) as "
+                    "FLUX does; writes an .npz with arrays t5 [N, L, d], clip [N, d], prompts [N].",
+    )
+    p.add_argument("--t5", required=True, metavar="DIR")
+    p.add_argument("--clip", required=True, metavar="DIR")
+    p.add_argument("--prompts", required=True, metavar="FILE", help="UTF-8 text file, one prompt per line")
+    p.add_argument("--out", required=True, metavar="FILE", help="output .npz")
+    p.add_argument("--t5-len", type=int, default=512, metavar="L", help="T5 tokens (512 dev, 256 schnell)")
+    p.add_argument("--text-dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=run_encode_prompts)
+
+
+# ----------------------------------------------------------------------------- standalone
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fluxir")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    register(sub)
+    register_compare(sub)
+    register_encode_prompts(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run convert / compare / encode-prompts like `fluxir` would (UserError -> exit 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"fluxir {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""`fluxir compare`: check a converted checkpoint against its PyTorch source, block by block.
+
+The reference is the diffusers model class (`FluxTransformer2DModel`, `AutoencoderKL`), built
+from the source: a diffusers folder's tensors are loaded as they are (no key map involved, so
+the check is independent of ours); a BFL file is brought to diffusers names with our inverse
+map (`flux_map.bfl_to_diffusers`, `vae_map.bfl_to_diffusers_state_dict`), since diffusers'
+own converter hard-codes FLUX's 3072 width. Both sides run in float32 (JAX at "highest"
+matmul precision) on the same seeded random inputs:
+
+    transformer  1 x 8x8 image tokens, 16 text tokens, random t / guidance / pooled vector;
+                 image and text streams after every double and single block, final output
+    vae          encode of a random 64x64 image (posterior mean, scaled) and decode of a
+                 random latent
+
+Rows are relative errors ||flax - torch|| / ||torch||; the exit code is 1 if any exceeds `tol`.
+`layers=N` builds both models with only the first N double and N single blocks (the Flax side
+reads only those layers from the checkpoint), so a 12B model can be checked on a machine that
+cannot hold two full float32 copies.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from typing import Callable, Sequence
+
+import numpy as np
+
+from convert import flux_map, formats, vae_map
+from fluxir_jax import checkpoint
+from fluxir_jax.errors import UserError
+
+_STRUCTURAL_SKIP = {"dtype", "param_dtype", "remat_policy", "scan_layers", "tile_size", "tile_overlap", "resolution"}
+
+
+def rel_err(a, b) -> float:
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    denom = np.linalg.norm(b)
+    num = np.linalg.norm(a - b)
+    return float(num / denom) if denom > 0 else float(num)
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    if x.dtype.name == "bfloat16":
+        return (np.ascontiguousarray(x).view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(x.shape)
+    return np.asarray(x, np.float32)
+
+
+def _same_structure(a, b, what: str, ckpt) -> None:
+    for f in dataclasses.fields(a):
+        if f.name in _STRUCTURAL_SKIP:
+            continue
+        va, vb = getattr(a, f.name), getattr(b, f.name)
+        if (tuple(va) if isinstance(va, (list, tuple)) else va) != (tuple(vb) if isinstance(vb, (list, tuple)) else vb):
+            raise UserError(f"{ckpt}: the checkpoint's {what} has {f.name}={vb!r}, the source {va!r}")
+
+
+def _meta_load(cls, config: dict, state: dict):
+    import torch
+
+    with torch.device("meta"):
+        model = cls(**config)
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state))
+    if missing:
+        raise UserError(f"source has no tensor for {missing[0]!r} of the reference {cls.__name__}")
+    extra = sorted(set(state) - expected)
+    if extra:
+        raise UserError(f"source tensor {extra[0]!r} is not a parameter of the reference {cls.__name__}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.float().eval()
+
+
+# ----------------------------------------------------------------------------- transformer
+
+
+def _grid_ids(h: int, w: int) -> np.ndarray:
+    ids = np.zeros((h, w, 3), np.float32)
+    ids[..., 1] = np.arange(h)[:, None]
+    ids[..., 2] = np.arange(w)[None, :]
+    return ids.reshape(h * w, 3)
+
+
+def transformer_rows(source: formats.Source, ckpt, *, layers: int | None, seed: int, axes_dim=None):
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    v = formats.view(source)
+    src_cfg = formats.infer_flux_config(v, axes_dim=axes_dim)
+    ck_cfg = checkpoint.flux_config(ckpt)
+    _same_structure(src_cfg, ck_cfg, "transformer", ckpt)
+    if src_cfg.mlp_ratio != 4.0 or not src_cfg.qkv_bias:
+        raise UserError("compare: the diffusers reference supports only mlp_ratio 4 with qkv bias")
+    nd = src_cfg.depth if layers is None else min(layers, src_cfg.depth)
+    ns = src_cfg.depth_single_blocks if layers is None else min(layers, src_cfg.depth_single_blocks)
+
+    def wanted_bfl(key: str) -> bool:
+        m = re.match(r"(double_blocks|single_blocks)\.(\d+)\.", key)
+        return m is None or int(m.group(2)) < (nd if m.group(1) == "double_blocks" else ns)
+
+    if source.layout == "diffusers":
+        def wanted(key: str) -> bool:
+            m = re.match(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.", key)
+            return m is None or int(m.group(2)) < (nd if m.group(1) == "transformer_blocks" else ns)
+
+        state = {k: torch.from_numpy(_f32(source.tensors.read(k))) for k in source.tensors.keys() if wanted(k)}
+    else:
+        bfl = {k: _f32(v.read(k)) for k in v.keys() if wanted_bfl(k)}
+        state = {k: torch.from_numpy(np.ascontiguousarray(x)) for k, x in flux_map.bfl_to_diffusers(bfl).items()}
+        del bfl
+    dcfg = dict(
+        patch_size=1, in_channels=src_cfg.in_channels, out_channels=src_cfg.out_channels, num_layers=nd,
+        num_single_layers=ns, attention_head_dim=src_cfg.head_dim, num_attention_heads=src_cfg.num_heads,
+        joint_attention_dim=src_cfg.context_in_dim, pooled_projection_dim=src_cfg.vec_in_dim,
+        guidance_embeds=src_cfg.guidance_embed, axes_dims_rope=tuple(src_cfg.axes_dim),
+    )
+    ref = _meta_load(FluxTransformer2DModel, dcfg, state)
+    del state
+
+    rng = np.random.default_rng(seed)
+    h = w = 8
+    t = 16
+    x = dict(
+        img=rng.standard_normal((1, h * w, src_cfg.in_channels)).astype(np.float32),
+        txt=rng.standard_normal((1, t, src_cfg.context_in_dim)).astype(np.float32),
+        y=rng.standard_normal((1, src_cfg.vec_in_dim)).astype(np.float32),
+        timesteps=rng.uniform(0.1, 1.0, (1,)).astype(np.float32),
+        guidance=rng.uniform(1.0, 5.0, (1,)).astype(np.float32),
+        img_ids=_grid_ids(h, w), txt_ids=np.zeros((t, 3), np.float32),
+    )
+
+    captured: dict[str, list] = {"double": [], "single": []}
+    hooks = [b.register_forward_hook(lambda m, i, o: captured["double"].append([a.detach().numpy() for a in o]))
+             for b in ref.transformer_blocks]
+    hooks += [b.register_forward_hook(lambda m, i, o: captured["single"].append([a.detach().numpy() for a in o]))
+              for b in ref.single_transformer_blocks]
+    with torch.no_grad():
+        out_ref = ref(
+            hidden_states=torch.from_numpy(x["img"]), encoder_hidden_states=torch.from_numpy(x["txt"]),
+            pooled_projections=torch.from_numpy(x["y"]), timestep=torch.from_numpy(x["timesteps"]),
+            img_ids=torch.from_numpy(x["img_ids"]), txt_ids=torch.from_numpy(x["txt_ids"]),
+            guidance=torch.from_numpy(x["guidance"]) if src_cfg.guidance_embed else None, return_dict=False,
+        )[0].numpy()
+    for hk in hooks:
+        hk.remove()
+    del ref
+
+    model = checkpoint.load_flux(ckpt, dtype="float32", param_dtype="float32", depth=nd, depth_single_blocks=ns)
+    with jax.default_matmul_precision("highest"):
+        ids = lambda a: jnp.asarray(a)[None]  # noqa: E731
+        out, inter = model.forward(
+            jnp.asarray(x["img"]), ids(x["img_ids"]), jnp.asarray(x["txt"]), ids(x["txt_ids"]),
+            jnp.asarray(x["timesteps"]), jnp.asarray(x["y"]),
+            jnp.asarray(x["guidance"]) if src_cfg.guidance_embed else None, intermediates=True,
+        )
+    rows = []
+    for i, (txt_ref, img_ref) in enumerate(captured["double"]):
+        rows.append((f"double {i} img", rel_err(inter["double_img"][i], img_ref)))
+        rows.append((f"double {i} txt", rel_err(inter["double_txt"][i], txt_ref)))
+    for i, (txt_ref, img_ref) in enumerate(captured["single"]):
+        s = np.asarray(inter["single"][i])
+        rows.append((f"single {i} img", rel_err(s[:, t:], img_ref)))
+        rows.append((f"single {i} txt", rel_err(s[:, :t], txt_ref)))
+    rows.append(("final output", rel_err(out, out_ref)))
+    return rows
+
+
+# ----------------------------------------------------------------------------- vae
+
+
+def vae_rows(source: formats.Source, ckpt, *, seed: int, norm_groups: int | None = None):
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from diffusers import AutoencoderKL
+
+    ck_cfg = checkpoint.autoencoder_config(ckpt, dtype="float32", param_dtype="float32")
+    v = formats.view(source)
+    src_cfg = formats.infer_ae_config(v, norm_groups=norm_groups or ck_cfg.norm_groups)
+    _same_structure(src_cfg, ck_cfg, "vae", ckpt)
+    if source.layout == "diffusers":
+        state = {k: torch.from_numpy(_f32(source.tensors.read(k))) for k in source.tensors.keys()}
+    else:
+        bfl = {k: _f32(v.read(k)) for k in v.keys()}
+        state = {k: torch.from_numpy(np.ascontiguousarray(x))
+                 for k, x in vae_map.bfl_to_diffusers_state_dict(bfl).items()}
+    n = len(src_cfg.ch_mult)
+    dcfg = dict(
+        in_channels=src_cfg.in_channels, out_channels=src_cfg.out_ch, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(src_cfg.ch * m for m in src_cfg.ch_mult),
+        layers_per_block=src_cfg.num_res_blocks, latent_channels=src_cfg.z_channels,
+        norm_num_groups=src_cfg.norm_groups, use_quant_conv=False, use_post_quant_conv=False,
+        mid_block_add_attention=True, scaling_factor=src_cfg.scale_factor, shift_factor=src_cfg.shift_factor,
+    )
+    ref = _meta_load(AutoencoderKL, dcfg, state)
+    del state
+    rng = np.random.default_rng(seed + 1)
+    f = 2 ** (n - 1)
+    size = max(64, 2 * f)
+    img = rng.uniform(-1, 1, (1, src_cfg.in_channels, size, size)).astype(np.float32)
+    lat = rng.standard_normal((1, src_cfg.z_channels, size // f, size // f)).astype(np.float32)
+    scale, shift = src_cfg.scale_factor, src_cfg.shift_factor
+    with torch.no_grad():
+        enc_ref = ((ref.encode(torch.from_numpy(img)).latent_dist.mean - shift) * scale).numpy()
+        dec_ref = ref.decode(torch.from_numpy(lat) / scale + shift).sample.numpy()
+    del ref
+    ae = checkpoint.load_autoencoder(ckpt, dtype="float32", param_dtype="float32")
+    with jax.default_matmul_precision("highest"):
+        enc = np.asarray(ae.encode(jnp.asarray(img.transpose(0, 2, 3, 1)), tiled=False)).transpose(0, 3, 1, 2)
+        dec = np.asarray(ae.decode(jnp.asarray(lat.transpose(0, 2, 3, 1)), tiled=False)).transpose(0, 3, 1, 2)
+    return [("vae encode", rel_err(enc, enc_ref)), ("vae decode", rel_err(dec, dec_ref))]
+
+
+# ----------------------------------------------------------------------------- entry
+
+
+def compare(sources: Sequence, ckpt, *, tol: float = 1e-4, layers: int | None = None, seed: int = 0,
+            fmt: str = "auto", axes_dim=None, vae_norm_groups: int | None = None,
+            out: Callable[[str], None] = print) -> int:
+    """Print the per-block relative-error table; 0 if every row is within `tol`, else 1."""
+    if not sources:
+        raise UserError("compare needs SOURCE... CKPT (at least one source and the checkpoint)")
+    if layers is not None and layers < 1:
+        raise UserError(f"--layers must be at least 1, got {layers}")
+    found = formats.detect_all(sources, fmt)
+    stored = checkpoint.read_config(ckpt)
+    rows = []
+    for component in ("transformer", "vae"):
+        if component in found and stored.get(component) is None:
+            raise UserError(f"{ckpt}: the checkpoint holds no {component} to compare with {found[component].path}")
+    if "transformer" in found:
+        rows += transformer_rows(found["transformer"], ckpt, layers=layers, seed=seed, axes_dim=axes_dim)
+    if "vae" in found:
+        rows += vae_rows(found["vae"], ckpt, seed=seed, norm_groups=vae_norm_groups)
+    width = max(len(name) for name, _ in rows)
+    out(f"{'block':<{width}}  {'rel. error':>11}")
+    bad = 0
+    for name, err in rows:
+        ok = np.isfinite(err) and err <= tol
+        bad += not ok
+        out(f"{name:<{width}}  {err:11.3e}{'' if ok else '  > tol'}")
+    worst = max(err for _, err in rows)
+    verdict = "ok" if not bad else f"FAILED: {bad} row(s) above tol"
+    out(f"max {worst:.3e} (tol {tol:g}): {verdict}")
+    if bad:
+        sys.stdout.flush()
+    return 0 if not bad else 1
+
+
+def register(sub) -> None:
+    """`fluxir compare` (defined in convert.cli)."""
+    from convert import cli
+
+    cli.register_compare(sub)

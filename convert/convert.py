@@ -1,0 +1,381 @@
+"""`fluxir convert`: FLUX.1 PyTorch checkpoints (BFL files, diffusers folders) -> one Orbax checkpoint.
+
+Output directory (written under a hidden temporary name next to it, renamed when complete):
+
+    config.json        resolved model configs, source files (names, sizes), stored dtypes,
+                       provenance of the text embeddings
+    transformer/       Orbax PyTree item (OCDBT, zarr3): the `Flux` NNX Param tree, BFL names,
+                       blocks stacked on a leading layer axis (one zarr chunk per layer)
+    vae/               Orbax PyTree item: the `AutoEncoder` NNX Param tree
+    text/empty.npz     empty-prompt `t5` [L, d] and CLIP pooled `clip` [d] (float32); zeros,
+                       flagged as such, when no --t5/--clip folders were given
+    (plus Orbax's _CHECKPOINT_METADATA)
+
+Param keys are the NNX paths joined per level, digits as strings
+(`double_blocks/img_mlp/0/kernel`). Read them back with `fluxir_jax.checkpoint`.
+
+Before a byte is written, the whole conversion is planned from the safetensors headers:
+the model config is inferred from shapes, every expected tensor is matched to a source
+tensor (missing, unexpected and wrongly shaped tensors are user errors naming the key), and
+truncated files are caught by checking header offsets against file sizes. Writing then streams
+one tensor (one layer of a stacked parameter) at a time; see `convert.writer`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import shutil
+import sys
+import time
+import uuid
+from typing import Callable, Sequence
+
+import numpy as np
+
+from convert import flux_map, formats, vae_map, writer
+from fluxir_jax.errors import UserError
+
+FORMAT_VERSION = 1
+DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
+TEXT_FILE = "text/empty.npz"
+
+
+# ----------------------------------------------------------------------------- array helpers
+
+
+def _transpose2d(x: np.ndarray, block: int = 512) -> np.ndarray:
+    """x.T as a C-contiguous array, tile by tile (numpy's own transpose copy is cache-hostile)."""
+    rows, cols = x.shape
+    view = x.view(f"u{x.dtype.itemsize}") if x.dtype.itemsize in (1, 2, 4, 8) else x
+    out = np.empty((cols, rows), view.dtype)
+    for i in range(0, rows, block):
+        for j in range(0, cols, block):
+            out[j:j + block, i:i + block] = view[i:i + block, j:j + block].T
+    return out.view(x.dtype)
+
+
+def _contiguous(y: np.ndarray) -> np.ndarray:
+    if y.flags.c_contiguous:
+        return y
+    if y.ndim == 2 and y.T.flags.c_contiguous:
+        return _transpose2d(y.T)
+    return np.ascontiguousarray(y)
+
+
+def _cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if x.dtype == dtype:
+        return x
+    if x.dtype.name == "bfloat16" and dtype == np.float32:  # exact, and much faster than ml_dtypes' cast
+        return (np.ascontiguousarray(x).view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(x.shape)
+    return x.astype(dtype)
+
+
+def _finish(y: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Cast and make contiguous, moving the fewest bytes through the transpose."""
+    if dtype.itemsize < y.dtype.itemsize:
+        return _contiguous(_cast(y, dtype))
+    return _cast(_contiguous(y), dtype)
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything needed to write one item: the lazy tree, its config, byte count, dtypes."""
+
+    name: str
+    config: object
+    tree: dict
+    nbytes: int
+    dtypes: dict[str, int]  # stored dtype name -> number of parameters
+
+    @property
+    def main_dtype(self) -> str:
+        return max(self.dtypes, key=self.dtypes.get)
+
+
+def _nest(flat: dict[tuple, object]) -> dict:
+    tree: dict = {}
+    for path, leaf in flat.items():
+        node = tree
+        for p in path[:-1]:
+            node = node.setdefault(str(p), {})
+        node[str(path[-1])] = leaf
+    return tree
+
+
+def _abstract_params(model_fn) -> dict[tuple, tuple[int, ...]]:
+    from flax import nnx
+
+    model = nnx.eval_shape(model_fn)
+    return {tuple(p): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _check_keys(v: formats.BflView, expected: dict[str, tuple], name_for_missing: Callable[[str], str]) -> None:
+    """Strict key and shape match of a source against the expected BFL keys and shapes."""
+    src = v.source.path
+    for key in v.keys():
+        if key not in expected:
+            raise UserError(f"{src}: unexpected key {v.entries[key].origin!r} (not a parameter of the inferred model)")
+    for key in expected:
+        if key not in v:
+            raise UserError(f"{src}: missing key {name_for_missing(key)!r}")
+    for key, want in expected.items():
+        got = v.entries[key].shape
+        if tuple(got) != tuple(want):
+            raise UserError(f"{src}: tensor {v.entries[key].origin!r} has shape {list(got)}, expected {list(want)}")
+
+
+def _leaf(shape, dtype, pieces, stacked) -> writer.LazyArray:
+    return writer.LazyArray(shape, dtype, pieces, stacked)
+
+
+def _produce_flux(v: formats.BflView, key: str, path: tuple, dtype: np.dtype) -> np.ndarray:
+    got, _, y = flux_map.bfl_to_flax(key, v.read(key))
+    if got != path:
+        raise RuntimeError(f"{key} maps to {got}, planned for {path}")
+    return _finish(y, dtype)
+
+
+def _produce_vae(v: formats.BflView, key: str, dtype: np.dtype) -> np.ndarray:
+    return _finish(vae_map.bfl_to_nnx(key, v.read(key))[1], dtype)
+
+
+def plan_transformer(v: formats.BflView, config, dtype: str | None) -> Plan:
+    """Validate a transformer source against `config` and build its lazy Param tree."""
+    from fluxir_jax.models.flux import Flux
+    from flax import nnx
+
+    params = _abstract_params(lambda: Flux(config, rngs=nnx.Rngs(0)))
+    expected: dict[str, tuple] = {}
+    where: dict[tuple, list[str]] = {}
+    for path, shape in params.items():
+        stacked = path[0] in ("double_blocks", "single_blocks")
+        layers = range(shape[0]) if stacked else [None]
+        per_shape = shape[1:] if stacked else shape
+        for layer in layers:
+            key, dummy = flux_map.flax_to_bfl(path, formats.shape_only(per_shape), layer)
+            expected[key] = dummy.shape
+            where.setdefault(path, []).append(key)
+
+    def missing_name(key: str) -> str:
+        if v.source.layout == "diffusers":
+            return " + ".join(flux_map.diffusers_sources(key))
+        return key
+
+    _check_keys(v, expected, missing_name)
+    flat, counts, total = {}, {}, 0
+    for path, shape in params.items():
+        keys = where[path]
+        out_dtype = np.dtype(dtype) if dtype else v.entries[keys[0]].dtype
+        stacked = len(keys) > 1 or path[0] in ("double_blocks", "single_blocks")
+
+        pieces = [writer.Piece(i if stacked else None, functools.partial(_produce_flux, v, k, path, out_dtype))
+                  for i, k in enumerate(keys)]
+        flat[path] = _leaf(shape, out_dtype, pieces, stacked)
+        counts[out_dtype.name] = counts.get(out_dtype.name, 0) + flat[path].size
+        total += flat[path].nbytes
+    return Plan("transformer", config, _nest(flat), total, counts)
+
+
+def plan_vae(v: formats.BflView, config, dtype: str | None) -> Plan:
+    """Validate a VAE source against `config` and build its lazy Param tree."""
+    from fluxir_jax.models.autoencoder import AutoEncoder
+    from flax import nnx
+
+    params = _abstract_params(lambda: AutoEncoder(config, rngs=nnx.Rngs(0)))
+    expected: dict[str, tuple] = {}
+    key_of: dict[tuple, str] = {}
+    for path, shape in params.items():
+        key, dummy = vae_map.nnx_to_bfl(path, formats.shape_only(shape))
+        expected[key] = dummy.shape
+        key_of[path] = key
+    levels = len(config.ch_mult)
+
+    def missing_name(key: str) -> str:
+        if v.source.layout == "diffusers":
+            return vae_map.bfl_to_diffusers(key, formats.shape_only(expected[key]), levels)[0]
+        return key
+
+    _check_keys(v, expected, missing_name)
+    flat, counts, total = {}, {}, 0
+    for path, shape in params.items():
+        key = key_of[path]
+        out_dtype = np.dtype(dtype) if dtype else v.entries[key].dtype
+
+        flat[path] = _leaf(shape, out_dtype, [writer.Piece(None, functools.partial(_produce_vae, v, key, out_dtype))],
+                           False)
+        counts[out_dtype.name] = counts.get(out_dtype.name, 0) + flat[path].size
+        total += flat[path].nbytes
+    return Plan("vae", config, _nest(flat), total, counts)
+
+
+def plan(sources: dict[str, formats.Source], *, dtype: str | None = None, axes_dim=None,
+         vae_norm_groups: int | None = None) -> dict[str, Plan]:
+    """Plans for every component found, each validated against its inferred config."""
+    plans = {}
+    if "transformer" in sources:
+        v = formats.view(sources["transformer"])
+        cfg = formats.infer_flux_config(v, axes_dim=axes_dim)
+        plans["transformer"] = plan_transformer(v, cfg, dtype)
+        main = plans["transformer"].main_dtype
+        plans["transformer"].config = dataclasses.replace(cfg, dtype=main, param_dtype=main)
+    if "vae" in sources:
+        v = formats.view(sources["vae"])
+        cfg = formats.infer_ae_config(v, norm_groups=vae_norm_groups)
+        plans["vae"] = plan_vae(v, cfg, dtype)
+        main = plans["vae"].main_dtype
+        plans["vae"].config = dataclasses.replace(cfg, param_dtype=main)
+    return plans
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def text_embeddings(flux_config, *, t5=None, clip=None, t5_len=None, text_dtype="float32", log=print):
+    """(t5 [L, d], clip [d], metadata) for the empty prompt; zeros of the model's shapes without encoders."""
+    from convert import text
+
+    if (t5 is None) != (clip is None):
+        raise UserError("--t5 and --clip go together (FLUX needs both encodings)")
+    guidance = flux_config.guidance_embed if flux_config is not None else True
+    length = int(t5_len) if t5_len else text.default_t5_len(guidance)
+    if length <= 0:
+        raise UserError(f"--t5-len must be positive, got {length}")
+    if t5 is None:
+        if flux_config is None:
+            return None, None, {"computed": False, "note": "no transformer in this checkpoint: no text embeddings"}
+        t5_arr = np.zeros((length, flux_config.context_in_dim), np.float32)
+        clip_arr = np.zeros((flux_config.vec_in_dim,), np.float32)
+        note = "zeros: no --t5/--clip encoders were given; recompute with fluxir convert --t5 DIR --clip DIR"
+        log(f"text embeddings: {note}")
+        meta = {"computed": False, "note": note}
+    else:
+        log(f"text embeddings: encoding the empty prompt with T5 ({t5}, length {length}) and CLIP ({clip})")
+        t5_arr, clip_arr = text.empty(t5, clip, length, text_dtype)
+        if flux_config is not None:
+            if t5_arr.shape[-1] != flux_config.context_in_dim:
+                raise UserError(f"--t5 {t5}: d_model {t5_arr.shape[-1]} does not match the transformer's "
+                                f"context_in_dim {flux_config.context_in_dim}")
+            if clip_arr.shape[-1] != flux_config.vec_in_dim:
+                raise UserError(f"--clip {clip}: pooled size {clip_arr.shape[-1]} does not match the transformer's "
+                                f"vec_in_dim {flux_config.vec_in_dim}")
+        meta = {"computed": True, "t5": str(t5), "clip": str(clip), "dtype": text_dtype}
+    meta.update(file=TEXT_FILE, prompt="", t5_len=length, t5_shape=list(t5_arr.shape), clip_shape=list(clip_arr.shape))
+    return t5_arr, clip_arr, meta
+
+
+# ----------------------------------------------------------------------------- convert
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
+                            file=sys.stderr, smoothing=0.1)
+
+    def __call__(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _remove(path: pathlib.Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def convert(sources: Sequence[str | os.PathLike], out: str | os.PathLike, *, fmt: str = "auto",
+            dtype: str | None = None, overwrite: bool = False, axes_dim: Sequence[int] | None = None,
+            vae_norm_groups: int | None = None, t5=None, clip=None, t5_len: int | None = None,
+            text_dtype: str = "float32", progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Convert `sources` (BFL files / diffusers folders) into an Orbax checkpoint at `out`.
+
+    Returns the config.json content. Raises UserError (nothing left at `out`) on bad input.
+    """
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise UserError(f"--dtype {dtype!r}: expected bf16 or fp32")
+        dtype = DTYPES[dtype]
+    out = pathlib.Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise UserError(f"output {out} already exists (pass --overwrite to replace it)")
+    found = formats.detect_all(sources, fmt)
+    plans = plan(found, dtype=dtype, axes_dim=axes_dim, vae_norm_groups=vae_norm_groups)
+    for name, p in plans.items():
+        s = found[name]
+        log(f"{name}: {s.layout} layout, {len(s.tensors.files)} file(s), {s.tensors.nbytes / 2**30:.2f} GiB -> "
+            f"{p.nbytes / 2**30:.2f} GiB {'/'.join(sorted(p.dtypes))}")
+    flux_cfg = plans["transformer"].config if "transformer" in plans else None
+    t5_arr, clip_arr, text_meta = text_embeddings(flux_cfg, t5=t5, clip=clip, t5_len=t5_len,
+                                                  text_dtype=text_dtype, log=log)
+
+    from fluxir_jax.config import to_dict
+    import orbax.checkpoint as ocp
+    import fluxir_jax
+
+    config = {
+        "format": "fluxir-checkpoint",
+        "format_version": FORMAT_VERSION,
+        "items": sorted(plans),
+        "transformer": to_dict(plans["transformer"].config) if "transformer" in plans else None,
+        "vae": to_dict(plans["vae"].config) if "vae" in plans else None,
+        "stored_dtypes": {n: p.dtypes for n, p in plans.items()},
+        "sources": [found[n].describe() for n in sorted(found)],
+        "text": {"empty": text_meta},
+        "converter": {"fluxir_jax": fluxir_jax.__version__, "orbax_checkpoint": ocp.__version__,
+                      "dtype_option": dtype or "keep"},
+    }
+
+    created: list[pathlib.Path] = []
+    parent = out.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    tmp = out.parent / f".{out.name}.converting-{uuid.uuid4().hex[:8]}"
+    bar = None
+    ok = False
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        total = sum(p.nbytes for p in plans.values())
+        bar = _Progress(total, progress)
+        t0 = time.time()
+        writer.save(tmp, {n: p.tree for n, p in plans.items()}, progress=bar)
+        bar.close()
+        if t5_arr is not None:
+            (tmp / "text").mkdir()
+            with open(tmp / TEXT_FILE, "wb") as f:
+                np.savez(f, t5=t5_arr, clip=clip_arr, computed=np.array(text_meta["computed"]))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if out.exists():  # --overwrite: swap, then delete the old one
+            old = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            _remove(old)
+        else:
+            os.rename(tmp, out)
+        ok = True
+        dt = time.time() - t0
+        log(f"wrote {out} ({total / 2**30:.2f} GiB in {dt:.1f} s, {total / 2**20 / max(dt, 1e-9):.0f} MiB/s)")
+    finally:
+        if bar is not None:
+            bar.close()
+        if not ok:
+            _remove(tmp)
+            for leftover in out.parent.glob(f"{tmp.name}*"):
+                _remove(leftover)
+            for d in created:
+                shutil.rmtree(d, ignore_errors=True)
+    return config

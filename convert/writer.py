@@ -1,0 +1,165 @@
+"""Write parameter trees to an Orbax checkpoint (OCDBT + zarr3) one tensor slice at a time.
+
+Orbax saves a whole pytree per call, which would need every converted tensor in host memory
+at once (and a scanned FLUX block parameter alone, e.g. single_blocks/linear1/kernel
+[38, 3072, 21504] bf16, is 5 GB). Instead the leaves handed to Orbax are `LazyArray`
+placeholders: shape, dtype and a list of pieces (one per layer of a stacked parameter, or the
+whole array), each produced on demand by a callback that reads and converts the source
+tensors. A custom Orbax `TypeHandler` (`StreamingArrayHandler`, a NumpyHandler subclass)
+opens the same TensorStore spec Orbax's numpy handler would, and writes the pieces one after
+another, keeping a bounded number of bytes in flight, so host memory stays around a couple of
+layers whatever the model size.
+
+Everything else is standard Orbax: `CompositeCheckpointHandler` items saved by
+`PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True)`, so the tree metadata, OCDBT
+manifests and the per-item layout are Orbax's own, and standard calls restore it, e.g.
+`ocp.StandardCheckpointer().restore(dir / "transformer", abstract_tree)` (with or without
+target shardings). Leaves are recorded as `np.ndarray` values. Stacked parameters are stored
+with one zarr chunk per layer, so each layer is one OCDBT value and restoring a slice (or
+sharding over the layer axis) reads only what it needs. Chunks are not compressed (weights do
+not compress, and compression would halve the conversion throughput).
+
+Uses two Orbax internals (`ts_utils.build_array_write_spec`, `ocdbt_utils`) that the numpy
+handler itself uses; pinned by `constraints.txt` (orbax-checkpoint 0.12.8).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import math
+import threading
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Piece:
+    """Part of a LazyArray: `index` None (whole array) or a layer index along axis 0."""
+
+    index: int | None
+    produce: Callable[[], np.ndarray]
+
+
+class LazyArray:
+    """A leaf whose data is produced piece by piece while it is written."""
+
+    def __init__(self, shape: Sequence[int], dtype, pieces: Sequence[Piece], stacked: bool):
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.pieces = list(pieces)
+        self.stacked = stacked
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    @property
+    def chunk_shape(self) -> tuple[int, ...]:
+        return ((1,) + self.shape[1:]) if self.stacked else self.shape
+
+    def __repr__(self) -> str:
+        return f"LazyArray({list(self.shape)}, {self.dtype.name}, {len(self.pieces)} pieces)"
+
+
+_LOCK = threading.Lock()  # one item streams at a time (Orbax commits items from separate threads)
+
+
+def _handler_class():
+    from orbax.checkpoint import future, type_handlers
+    from orbax.checkpoint._src.serialization import ocdbt_utils
+    from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+    import orbax.checkpoint as ocp
+    import tensorstore as ts
+
+    class StreamingArrayHandler(type_handlers.NumpyHandler):
+        """Serialises LazyArray leaves piece by piece; reads back as plain numpy arrays."""
+
+        def __init__(self, inflight_bytes: int, progress: Callable[[int], None] | None):
+            super().__init__(deepcopy_host_arrays=False)
+            self.inflight_bytes = inflight_bytes
+            self.progress = progress or (lambda n: None)
+
+        def _spec(self, value: LazyArray, info, arg) -> dict:
+            spec = ts_utils.build_array_write_spec(
+                info=info, arg=arg, global_shape=value.shape, local_shape=value.shape, dtype=value.dtype,
+                use_ocdbt=info.is_ocdbt_checkpoint,
+                process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint),
+            ).json
+            if not info.use_zarr3 or "metadata" not in spec:
+                raise RuntimeError("StreamingArrayHandler expects zarr3 without dtype casting")
+            chunk = list(value.chunk_shape)
+            spec["metadata"]["chunk_grid"]["configuration"]["chunk_shape"] = chunk
+            spec["metadata"]["codecs"][0]["configuration"]["chunk_shape"] = chunk
+            return spec
+
+        async def _stream(self, values, infos, args):
+            with _LOCK:
+                for value, info, arg in zip(values, infos, args):
+                    await info.await_path_creation()
+                    store = await ts.open(ts.Spec(self._spec(value, info, arg)), create=True, open=True,
+                                          context=info.ts_context)
+                    pending: collections.deque = collections.deque()
+                    inflight = 0
+                    for piece in value.pieces:
+                        arr = await asyncio.to_thread(piece.produce)
+                        want = value.shape[1:] if piece.index is not None else value.shape
+                        if arr.shape != want or arr.dtype != value.dtype:
+                            raise RuntimeError(f"{info.name}: piece {piece.index} is {arr.dtype}{list(arr.shape)}, "
+                                               f"expected {value.dtype}{list(want)}")
+                        target = store if piece.index is None else store[piece.index]
+                        pending.append((target.write(arr), arr.nbytes))
+                        inflight += arr.nbytes
+                        del arr
+                        while pending and inflight > self.inflight_bytes:
+                            fut, n = pending.popleft()
+                            await fut
+                            inflight -= n
+                            self.progress(n)
+                    while pending:
+                        fut, n = pending.popleft()
+                        await fut
+                        self.progress(n)
+
+        async def serialize(self, values, infos, args=None):
+            args = args or [ocp.SaveArgs()] * len(values)
+            return [future.CommitFutureAwaitingContractedSignals(self._stream(values, infos, args),
+                                                                 name="streaming_array_handler")]
+
+    return StreamingArrayHandler
+
+
+def save(directory, items: Mapping[str, Mapping], *, inflight_bytes: int = 256 * 2**20,
+         progress: Callable[[int], None] | None = None) -> None:
+    """Save `{item: nested dict of LazyArray}` as an Orbax composite checkpoint at `directory`.
+
+    `directory` must be absolute and must not exist; Orbax writes to a temporary sibling and
+    renames it into place when every item is committed.
+    """
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import type_handlers
+
+    from fluxir_jax.checkpoint import quiet_orbax
+
+    handler = _handler_class()(inflight_bytes, progress)
+    registry = type_handlers.create_type_handler_registry((LazyArray, handler))
+    with quiet_orbax():  # "no jax.Array handler" is intended: every leaf is a LazyArray
+        handlers = {
+            name: ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True, use_compression=False,
+                                              type_handler_registry=registry)
+            for name in items
+        }
+        checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handlers))
+        try:
+            checkpointer.save(directory, ocp.args.Composite(**{k: ocp.args.PyTreeSave(v) for k, v in items.items()}))
+        finally:
+            checkpointer.close()

@@ -1,0 +1,69 @@
+"""`fluxir compare`: exit 0 on a good conversion, 1 when one converted tensor is perturbed.
+
+Tolerance: the default 1e-4 relative error per row (float32 on both sides); the perturbation
+(1% relative noise on one layer of one tensor) is far above it.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from tests.convert.test_convert import build_pipeline, run_cli, write_bfl
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cmp")
+    dm, vae = build_pipeline(root / "pipe", seed=5)
+    ckpt = root / "ckpt"
+    rc, _, err = run_cli(["convert", str(root / "pipe"), "-o", str(ckpt), "--no-progress"])
+    assert rc == 0, err
+    return dict(root=root, dm=dm, vae=vae, ckpt=ckpt)
+
+
+def _rows(stdout: str) -> dict[str, float]:
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\w[\w ]*?\w)\s+([0-9.e+-]+)(?:  > tol)?$", stdout, re.M)}
+
+
+def test_compare_good_conversion(setup):
+    rc, out, err = run_cli(["compare", str(setup["root"] / "pipe"), str(setup["ckpt"])])
+    assert rc == 0, out + err
+    rows = _rows(out)
+    expected = ([f"double {i} {s}" for i in range(2) for s in ("img", "txt")]
+                + [f"single {i} {s}" for i in range(3) for s in ("img", "txt")]
+                + ["final output", "vae encode", "vae decode"])
+    assert sorted(rows) == sorted(expected), out
+    assert max(rows.values()) < 1e-4
+
+
+def test_compare_bfl_source_first_layers(setup, tmp_path):
+    """BFL files go through our inverse map to the diffusers reference; --layers 1 truncates both sides."""
+    flux, ae = write_bfl(tmp_path / "bfl", setup["dm"], setup["vae"])
+    rc, out, err = run_cli(["compare", str(flux), str(ae), str(setup["ckpt"]), "--layers", "1", "--axes-dim", "4,6,6"])
+    assert rc == 0, out + err
+    rows = _rows(out)
+    assert {"double 0 img", "single 0 txt", "final output", "vae decode"} <= set(rows)
+    assert not any(k.startswith(("double 1", "single 1")) for k in rows), out
+
+
+def test_compare_flags_a_perturbed_tensor(setup, tmp_path):
+    import orbax.checkpoint as ocp
+
+    bad = tmp_path / "bad"
+    shutil.copytree(setup["ckpt"], bad)
+    tree = ocp.PyTreeCheckpointer().restore(bad / "transformer")
+    kernel = np.array(tree["double_blocks"]["img_attn"]["proj"]["kernel"])
+    noise = np.random.default_rng(0).standard_normal(kernel.shape[1:]).astype(kernel.dtype)
+    kernel[1] += 0.01 * np.linalg.norm(kernel[1]) / np.linalg.norm(noise) * noise
+    tree["double_blocks"]["img_attn"]["proj"]["kernel"] = kernel
+    shutil.rmtree(bad / "transformer")
+    ocp.PyTreeCheckpointer().save(bad / "transformer", tree)  # plain Orbax rewrite of the item
+
+    rc, out, err = run_cli(["compare", str(setup["root"] / "pipe" / "transformer"), str(bad)])
+    assert rc == 1, out + err
+    rows = _rows(out)
+    assert rows["double 0 img"] < 1e-4 and rows["double 1 img"] > 1e-4 and rows["final output"] > 1e-4
+    assert "FAILED" in out and "vae encode" not in rows
