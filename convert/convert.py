@@ -359,6 +359,7 @@ def convert(sources: Sequence[str | os.PathLike], out: str | os.PathLike, *, fmt
             with open(tmp / TEXT_FILE, "wb") as f:
                 np.savez(f, t5=t5_arr, clip=clip_arr, computed=np.array(text_meta["computed"]))
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        writer.sync_tree(tmp)
         if out.exists():  # --overwrite: swap, then delete the old one
             old = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
             os.rename(out, old)

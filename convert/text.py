@@ -49,14 +49,31 @@ def _load(kind: str, model_dir, dtype: str):
     if not model_dir.is_dir():
         raise UserError(f"{flag} {model_dir}: not a directory")
     cls = transformers.T5EncoderModel if kind == "t5" else transformers.CLIPTextModel
+    types = ("t5", "umt5") if kind == "t5" else ("clip", "clip_text_model")
     tok_dir = _tokenizer_dir(model_dir, "tokenizer_2" if kind == "t5" else "tokenizer")
+    tf_logging = transformers.utils.logging
+    verbosity = tf_logging.get_verbosity()
+    tf_logging.set_verbosity_error()
+    tf_logging.disable_progress_bar()
     try:
+        config = transformers.AutoConfig.from_pretrained(str(model_dir))
+        if config.model_type not in types:
+            raise UserError(f"{flag} {model_dir}: a {config.model_type!r} model, expected {' or '.join(types)}; "
+                            f"cannot load a {cls.__name__}")
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
-        model = cls.from_pretrained(str(model_dir), dtype=getattr(torch, dtype), use_safetensors=True).eval()
+        model, info = cls.from_pretrained(str(model_dir), dtype=getattr(torch, dtype), use_safetensors=True,
+                                          output_loading_info=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{flag} {model_dir}: cannot load a {cls.__name__} and tokenizer ({first})") from None
-    return tokenizer, model
+    finally:
+        tf_logging.set_verbosity(verbosity)
+        tf_logging.enable_progress_bar()
+    missing = sorted(k for k in info.get("missing_keys", ()) if "embed_tokens" not in k)
+    bad = missing or sorted(info.get("mismatched_keys", ()))
+    if bad:
+        raise UserError(f"{flag} {model_dir}: not a complete {cls.__name__} checkpoint (no weights for {bad[0]!r})")
+    return tokenizer, model.eval()
 
 
 def _tokens(tokenizer, prompts: Sequence[str], length: int):

@@ -6,9 +6,9 @@ at once (and a scanned FLUX block parameter alone, e.g. single_blocks/linear1/ke
 placeholders: shape, dtype and a list of pieces (one per layer of a stacked parameter, or the
 whole array), each produced on demand by a callback that reads and converts the source
 tensors. A custom Orbax `TypeHandler` (`StreamingArrayHandler`, a NumpyHandler subclass)
-opens the same TensorStore spec Orbax's numpy handler would, and writes the pieces one after
-another, keeping a bounded number of bytes in flight, so host memory stays around a couple of
-layers whatever the model size.
+opens the TensorStore spec Orbax's numpy handler would, and writes the pieces in order as
+two worker threads produce them, keeping a bounded number of bytes in flight, so host memory
+stays around a few layers whatever the model size.
 
 Everything else is standard Orbax: `CompositeCheckpointHandler` items saved by
 `PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True)`, so the tree metadata, OCDBT
@@ -16,8 +16,11 @@ manifests and the per-item layout are Orbax's own, and standard calls restore it
 `ocp.StandardCheckpointer().restore(dir / "transformer", abstract_tree)` (with or without
 target shardings). Leaves are recorded as `np.ndarray` values. Stacked parameters are stored
 with one zarr chunk per layer, so each layer is one OCDBT value and restoring a slice (or
-sharding over the layer axis) reads only what it needs. Chunks are not compressed (weights do
-not compress, and compression would halve the conversion throughput).
+sharding over the layer axis) reads only what it needs. Chunks are plain little-endian bytes:
+no compression (weights do not compress) and no one-chunk `sharding_indexed` wrapper, both of
+which cost throughput for nothing; TensorStore reads any zarr3 codec chain, so restores are
+unaffected. Chunks are written without per-write fsync; `sync_tree` syncs the finished
+directory once before it is renamed into place.
 
 Uses two Orbax internals (`ts_utils.build_array_write_spec`, `ocdbt_utils`) that the numpy
 handler itself uses; pinned by `constraints.txt` (orbax-checkpoint 0.12.8).
@@ -26,6 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
+import ctypes
 import dataclasses
 import math
 import threading
@@ -84,10 +89,12 @@ def _handler_class():
     class StreamingArrayHandler(type_handlers.NumpyHandler):
         """Serialises LazyArray leaves piece by piece; reads back as plain numpy arrays."""
 
-        def __init__(self, inflight_bytes: int, progress: Callable[[int], None] | None):
+        def __init__(self, inflight_bytes: int, workers: int, progress: Callable[[int], None] | None):
             super().__init__(deepcopy_host_arrays=False)
             self.inflight_bytes = inflight_bytes
+            self.workers = workers
             self.progress = progress or (lambda n: None)
+            self._contexts: dict = {}
 
         def _spec(self, value: LazyArray, info, arg) -> dict:
             spec = ts_utils.build_array_write_spec(
@@ -99,36 +106,63 @@ def _handler_class():
                 raise RuntimeError("StreamingArrayHandler expects zarr3 without dtype casting")
             chunk = list(value.chunk_shape)
             spec["metadata"]["chunk_grid"]["configuration"]["chunk_shape"] = chunk
-            spec["metadata"]["codecs"][0]["configuration"]["chunk_shape"] = chunk
+            # one zarr chunk per key without Orbax's one-inner-chunk `sharding_indexed` wrapper: the
+            # wrapper buys nothing here and costs half the write throughput
+            spec["metadata"]["codecs"] = [{"name": "bytes", "configuration": {"endian": "little"}}]
             return spec
 
+        def _context(self, parent):
+            # no fsync per chunk (concurrent synced OCDBT writes run at a third of the disk's speed);
+            # `save` fsyncs every file once before the checkpoint is committed
+            if parent not in self._contexts:
+                self._contexts[parent] = ts.Context({"file_io_sync": False}, parent=parent)
+            return self._contexts[parent]
+
         async def _stream(self, values, infos, args):
-            with _LOCK:
-                for value, info, arg in zip(values, infos, args):
-                    await info.await_path_creation()
-                    store = await ts.open(ts.Spec(self._spec(value, info, arg)), create=True, open=True,
-                                          context=info.ts_context)
-                    pending: collections.deque = collections.deque()
-                    inflight = 0
-                    for piece in value.pieces:
-                        arr = await asyncio.to_thread(piece.produce)
+            """Produce pieces on `workers` threads (in order, `workers` ahead) and write them as they come."""
+            jobs = [(value, info, arg, piece) for value, info, arg in zip(values, infos, args) for piece in value.pieces]
+            loop = asyncio.get_running_loop()
+            stores: dict[int, object] = {}
+            with _LOCK, concurrent.futures.ThreadPoolExecutor(self.workers, "fluxir-convert") as pool:
+                produced: collections.deque = collections.deque()
+                pending: collections.deque = collections.deque()
+                inflight = 0
+                for job in jobs[: self.workers]:
+                    produced.append((job, loop.run_in_executor(pool, job[3].produce)))
+                next_job = len(produced)
+                try:
+                    while produced:
+                        (value, info, arg, piece), fut = produced.popleft()
+                        arr = await fut
+                        if next_job < len(jobs):
+                            job = jobs[next_job]
+                            produced.append((job, loop.run_in_executor(pool, job[3].produce)))
+                            next_job += 1
                         want = value.shape[1:] if piece.index is not None else value.shape
                         if arr.shape != want or arr.dtype != value.dtype:
                             raise RuntimeError(f"{info.name}: piece {piece.index} is {arr.dtype}{list(arr.shape)}, "
                                                f"expected {value.dtype}{list(want)}")
+                        if id(value) not in stores:
+                            await info.await_path_creation()
+                            stores[id(value)] = await ts.open(ts.Spec(self._spec(value, info, arg)), create=True,
+                                                              open=True, context=self._context(info.ts_context))
+                        store = stores[id(value)]
                         target = store if piece.index is None else store[piece.index]
                         pending.append((target.write(arr), arr.nbytes))
                         inflight += arr.nbytes
                         del arr
-                        while pending and inflight > self.inflight_bytes:
-                            fut, n = pending.popleft()
-                            await fut
+                        while len(pending) > 1 and inflight > self.inflight_bytes:  # the newest keeps going
+                            wfut, n = pending.popleft()
+                            await wfut
                             inflight -= n
                             self.progress(n)
                     while pending:
-                        fut, n = pending.popleft()
-                        await fut
+                        wfut, n = pending.popleft()
+                        await wfut
                         self.progress(n)
+                finally:
+                    for _, fut in produced:
+                        fut.cancel()
 
         async def serialize(self, values, infos, args=None):
             args = args or [ocp.SaveArgs()] * len(values)
@@ -138,7 +172,40 @@ def _handler_class():
     return StreamingArrayHandler
 
 
-def save(directory, items: Mapping[str, Mapping], *, inflight_bytes: int = 256 * 2**20,
+def release_freed_buffers_to_os() -> None:
+    """glibc only: a fixed 4 MiB mmap threshold, so freed tensor buffers return to the OS at once.
+
+    By default glibc raises its mmap threshold each time a large block is freed, after which
+    tensor-sized buffers come from per-thread arenas; with reader, writer and TensorStore
+    threads all allocating, freed layers then stay in the process as fragmented arena memory
+    (measured: peak RSS 2.7x higher on the 1.2 GB test checkpoint). No-op elsewhere.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 4 * 2**20)  # M_MMAP_THRESHOLD (fixing it also disables the dynamic adjustment)
+    except (OSError, AttributeError):
+        pass
+
+
+def sync_tree(root) -> None:
+    """fsync every file and directory under `root` (chunks are written without per-write syncs)."""
+    import os
+
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save(directory, items: Mapping[str, Mapping], *, inflight_bytes: int = 128 * 2**20, workers: int = 2,
          progress: Callable[[int], None] | None = None) -> None:
     """Save `{item: nested dict of LazyArray}` as an Orbax composite checkpoint at `directory`.
 
@@ -150,7 +217,8 @@ def save(directory, items: Mapping[str, Mapping], *, inflight_bytes: int = 256 *
 
     from fluxir_jax.checkpoint import quiet_orbax
 
-    handler = _handler_class()(inflight_bytes, progress)
+    release_freed_buffers_to_os()
+    handler = _handler_class()(inflight_bytes, workers, progress)
     registry = type_handlers.create_type_handler_registry((LazyArray, handler))
     with quiet_orbax():  # "no jax.Array handler" is intended: every leaf is a LazyArray
         handlers = {
