@@ -109,12 +109,14 @@ def poll():
         time.sleep(0.005)
 threading.Thread(target=poll, daemon=True).start()
 t0 = time.perf_counter()
+cpu0 = sum(os.times()[:2])
 convert({sources!r}, {out!r}, progress=False, log=lambda s: None, **{kwargs!r})
 wall = time.perf_counter() - t0
 done.set()
 # VmHWM: the kernel's peak RSS of this process image (ru_maxrss would carry the parent's peak over fork+exec)
 hwm = [int(ln.split()[1]) * 1024 for ln in open("/proc/self/status") if ln.startswith("VmHWM:")][0]
-print("RESULT " + json.dumps(dict(baseline_rss=base, peak_rss_polled=peak[0], vm_hwm=hwm, wall_s=wall)))
+cpu = sum(os.times()[:2]) - cpu0
+print("RESULT " + json.dumps(dict(baseline_rss=base, peak_rss_polled=peak[0], vm_hwm=hwm, wall_s=wall, cpu_s=cpu)))
 """
 
 
@@ -154,9 +156,13 @@ def main() -> None:
         depth -= 1
     cfg = FluxConfig(**dict(FLUX_DEV, depth=depth, depth_single_blocks=2 * depth), dtype="bfloat16", param_dtype="bfloat16")
     specs = bfl_specs(cfg)
-    note = "exact flux1-dev shapes" if depth == full.depth else (
-        f"reduced to {depth} double + {2 * depth} single blocks (disk: {free / 2**30:.0f} GiB free; "
-        f"full model needs 2 x {full_bytes / 2**30:.1f} GiB)")
+    if depth == full.depth:
+        note = "exact flux1-dev shapes"
+    elif args.blocks is not None and depth == args.blocks:
+        note = f"--blocks {depth}: {depth} double + {2 * depth} single blocks (flux1-dev tensor shapes)"
+    else:
+        note = (f"reduced to {depth} double + {2 * depth} single blocks (disk: {free / 2**30:.0f} GiB free; "
+                f"the full model needs 2 x {full_bytes / 2**30:.1f} GiB)")
     print(f"{len(specs)} tensors, {note}")
 
     src = work / "flux1-dev-synthetic.safetensors"
@@ -175,14 +181,15 @@ def main() -> None:
     conv_tp = size / r["wall_s"]
     out_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"convert: {r['wall_s']:.1f} s, {conv_tp / 1e6:.0f} MB/s ({conv_tp / (size / t_read):.2f} x plain read), "
-          f"peak RSS above baseline {r['peak_above_baseline'] / 2**30:.2f} GiB (baseline {r['baseline_rss'] / 2**30:.2f} GiB)")
+          f"peak RSS above baseline {r['peak_above_baseline'] / 2**30:.2f} GiB (baseline {r['baseline_rss'] / 2**30:.2f} GiB), "
+          f"CPU {r['cpu_s']:.0f} s")
 
     record = dict(
         date=time.strftime("%Y-%m-%d %H:%M:%S"), host=platform.node(), cpus=os.cpu_count(),
         load_avg_1m=os.getloadavg()[0], note=note, tensors=len(specs), depth=depth, depth_single=2 * depth,
         file_bytes=size, output_bytes=out_bytes, write_synthetic_s=t_write,
         plain_read_s=t_read, plain_read_MBps=size / t_read / 1e6,
-        convert_s=r["wall_s"], convert_MBps=conv_tp / 1e6, throughput_vs_plain_read=conv_tp / (size / t_read),
+        convert_s=r["wall_s"], convert_cpu_s=r["cpu_s"], convert_MBps=conv_tp / 1e6, throughput_vs_plain_read=conv_tp / (size / t_read),
         baseline_rss_GiB=r["baseline_rss"] / 2**30, peak_rss_above_baseline_GiB=r["peak_above_baseline"] / 2**30,
         peak_rss_GiB=(r["baseline_rss"] + r["peak_above_baseline"]) / 2**30,
         goals=dict(peak_rss_under_2GiB=r["baseline_rss"] + r["peak_above_baseline"] < 2 * 2**30,

@@ -137,10 +137,9 @@ class SafetensorsFile:
         return read_tensor(self.tensors[key])
 
 
-def read_tensor(info: TensorInfo) -> np.ndarray:
-    """Read one tensor with positioned reads (no mmap, no page-cache pinning in our RSS)."""
-    out = np.empty(info.nbytes, np.uint8)
-    view = memoryview(out)
+def read_into(info: TensorInfo, out: np.ndarray) -> None:
+    """Positioned reads of one tensor's bytes into `out` (uint8, at least `info.nbytes` long)."""
+    view = memoryview(out)[: info.nbytes]
     fd = os.open(info.file, os.O_RDONLY)
     try:
         done = 0
@@ -151,6 +150,12 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
             done += got
     finally:
         os.close(fd)
+
+
+def read_tensor(info: TensorInfo, buffer: np.ndarray | None = None) -> np.ndarray:
+    """One tensor, read into `buffer` (uint8, reused by the caller) or a new array; no mmap."""
+    out = np.empty(info.nbytes, np.uint8) if buffer is None else buffer[: info.nbytes]
+    read_into(info, out)
     return out.view(info.dtype).reshape(info.shape)
 
 
@@ -314,13 +319,22 @@ def shape_only(shape: Sequence[int], dtype=np.float32) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """One BFL tensor: shape, stored dtype, a reader, and the stored name(s) it comes from."""
+    """One BFL tensor: its stored part(s) concatenated along axis 0, then an optional fix-up.
+
+    `parts` are read back to back into one buffer (fused q/k/v rows are contiguous), viewed as
+    `raw_shape`, and passed through `post` (final-layer half swap, 1x1-conv reshape) if any.
+    """
 
     shape: tuple[int, ...]
     dtype: np.dtype
-    read: Callable[[], np.ndarray]
+    parts: tuple[TensorInfo, ...]
+    raw_shape: tuple[int, ...]
     origin: str
-    nbytes: int
+    post: Callable[[np.ndarray], np.ndarray] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
 
 
 class BflView:
@@ -341,12 +355,19 @@ class BflView:
             raise UserError(f"{self.source.path}: missing key {key!r}")
         return self.entries[key].shape
 
-    def read(self, key: str) -> np.ndarray:
-        return self.entries[key].read()
+    def read(self, key: str, buffer: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
+        """The tensor in BFL layout; `buffer(n)` may supply a reusable uint8 scratch of n bytes.
 
-
-def _reader(tensors: TensorSet, key: str) -> Callable[[], np.ndarray]:
-    return lambda: tensors.read(key)
+        With a scratch buffer the result may be a view into it, valid until its next use.
+        """
+        e = self.entries[key]
+        raw = np.empty(e.nbytes, np.uint8) if buffer is None else buffer(e.nbytes)
+        offset = 0
+        for part in e.parts:
+            read_into(part, raw[offset:offset + part.nbytes])
+            offset += part.nbytes
+        x = raw[:offset].view(e.dtype).reshape(e.raw_shape)
+        return e.post(x) if e.post is not None else x
 
 
 def transformer_view(source: Source) -> BflView:
@@ -357,7 +378,7 @@ def transformer_view(source: Source) -> BflView:
             bfl = flux_map.strip_prefix(key)
             if bfl in entries:
                 raise UserError(f"{source.path}: key {bfl!r} appears with and without the model.diffusion_model. prefix")
-            entries[bfl] = Entry(info.shape, info.dtype, _reader(ts, key), key, info.nbytes)
+            entries[bfl] = Entry(info.shape, info.dtype, (info,), info.shape, key)
         return BflView(source, entries)
     try:
         groups = flux_map.diffusers_groups(ts.keys())
@@ -367,17 +388,13 @@ def transformer_view(source: Source) -> BflView:
             raise UserError(f"{source.path}: {msg.replace('diffusers transformer key', 'key')}") from None
         raise UserError(f"{source.path}: missing key: {msg}") from None
     for bfl, parts in groups.items():
-        infos = [ts.tensors[k] for k in parts]
-        rest = {i.shape[1:] for i in infos}
-        if len(rest) != 1 or any(len(i.shape) == 0 for i in infos):
-            raise UserError(f"{source.path}: tensors {', '.join(parts)} have incompatible shapes "
+        infos = tuple(ts.tensors[k] for k in parts)
+        if len({i.shape[1:] for i in infos}) != 1 or len({i.dtype for i in infos}) != 1 or not infos[0].shape:
+            raise UserError(f"{source.path}: tensors {', '.join(parts)} have incompatible shapes/dtypes "
                             f"{[list(i.shape) for i in infos]} (they are fused into {bfl})")
         shape = (sum(i.shape[0] for i in infos),) + infos[0].shape[1:]
-
-        def read(bfl=bfl, parts=parts):
-            return flux_map.fuse_diffusers(bfl, [ts.read(k) for k in parts])
-
-        entries[bfl] = Entry(shape, infos[0].dtype, read, " + ".join(parts), sum(i.nbytes for i in infos))
+        post = flux_map.swap_halves if flux_map.diffusers_target(parts[0]).swap_halves else None
+        entries[bfl] = Entry(shape, infos[0].dtype, infos, shape, " + ".join(parts), post)
     return BflView(source, entries)
 
 
@@ -386,7 +403,7 @@ def vae_view(source: Source) -> BflView:
     entries: dict[str, Entry] = {}
     if source.layout == "bfl":
         for key, info in ts.tensors.items():
-            entries[key] = Entry(info.shape, info.dtype, _reader(ts, key), key, info.nbytes)
+            entries[key] = Entry(info.shape, info.dtype, (info,), info.shape, key)
         return BflView(source, entries)
     try:
         n = vae_map.num_levels(ts.keys())
@@ -397,11 +414,8 @@ def vae_view(source: Source) -> BflView:
             bfl, dummy = vae_map.diffusers_to_bfl(key, shape_only(info.shape), n)
         except ValueError:
             raise UserError(f"{source.path}: unexpected key {key!r} (not a FLUX VAE parameter)") from None
-
-        def read(key=key):
-            return np.ascontiguousarray(vae_map.diffusers_to_bfl(key, ts.read(key), n)[1])
-
-        entries[bfl] = Entry(tuple(dummy.shape), info.dtype, read, key, info.nbytes)
+        entries[bfl] = Entry(tuple(dummy.shape), info.dtype, (info,), info.shape, key,
+                             lambda x, key=key: vae_map.diffusers_to_bfl(key, x, n)[1])
     return BflView(source, entries)
 
 

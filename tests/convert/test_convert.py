@@ -379,15 +379,15 @@ def test_failure_while_writing_leaves_nothing(bfl_files, tmp_path, monkeypatch):
     from convert import formats
 
     calls = {"n": 0}
-    real = formats.read_tensor
+    real = formats.read_into
 
-    def flaky(info):
+    def flaky(info, out):
         calls["n"] += 1
         if calls["n"] > 20:
             raise checkpoint.UserError(f"{info.file}: I/O error while reading {info.key!r}")
-        return real(info)
+        return real(info, out)
 
-    monkeypatch.setattr(formats, "read_tensor", flaky)
+    monkeypatch.setattr(formats, "read_into", flaky)
     out_parent = tmp_path / "outputs"
     rc, _, err = run_cli(["convert", str(bfl_files["flux"]), "-o", str(out_parent / "deep" / "ckpt"),
                           "--axes-dim", "4,6,6", "--no-progress"])
