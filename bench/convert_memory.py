@@ -6,6 +6,8 @@ Writes a BFL-layout `flux1-dev`-shaped safetensors file (bf16, random finite val
 tensors, about 23.8 GB), then measures, with the file's pages dropped from the page cache
 before each run (posix_fadvise DONTNEED, so both start cold):
   * a plain sequential read of the file (64 MiB reads) -> read throughput;
+  * a plain copy of the file to the same disk (read + write + fsync) -> the I/O floor of any
+    converter that writes its output next to its input;
   * `fluxir convert` of the file in a fresh subprocess -> wall time, throughput (source
     bytes / conversion time), peak RSS (kernel VmHWM, and 5 ms polling) and the same above
     the subprocess's baseline RSS measured after imports.
@@ -92,6 +94,20 @@ def plain_read(path: pathlib.Path, block: int = 64 * 2**20) -> float:
     return time.perf_counter() - t0
 
 
+def plain_copy(path: pathlib.Path, dst: pathlib.Path, block: int = 64 * 2**20) -> float:
+    """Sequential read + write of the same bytes on the same disk, fsynced: a converter's I/O floor."""
+    buf = bytearray(block)
+    view = memoryview(buf)
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f, open(dst, "wb", buffering=0) as g:
+        while n := f.readinto(view):
+            g.write(view[:n])
+        os.fsync(g.fileno())
+    dt = time.perf_counter() - t0
+    dst.unlink()
+    return dt
+
+
 _CHILD = r"""
 import gc, json, os, sys, threading, time
 sys.path.insert(0, {root!r})
@@ -152,7 +168,7 @@ def main() -> None:
     per_single = sum(int(np.prod(s)) * 2 for k, s in bfl_specs(full) if k.startswith("single_blocks.0."))
     top = full_bytes - full.depth * per_double - full.depth_single_blocks * per_single
     margin = 10 * 2**30  # other users of the disk
-    while depth > 1 and 2 * (top + depth * per_double + 2 * depth * per_single) + margin > free:
+    while depth > 1 and 2 * (top + depth * per_double + 2 * depth * per_single) + margin > free:  # src + out (or copy)
         depth -= 1
     cfg = FluxConfig(**dict(FLUX_DEV, depth=depth, depth_single_blocks=2 * depth), dtype="bfloat16", param_dtype="bfloat16")
     specs = bfl_specs(cfg)
@@ -177,19 +193,24 @@ def main() -> None:
     t_read = plain_read(src)
     print(f"plain sequential read: {t_read:.1f} s, {size / t_read / 1e6:.0f} MB/s")
     drop_cache(src)
+    t_copy = plain_copy(src, work / "copy.bin")
+    print(f"plain copy on the same disk (read + write + fsync): {t_copy:.1f} s, {size / t_copy / 1e6:.0f} MB/s")
+    drop_cache(src)
     r = measure_convert([str(src)], str(out))
     conv_tp = size / r["wall_s"]
     out_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"convert: {r['wall_s']:.1f} s, {conv_tp / 1e6:.0f} MB/s ({conv_tp / (size / t_read):.2f} x plain read), "
           f"peak RSS above baseline {r['peak_above_baseline'] / 2**30:.2f} GiB (baseline {r['baseline_rss'] / 2**30:.2f} GiB), "
-          f"CPU {r['cpu_s']:.0f} s")
+          f"CPU {r['cpu_s']:.0f} s; {conv_tp / (size / t_copy):.2f} x plain copy")
 
     record = dict(
         date=time.strftime("%Y-%m-%d %H:%M:%S"), host=platform.node(), cpus=os.cpu_count(),
         load_avg_1m=os.getloadavg()[0], note=note, tensors=len(specs), depth=depth, depth_single=2 * depth,
         file_bytes=size, output_bytes=out_bytes, write_synthetic_s=t_write,
         plain_read_s=t_read, plain_read_MBps=size / t_read / 1e6,
+        plain_copy_s=t_copy, plain_copy_MBps=size / t_copy / 1e6,
         convert_s=r["wall_s"], convert_cpu_s=r["cpu_s"], convert_MBps=conv_tp / 1e6, throughput_vs_plain_read=conv_tp / (size / t_read),
+        throughput_vs_plain_copy=conv_tp / (size / t_copy),
         baseline_rss_GiB=r["baseline_rss"] / 2**30, peak_rss_above_baseline_GiB=r["peak_above_baseline"] / 2**30,
         peak_rss_GiB=(r["baseline_rss"] + r["peak_above_baseline"]) / 2**30,
         goals=dict(peak_rss_under_2GiB=r["baseline_rss"] + r["peak_above_baseline"] < 2 * 2**30,

@@ -70,6 +70,8 @@ def register(sub) -> None:
 def run_compare(args) -> int:
     from convert.compare import compare
 
+    if len(args.paths) < 2:
+        raise UserError("compare needs SOURCE... CKPT: at least one source and the converted checkpoint")
     return compare(args.paths[:-1], args.paths[-1], tol=args.tol, layers=args.layers, seed=args.seed,
                    fmt=args.format, axes_dim=args.axes_dim, vae_norm_groups=args.vae_norm_groups)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 from typing import Callable, Sequence
 
 import numpy as np
@@ -245,8 +244,6 @@ def compare(sources: Sequence, ckpt, *, tol: float = 1e-4, layers: int | None = 
     worst = max(err for _, err in rows)
     verdict = "ok" if not bad else f"FAILED: {bad} row(s) above tol"
     out(f"max {worst:.3e} (tol {tol:g}): {verdict}")
-    if bad:
-        sys.stdout.flush()
     return 0 if not bad else 1
 
 
