@@ -13,6 +13,9 @@ matmul precision) on the same seeded random inputs:
                  random latent
 
 Rows are relative errors ||flax - torch|| / ||torch||; the exit code is 1 if any exceeds `tol`.
+If the checkpoint was stored in a narrower dtype than the source (`convert --dtype bf16` of
+float32 weights), the reference weights are rounded the same way first, so the check is of
+the conversion, not of the rounding.
 `layers=N` builds both models with only the first N double and N single blocks (the Flax side
 reads only those layers from the checkpoint), so a 12B model can be checked on a machine that
 cannot hold two full float32 copies.
@@ -55,6 +58,22 @@ def _same_structure(a, b, what: str, ckpt) -> None:
             raise UserError(f"{ckpt}: the checkpoint's {what} has {f.name}={vb!r}, the source {va!r}")
 
 
+def _round_to_stored(state: dict, ckpt, component: str, log: Callable[[str], None]) -> dict:
+    """Round the reference weights to the checkpoint's stored dtype (e.g. a --dtype bf16 conversion of
+    float32 weights), so the comparison checks the conversion rather than the rounding."""
+    import torch
+
+    stored = checkpoint.read_config(ckpt).get("stored_dtypes", {}).get(component, {})
+    if len(stored) != 1:
+        return state
+    name = next(iter(stored))
+    target = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name)
+    if target is None:
+        return state
+    log(f"note: {component} reference weights rounded to the checkpoint's stored {name}")
+    return {k: v.to(target).float() for k, v in state.items()}
+
+
 def _meta_load(cls, config: dict, state: dict):
     import torch
 
@@ -81,7 +100,8 @@ def _grid_ids(h: int, w: int) -> np.ndarray:
     return ids.reshape(h * w, 3)
 
 
-def transformer_rows(source: formats.Source, ckpt, *, layers: int | None, seed: int, axes_dim=None):
+def transformer_rows(source: formats.Source, ckpt, *, layers: int | None, seed: int, axes_dim=None,
+                     log: Callable[[str], None] = print):
     import jax
     import jax.numpy as jnp
     import torch
@@ -110,6 +130,7 @@ def transformer_rows(source: formats.Source, ckpt, *, layers: int | None, seed: 
         bfl = {k: _f32(v.read(k)) for k in v.keys() if wanted_bfl(k)}
         state = {k: torch.from_numpy(np.ascontiguousarray(x)) for k, x in flux_map.bfl_to_diffusers(bfl).items()}
         del bfl
+    state = _round_to_stored(state, ckpt, "transformer", log)
     dcfg = dict(
         patch_size=1, in_channels=src_cfg.in_channels, out_channels=src_cfg.out_channels, num_layers=nd,
         num_single_layers=ns, attention_head_dim=src_cfg.head_dim, num_attention_heads=src_cfg.num_heads,
@@ -170,7 +191,8 @@ def transformer_rows(source: formats.Source, ckpt, *, layers: int | None, seed: 
 # ----------------------------------------------------------------------------- vae
 
 
-def vae_rows(source: formats.Source, ckpt, *, seed: int, norm_groups: int | None = None):
+def vae_rows(source: formats.Source, ckpt, *, seed: int, norm_groups: int | None = None,
+             log: Callable[[str], None] = print):
     import jax
     import jax.numpy as jnp
     import torch
@@ -186,6 +208,7 @@ def vae_rows(source: formats.Source, ckpt, *, seed: int, norm_groups: int | None
         bfl = {k: _f32(v.read(k)) for k in v.keys()}
         state = {k: torch.from_numpy(np.ascontiguousarray(x))
                  for k, x in vae_map.bfl_to_diffusers_state_dict(bfl).items()}
+    state = _round_to_stored(state, ckpt, "vae", log)
     n = len(src_cfg.ch_mult)
     dcfg = dict(
         in_channels=src_cfg.in_channels, out_channels=src_cfg.out_ch, down_block_types=("DownEncoderBlock2D",) * n,
@@ -231,9 +254,9 @@ def compare(sources: Sequence, ckpt, *, tol: float = 1e-4, layers: int | None = 
         if component in found and stored.get(component) is None:
             raise UserError(f"{ckpt}: the checkpoint holds no {component} to compare with {found[component].path}")
     if "transformer" in found:
-        rows += transformer_rows(found["transformer"], ckpt, layers=layers, seed=seed, axes_dim=axes_dim)
+        rows += transformer_rows(found["transformer"], ckpt, layers=layers, seed=seed, axes_dim=axes_dim, log=out)
     if "vae" in found:
-        rows += vae_rows(found["vae"], ckpt, seed=seed, norm_groups=vae_norm_groups)
+        rows += vae_rows(found["vae"], ckpt, seed=seed, norm_groups=vae_norm_groups, log=out)
     width = max(len(name) for name, _ in rows)
     out(f"{'block':<{width}}  {'rel. error':>11}")
     bad = 0
