@@ -18,12 +18,21 @@ of the padded image (ceil(h/8), ceil(w/8)); `decode(z, size=(h, w))` crops the d
 image back to the original size (`__call__` does this for you).
 
 Tiling: when an image (or the image a latent decodes to) is larger than `tile_size` pixels
-on a side, encode/decode run tile by tile inside one `lax.scan` (bounded memory: the
-activations of one tile plus the output), with tiles overlapping by at least
-`tile_overlap * tile_size` and linear blending ramps in the overlaps. Pass `tiled=False` or
-`tiled=True` to force either path. Each tile is processed on its own, so GroupNorm statistics
-and mid-block attention are per tile: tiled output is seamless but not identical to untiled
-output (trained weights keep the difference small; random test weights do not).
+on a side, encode/decode split the network at the latent resolution. Everything at latent
+resolution (decoder: conv_in, mid block, the lowest level's blocks; encoder: the lowest
+level's blocks, mid block, norm_out, conv_out) runs on the whole latent, its attention
+`attn_chunk` queries at a time (memory O(n * attn_chunk), not O(n^2), for n latent cells).
+The part above latent resolution runs tile by tile inside `lax.scan` (bounded memory: one
+tile's activations plus the output): tiles overlap by at least `tile_overlap * tile_size`
+with linear blending ramps, and each is read with a halo of context as wide as the reach of
+its convolutions (`decoder_reach` / `encoder_reach`, or `tile_halo`), so no kept pixel sees
+a tile edge. Its GroupNorms use whole-image statistics, gathered by `tile_stat_passes`
+statistics passes over the tiles before the output pass (see `run_tiled`); the cost is
+(passes + 1) runs of that part. With one pass per tiled GroupNorm tiled equals untiled to
+float precision; the default 2 passes measured 1.7e-4 relative error on the tests' random
+tiny VAE (smooth content) and <= 2e-5 on a random FLUX-shaped one. `tile_stat_passes=0`
+normalises each tile with its own statistics (one pass; then tiles no longer agree exactly).
+Pass `tiled=False` or `tiled=True` to force either path (a single tile is the untiled path).
 
 Numerics: group norms (two-pass variance) and the attention softmax run in float32 whatever
 the activation dtype (`config.dtype`); latents and decoded images come back as float32.
@@ -62,6 +71,9 @@ class AutoEncoderConfig:
     param_dtype: str = "float32"
     tile_size: int = 1024  # pixels per tile side when tiling
     tile_overlap: float = 0.125  # overlap as a fraction of tile_size
+    tile_halo: int | None = None  # context read around each tile, latent cells; None: the conv reach
+    tile_stat_passes: int = 2  # GroupNorm statistics passes before the output pass; 0: per-tile stats
+    attn_chunk: int = 512  # queries at a time in the tiled path's whole-latent mid-block attention
 
     def __post_init__(self):
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
@@ -74,6 +86,11 @@ class AutoEncoderConfig:
                              f"of the downsampling factor {self.downsample_factor}")
         if not 0.0 <= self.tile_overlap < 0.5:
             raise ValueError(f"AutoEncoderConfig: tile_overlap={self.tile_overlap} must be in [0, 0.5)")
+        if self.tile_halo is not None and self.tile_halo < 0:
+            raise ValueError(f"AutoEncoderConfig: tile_halo={self.tile_halo} must be >= 0 or None")
+        if self.tile_stat_passes < 0 or self.attn_chunk < 1:
+            raise ValueError(f"AutoEncoderConfig: tile_stat_passes={self.tile_stat_passes} must be >= 0 "
+                             f"and attn_chunk={self.attn_chunk} >= 1")
         jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)  # raise early on unknown dtypes
 
     @property
@@ -122,6 +139,37 @@ class GroupNorm(nnx.Module):
         y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return y.astype(x.dtype)
 
+    def moments(self, x: Array, mask_h: Array | None = None, mask_w: Array | None = None
+                ) -> tuple[Array, Array, Array]:
+        """`(count, mean, m2)` per sample and group (each `b g` float32) over the positions where
+        `mask_h[y] * mask_w[x]` is 1 (all positions when the masks are None); `m2` is the sum of
+        squared deviations from `mean` (two-pass), so partial moments combine exactly."""
+        b, h, w, c = x.shape
+        xg = x.astype(jnp.float32).reshape(b, h, w, self.groups, c // self.groups)
+        mh = jnp.ones((h,), jnp.float32) if mask_h is None else mask_h.astype(jnp.float32)
+        mw = jnp.ones((w,), jnp.float32) if mask_w is None else mask_w.astype(jnp.float32)
+        m = (mh[:, None] * mw[None, :])[None, :, :, None, None]
+        count = jnp.sum(m) * (c // self.groups)
+        mean = jnp.sum(xg * m, axis=(1, 2, 4)) / count
+        m2 = jnp.sum(jnp.square(xg - mean[:, None, None, :, None]) * m, axis=(1, 2, 4))
+        return jnp.broadcast_to(count, mean.shape), mean, m2
+
+    def normalize(self, x: Array, mean: Array, var: Array) -> Array:
+        """Normalise with given per-sample, per-group statistics `mean`, `var` (`b g`)."""
+        b, h, w, c = x.shape
+        xg = x.astype(jnp.float32).reshape(b, h * w, self.groups, c // self.groups)
+        mean, var = mean[:, None, :, None], var[:, None, :, None]
+        y = ((xg - mean) * jax.lax.rsqrt(var + NORM_EPS)).reshape(b, h, w, c)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+NormFn = Callable[[GroupNorm, Array], Array]  # how a tiled pass applies each GroupNorm
+
+
+def _norm(norm: NormFn | None, gn: GroupNorm, x: Array) -> Array:
+    return gn(x) if norm is None else norm(gn, x)
+
 
 class ResnetBlock(nnx.Module):
     """x + conv2(swish(norm2(conv1(swish(norm1(x)))))), with a 1x1 `nin_shortcut` if cin != cout."""
@@ -134,9 +182,9 @@ class ResnetBlock(nnx.Module):
         self.conv2 = _conv(cout, cout, 3, cfg, rngs)
         self.nin_shortcut = _conv(cin, cout, 1, cfg, rngs) if cin != cout else None
 
-    def __call__(self, x: Array) -> Array:
-        h = self.conv1(swish(self.norm1(x)))
-        h = self.conv2(swish(self.norm2(h)))
+    def __call__(self, x: Array, norm: NormFn | None = None) -> Array:
+        h = self.conv1(swish(_norm(norm, self.norm1, x)))
+        h = self.conv2(swish(_norm(norm, self.norm2, h)))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
         return x + h
@@ -152,13 +200,26 @@ class AttnBlock(nnx.Module):
         self.v = _conv(channels, channels, 1, cfg, rngs)
         self.proj_out = _conv(channels, channels, 1, cfg, rngs)
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, q_chunk: int | None = None) -> Array:
+        """`q_chunk`: attend `q_chunk` queries at a time (all keys each time), so the logits held at
+        once are `b q_chunk (h w)` instead of `b (h w) (h w)`; None: all queries at once."""
         b, h, w, c = x.shape
         hn = self.norm(x)
         # b h w c -> b (h w) c, float32 for the logits and softmax
         q, k, v = (f(hn).reshape(b, h * w, c).astype(jnp.float32) for f in (self.q, self.k, self.v))
-        logits = jnp.einsum("bqc,bkc->bqk", q, k) * (c ** -0.5)
-        out = jnp.einsum("bqk,bkc->bqc", jax.nn.softmax(logits, axis=-1), v)
+
+        def attend(q):
+            logits = jnp.einsum("bqc,bkc->bqk", q, k) * (c ** -0.5)
+            return jnp.einsum("bqk,bkc->bqc", jax.nn.softmax(logits, axis=-1), v)
+
+        n = h * w
+        if q_chunk is None or q_chunk >= n:
+            out = attend(q)
+        else:
+            blocks = -(-n // q_chunk)
+            qb = jnp.pad(q, ((0, 0), (0, blocks * q_chunk - n), (0, 0)))
+            qb = qb.reshape(b, blocks, q_chunk, c).transpose(1, 0, 2, 3)
+            out = jax.lax.map(attend, qb).transpose(1, 0, 2, 3).reshape(b, blocks * q_chunk, c)[:, :n]
         return x + self.proj_out(out.astype(x.dtype).reshape(b, h, w, c))
 
 
@@ -193,9 +254,15 @@ class Level(nnx.Module):
         if resample is not None:
             setattr(self, self.resample_name, resample)
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, norm: NormFn | None = None) -> Array:
+        return self.resample(self.blocks(x, norm))
+
+    def blocks(self, x: Array, norm: NormFn | None = None) -> Array:
         for blk in self.block:
-            x = blk(x)
+            x = blk(x, norm)
+        return x
+
+    def resample(self, x: Array) -> Array:
         resample = getattr(self, self.resample_name, None)
         return x if resample is None else resample(x)
 
@@ -208,8 +275,8 @@ class MidBlock(nnx.Module):
         self.attn_1 = AttnBlock(channels, cfg, rngs)
         self.block_2 = ResnetBlock(channels, channels, cfg, rngs)
 
-    def __call__(self, x: Array) -> Array:
-        return self.block_2(self.attn_1(self.block_1(x)))
+    def __call__(self, x: Array, q_chunk: int | None = None) -> Array:
+        return self.block_2(self.attn_1(self.block_1(x), q_chunk))
 
 
 class Encoder(nnx.Module):
@@ -230,10 +297,21 @@ class Encoder(nnx.Module):
         self.conv_out = _conv(chans[-1], 2 * cfg.z_channels, 3, cfg, rngs)
 
     def __call__(self, x: Array) -> Array:
+        return self.latent_part(self.pixel_part(x))
+
+    def pixel_part(self, x: Array, norm: NormFn | None = None) -> Array:
+        """Everything above the latent resolution: conv_in and the levels that downsample,
+        image -> `b h/f w/f c` features (the part that runs tile by tile when tiling)."""
         h = self.conv_in(x)
-        for level in self.down:
-            h = level(h)
-        return self.conv_out(swish(self.norm_out(self.mid(h))))
+        for level in self.down[:-1]:
+            h = level(h, norm)
+        return h
+
+    def latent_part(self, h: Array, q_chunk: int | None = None) -> Array:
+        """Everything at the latent resolution: the last level's blocks, the mid block, norm_out
+        and conv_out (on the whole latent even when tiling)."""
+        h = self.mid(self.down[-1](h), q_chunk)
+        return self.conv_out(swish(self.norm_out(h)))
 
 
 class Decoder(nnx.Module):
@@ -256,10 +334,20 @@ class Decoder(nnx.Module):
         self.conv_out = _conv(chans[0], cfg.out_ch, 3, cfg, rngs)
 
     def __call__(self, z: Array) -> Array:
-        h = self.mid(self.conv_in(z))
-        for level in reversed(self.up):
-            h = level(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.pixel_part(self.latent_part(z))
+
+    def latent_part(self, z: Array, q_chunk: int | None = None) -> Array:
+        """Everything at the latent resolution: conv_in, the mid block and the blocks of the
+        lowest level (on the whole latent even when tiling)."""
+        return self.up[-1].blocks(self.mid(self.conv_in(z), q_chunk))
+
+    def pixel_part(self, h: Array, norm: NormFn | None = None) -> Array:
+        """Everything above the latent resolution: the lowest level's upsample, the higher
+        levels, norm_out and conv_out (the part that runs tile by tile when tiling)."""
+        h = self.up[-1].resample(h)
+        for level in reversed(self.up[:-1]):
+            h = level(h, norm)
+        return self.conv_out(swish(_norm(norm, self.norm_out, h)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,6 +384,18 @@ class TileAxis:
         return np.stack([w / total[s * unit:s * unit + size] for s, w in zip(self.starts, weights)]
                         ).astype(np.float32)
 
+    def windows(self, halo: int) -> tuple[int, tuple[int, ...]]:
+        """Window size and starts: each tile widened by `halo` cells per side, kept inside the axis."""
+        size = min(self.size + 2 * halo, self.length)
+        return size, tuple(min(max(s - halo, 0), self.length - size) for s in self.starts)
+
+    def cores(self) -> tuple[tuple[int, int], ...]:
+        """A partition of the axis into one `[lo, hi)` per tile, cut at the middle of each overlap."""
+        n = len(self.starts)
+        cuts = [(self.starts[i - 1] + self.size + self.starts[i]) // 2 for i in range(1, n)]
+        cuts = [0] + cuts + [self.length]
+        return tuple(zip(cuts[:-1], cuts[1:]))
+
 
 def plan_tiles(length: int, tile: int, overlap: int) -> TileAxis:
     """Cover `[0, length)` with the fewest equal tiles of size <= `tile` overlapping by >= `overlap`."""
@@ -307,33 +407,164 @@ def plan_tiles(length: int, tile: int, overlap: int) -> TileAxis:
     return TileAxis(length, size, starts)
 
 
-def run_tiled(fn: Callable[[Array], Array], x: Array, ty: TileAxis, tx: TileAxis,
-              in_unit: int, out_unit: int) -> Array:
-    """Apply `fn` tile by tile (one `lax.scan`) and blend the outputs.
+def decoder_reach(cfg: AutoEncoderConfig) -> int:
+    """Latent cells of input on each side that an output pixel of `Decoder.pixel_part` reads.
 
-    `x`: `b (ly*in_unit) (lx*in_unit) c`; `fn`: `b (sy*in_unit) (sx*in_unit) c -> b (sy*out_unit)
-    (sx*out_unit) c'`; returns `b (ly*out_unit) (lx*out_unit) c'` in float32.
+    Walks the path backwards from conv_out: each 3x3 conv adds one pixel at its resolution, each
+    nearest-neighbour x2 halves the reach (rounding up).
+    """
+    reach = 1  # conv_out, in pixels at the finest resolution
+    for _ in range(len(cfg.ch_mult) - 1):  # the levels above the latent resolution, finest first
+        reach += 2 * (cfg.num_res_blocks + 1)
+        reach = -(-(reach + 1) // 2)  # the upsample conv into this level, then back through the x2
+    return reach
+
+
+def encoder_reach(cfg: AutoEncoderConfig) -> int:
+    """Image context (latent cells, rounded up) on each side that a cell of `Encoder.pixel_part`
+    reads: each 3x3 conv adds one pixel, each stride-2 conv on a right/bottom-padded input maps a
+    reach of r pixels to 2r + 1 finer ones."""
+    reach = 0
+    for _ in range(len(cfg.ch_mult) - 1):  # the levels above the latent resolution, coarsest first
+        reach = 2 * reach + 1 + 2 * cfg.num_res_blocks
+    reach += 1  # conv_in
+    return -(-reach // cfg.downsample_factor)
+
+
+class _TileNorm:
+    """GroupNorm hook for one tile window of a tiled pass with whole-image statistics.
+
+    For the activation `x` of the k-th GroupNorm of the pass, each call records its moments over
+    the tile's core (the tile's share of a partition of the image, so that summed over the tiles
+    every position counts once) and over the whole window (the window's own statistics), then
+    normalises `x` with
+      `corrected=False`: the given whole-image statistics, `mean = shift[k]`, `var = scale[k]`;
+      `corrected=True`: the window's own statistics corrected by the offset between whole-image
+                        and own statistics that this tile showed in the previous pass,
+                        `mean = own_mean + shift[k]`, `var + eps = (own_var + eps) * scale[k]`
+                        (shift 0 and scale 1 in the first pass: the window's own statistics).
+    """
+
+    def __init__(self, cells: tuple[int, int], core_y: tuple[Array, Array], core_x: tuple[Array, Array],
+                 shift: list[Array], scale: list[Array], corrected: bool):
+        self.cells, self.core_y, self.core_x = cells, core_y, core_x
+        self.shift, self.scale, self.corrected = shift, scale, corrected
+        self.moments: list[tuple[Array, Array, Array]] = []  # core (count, mean, m2) per GroupNorm
+        self.own: list[tuple[Array, Array]] = []  # window (mean, var) per GroupNorm
+
+    def __call__(self, gn: GroupNorm, x: Array) -> Array:
+        k = len(self.moments)
+        masks = []
+        for axis, (lo, hi) in ((1, self.core_y), (2, self.core_x)):
+            unit = x.shape[axis] // self.cells[axis - 1]  # samples per latent cell at this resolution
+            pos = jnp.arange(x.shape[axis])
+            masks.append((pos >= lo * unit) & (pos < hi * unit))
+        self.moments.append(gn.moments(x, *masks))
+        if not self.corrected:
+            return gn.normalize(x, self.shift[k], self.scale[k])
+        count, own_mean, own_m2 = gn.moments(x)
+        own_var = own_m2 / count
+        self.own.append((own_mean, own_var))
+        return gn.normalize(x, own_mean + self.shift[k], (own_var + NORM_EPS) * self.scale[k] - NORM_EPS)
+
+
+def _combine(a: tuple[Array, Array, Array], b: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+    """Merge `(count, mean, m2)` moments of two disjoint sets (Chan et al.); `a` may be empty."""
+    (na, ma, sa), (nb, mb, sb) = a, b
+    n = na + nb
+    d = mb - ma
+    return n, ma + d * (nb / n), sa + sb + jnp.square(d) * (na * nb / n)
+
+
+def run_tiled(fn: Callable[[Array, NormFn | None], Array], x: Array, ty: TileAxis, tx: TileAxis,
+              in_unit: int, out_unit: int, *, halo: int = 0, stat_passes: int | None = None) -> Array:
+    """Apply `fn` tile by tile (`lax.scan` over tiles) and blend the outputs.
+
+    `x`: `b (ly*in_unit) (lx*in_unit) c`, `ly lx` in cells; returns `b (ly*out_unit)
+    (lx*out_unit) c'` in float32. `fn(piece, norm)` maps a window `b (wy*in_unit) (wx*in_unit) c`
+    to `b (wy*out_unit) (wx*out_unit) c'` and applies each of its GroupNorms `gn` to an
+    activation `a` as `norm(gn, a)` (`gn(a)` when `norm` is None).
+
+    Each tile is read as a window with `halo` extra cells of context per side (windows are kept
+    inside the input, so edge tiles take their context from the inside) and the window's output
+    is cropped back to the tile: with `halo` >= the reach of `fn`, a tile's output equals `fn` on
+    the whole input wherever the normalisation agrees.
+
+    `stat_passes=None`: `fn` runs with `norm=None` (GroupNorm over each window, one pass).
+    `stat_passes=P`: P statistics passes, then the output pass normalising every GroupNorm with
+    the whole-image statistics the last statistics pass gathered over the tile cores. The first
+    pass normalises with each window's own statistics; each later one with the window's own
+    statistics corrected by the (whole-image - own) offset the tile showed in the pass before
+    (see `_TileNorm`). After p passes the first p GroupNorms' statistics are exact; the error of
+    the rest shrinks quickly (the offsets vary far less between passes than the statistics do).
+    P = 0: the output pass uses each window's own statistics.
     """
     b, c = x.shape[0], x.shape[-1]
-    tile_in = jax.ShapeDtypeStruct((b, ty.size * in_unit, tx.size * in_unit, c), x.dtype)
-    c_out = jax.eval_shape(fn, tile_in).shape[-1]
+    (win_y, wsy), (win_x, wsx) = ty.windows(halo), tx.windows(halo)
+    win_in = jax.ShapeDtypeStruct((b, win_y * in_unit, win_x * in_unit, c), x.dtype)
+    groups: list[int] = []
+
+    def counting(gn, a):
+        groups.append(gn.groups)
+        return gn(a)
+
+    c_out = jax.eval_shape(lambda p: fn(p, None if stat_passes is None else counting), win_in).shape[-1]
     wy, wx = jnp.asarray(ty.blend_weights(out_unit)), jnp.asarray(tx.blend_weights(out_unit))
-    iy, ix = (a.ravel() for a in np.meshgrid(np.arange(len(ty.starts)), np.arange(len(tx.starts)),
-                                             indexing="ij"))
-    sy, sx = jnp.asarray(ty.starts, jnp.int32), jnp.asarray(tx.starts, jnp.int32)
+    iy, ix = (jnp.asarray(a.ravel()) for a in np.meshgrid(np.arange(len(ty.starts)),
+                                                          np.arange(len(tx.starts)), indexing="ij"))
+    n_tiles = len(ty.starts) * len(tx.starts)
+    sy, sx = jnp.asarray(wsy, jnp.int32), jnp.asarray(wsx, jnp.int32)  # window starts (cells)
+    oy = jnp.asarray(np.subtract(ty.starts, wsy), jnp.int32)  # tile start inside its window
+    ox = jnp.asarray(np.subtract(tx.starts, wsx), jnp.int32)
+    cy = jnp.asarray(np.subtract(ty.cores(), np.asarray(wsy)[:, None]), jnp.int32)  # core inside window
+    cx = jnp.asarray(np.subtract(tx.cores(), np.asarray(wsx)[:, None]), jnp.int32)
+    tile_out = (b, ty.size * out_unit, tx.size * out_unit, c_out)
 
-    def body(acc, index):
-        i, j = index
-        y0, x0 = sy[i], sx[j]
-        piece = jax.lax.dynamic_slice(x, (0, y0 * in_unit, x0 * in_unit, 0), tile_in.shape)
-        out = fn(piece).astype(jnp.float32) * (wy[i][:, None, None] * wx[j][None, :, None])
-        start = (0, y0 * out_unit, x0 * out_unit, 0)
-        out = out + jax.lax.dynamic_slice(acc, start, out.shape)
-        return jax.lax.dynamic_update_slice(acc, out, start), None
+    def one_pass(shift, scale, corrected: bool, output: bool):
+        def body(carry, xs):
+            acc, moments = carry
+            i, j, tile_shift, tile_scale = xs
+            piece = jax.lax.dynamic_slice(x, (0, sy[i] * in_unit, sx[j] * in_unit, 0), win_in.shape)
+            norm = None
+            if stat_passes is not None:
+                norm = _TileNorm((win_y, win_x), (cy[i, 0], cy[i, 1]), (cx[j, 0], cx[j, 1]),
+                                 tile_shift, tile_scale, corrected)
+            out = fn(piece, norm)
+            if output:
+                crop = (0, oy[i] * out_unit, ox[j] * out_unit, 0)
+                out = jax.lax.dynamic_slice(out.astype(jnp.float32), crop, tile_out)
+                out = out * (wy[i][:, None, None] * wx[j][None, :, None])
+                start = (0, (sy[i] + oy[i]) * out_unit, (sx[j] + ox[j]) * out_unit, 0)
+                out = out + jax.lax.dynamic_slice(acc, start, out.shape)
+                return (jax.lax.dynamic_update_slice(acc, out, start), moments), []
+            return (acc, [_combine(m, t) for m, t in zip(moments, norm.moments)]), norm.own
 
-    acc = jnp.zeros((b, ty.length * out_unit, tx.length * out_unit, c_out), jnp.float32)
-    acc, _ = jax.lax.scan(body, acc, (jnp.asarray(iy), jnp.asarray(ix)))
-    return acc
+        acc = None
+        if output:
+            acc = jnp.zeros((b, ty.length * out_unit, tx.length * out_unit, c_out), jnp.float32)
+        empty = [] if output else [tuple(jnp.zeros((b, g), jnp.float32) for _ in range(3)) for g in groups]
+        (acc, moments), own = jax.lax.scan(body, (acc, empty), (iy, ix, shift, scale))
+        return acc, [(m, m2 / n) for n, m, m2 in moments], own
+
+    if stat_passes is None:
+        return one_pass([], [], False, True)[0]
+
+    def stats_pass(_, carry):
+        shift, scale, _ = carry
+        _, whole, own = one_pass(shift, scale, True, False)
+        shift = [m[None] - om for (m, _), (om, _) in zip(whole, own)]
+        scale = [(v[None] + NORM_EPS) / (ov + NORM_EPS) for (_, v), (_, ov) in zip(whole, own)]
+        return shift, scale, whole
+
+    shift = [jnp.zeros((n_tiles, b, g), jnp.float32) for g in groups]  # first pass: windows' own stats
+    scale = [jnp.ones((n_tiles, b, g), jnp.float32) for g in groups]
+    if stat_passes == 0:
+        return one_pass(shift, scale, True, True)[0]
+    whole = [(jnp.zeros((b, g), jnp.float32), jnp.ones((b, g), jnp.float32)) for g in groups]
+    whole = jax.lax.fori_loop(0, stat_passes, stats_pass, (shift, scale, whole))[2]
+    shift = [jnp.broadcast_to(m, (n_tiles,) + m.shape) for m, _ in whole]
+    scale = [jnp.broadcast_to(v, (n_tiles,) + v.shape) for _, v in whole]
+    return one_pass(shift, scale, False, True)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,6 +596,13 @@ class AutoEncoder(nnx.Module):
             return tiled
         return max(cells_h, cells_w) * self.config.downsample_factor > self.config.tile_size
 
+    def _run_tiled(self, fn, x: Array, ty: TileAxis, tx: TileAxis, in_unit: int, out_unit: int,
+                   reach: int) -> Array:
+        cfg = self.config
+        return run_tiled(fn, x, ty, tx, in_unit, out_unit,
+                         halo=reach if cfg.tile_halo is None else cfg.tile_halo,
+                         stat_passes=cfg.tile_stat_passes)
+
     # -- encode ---------------------------------------------------------------------------------
     def moments(self, x: Array, *, tiled: bool | None = None) -> tuple[Array, Array]:
         """Posterior `(mean, logvar)`, each `b ceil(h/f) ceil(w/f) z` float32, unscaled.
@@ -378,8 +616,10 @@ class AutoEncoder(nnx.Module):
             x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
         x = x.astype(jnp.dtype(cfg.dtype))
         cells_h, cells_w = x.shape[1] // f, x.shape[2] // f
-        if self._use_tiles(tiled, cells_h, cells_w):
-            out = run_tiled(self.encoder, x, *self._tiles(cells_h, cells_w), in_unit=f, out_unit=1)
+        ty, tx = self._tiles(cells_h, cells_w)
+        if self._use_tiles(tiled, cells_h, cells_w) and len(ty.starts) * len(tx.starts) > 1:
+            h = self._run_tiled(self.encoder.pixel_part, x, ty, tx, f, 1, encoder_reach(cfg))
+            out = self.encoder.latent_part(h.astype(x.dtype), cfg.attn_chunk).astype(jnp.float32)
         else:
             out = self.encoder(x).astype(jnp.float32)
         mean, logvar = jnp.split(out, 2, axis=-1)
@@ -407,8 +647,10 @@ class AutoEncoder(nnx.Module):
         self._check(z, cfg.z_channels, "latent", "B, H/8, W/8")
         z = (z.astype(jnp.float32) / cfg.scale_factor + cfg.shift_factor).astype(jnp.dtype(cfg.dtype))
         cells_h, cells_w = z.shape[1], z.shape[2]
-        if self._use_tiles(tiled, cells_h, cells_w):
-            img = run_tiled(self.decoder, z, *self._tiles(cells_h, cells_w), in_unit=1, out_unit=f)
+        ty, tx = self._tiles(cells_h, cells_w)
+        if self._use_tiles(tiled, cells_h, cells_w) and len(ty.starts) * len(tx.starts) > 1:
+            h = self.decoder.latent_part(z, cfg.attn_chunk)
+            img = self._run_tiled(self.decoder.pixel_part, h, ty, tx, 1, f, decoder_reach(cfg))
         else:
             img = self.decoder(z).astype(jnp.float32)
         if size is not None:
