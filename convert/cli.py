@@ -2,16 +2,14 @@
 
 `register(sub)` adds `convert`; `register_compare(sub)` / `register_encode_prompts(sub)` add
 the other two (`convert.compare.register` and `convert.text.register` delegate here, so each
-subcommand has a module exposing `register`). `main(argv)` runs any of the three on its own,
-with the same error handling as `fluxir` (UserError -> one line on stderr, exit code 2).
-Heavy libraries are imported only when a command runs.
+subcommand has a module exposing `register`, as `fluxir_jax.cli` expects). Heavy libraries are
+imported only when a command runs.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import pathlib
-import sys
 import uuid
 
 from fluxir_jax.errors import UserError
@@ -144,33 +142,3 @@ def register_encode_prompts(sub) -> None:
     p.add_argument("--text-dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=run_encode_prompts)
-
-
-# ----------------------------------------------------------------------------- standalone
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fluxir")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    register(sub)
-    register_compare(sub)
-    register_encode_prompts(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run convert / compare / encode-prompts like `fluxir` would (UserError -> exit 2)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
-    try:
-        return int(args.func(args) or 0)
-    except UserError as e:
-        print(f"fluxir {args.command}: error: {e}", file=sys.stderr)
-        return e.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

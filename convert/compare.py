@@ -32,7 +32,8 @@ from convert import flux_map, formats, vae_map
 from fluxir_jax import checkpoint
 from fluxir_jax.errors import UserError
 
-_STRUCTURAL_SKIP = {"dtype", "param_dtype", "remat_policy", "scan_layers", "tile_size", "tile_overlap", "resolution"}
+_STRUCTURAL_SKIP = {"dtype", "param_dtype", "remat_policy", "scan_layers", "tile_size", "tile_overlap", "tile_halo",
+                    "tile_stat_passes", "attn_chunk", "resolution"}
 
 
 def rel_err(a, b) -> float:

@@ -555,26 +555,35 @@ def convert_maniqa(src: str | os.PathLike, dst: str | os.PathLike, preset: str =
 # ----------------------------------------------------------------------------- command line
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m convert.iqa_learned", description=__doc__.split("\n")[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("metric", choices=["clipiqa", "musiq", "maniqa"])
     ap.add_argument("src", help="published weight file")
     ap.add_argument("dst", help="output .safetensors")
     ap.add_argument("--preset", default=None, help="architecture preset (default: inferred / the paper's)")
     ap.add_argument("--bpe", default=None, help="CLIP BPE vocabulary (clipiqa; default: from open-clip-torch)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Convert one published weight file; raises UserError on a bad one."""
+    if args.metric == "clipiqa":
+        convert_clipiqa(args.src, args.dst, bpe_path=args.bpe, preset=args.preset)
+    elif args.metric == "musiq":
+        convert_musiq(args.src, args.dst, preset=args.preset or "koniq")
+    else:
+        convert_maniqa(args.src, args.dst, preset=args.preset or "koniq")
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m convert.iqa_learned", description=__doc__.split("\n")[0])
+    add_arguments(ap)
     args = ap.parse_args(argv)
     try:
-        if args.metric == "clipiqa":
-            convert_clipiqa(args.src, args.dst, bpe_path=args.bpe, preset=args.preset)
-        elif args.metric == "musiq":
-            convert_musiq(args.src, args.dst, preset=args.preset or "koniq")
-        else:
-            convert_maniqa(args.src, args.dst, preset=args.preset or "koniq")
+        return run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.dst}")
-    return 0
 
 
 if __name__ == "__main__":

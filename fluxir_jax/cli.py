@@ -15,12 +15,13 @@ from fluxir_jax.errors import UserError
 # (module exposing register(subparsers), or None with a placeholder help text)
 _COMMANDS: list[tuple[str, str, str | None]] = [
     ("info", "fluxir_jax.info", None),
-    ("convert", None, "convert PyTorch FLUX.1 checkpoints to Orbax (arrives with issue 4)"),
-    ("compare", None, "compare a converted checkpoint against PyTorch (arrives with issue 4)"),
-    ("encode-prompts", None, "encode prompts with local T5/CLIP (arrives with issue 4)"),
+    ("convert", "convert.cli", None),
+    ("compare", "convert.compare", None),
+    ("encode-prompts", "convert.text", None),
     ("export-adapter", "fluxir_jax.models.adapter_io", None),
     ("degrade", "fluxir_jax.data.degrade_folder", None),
     ("eval", "fluxir_jax.iqa.eval_cli", None),
+    ("convert-iqa", "convert.iqa", None),
     ("gen", None, "FluxGen: generate, select and degrade training pairs (later issue)"),
     ("train", None, "train the FluxIR adapter (later issue)"),
     ("restore", None, "restore low-quality images (later issue)"),

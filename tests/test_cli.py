@@ -7,7 +7,7 @@ from fluxir_jax import cli
 
 def test_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "fluxir_jax.cli", "--help"], capture_output=True, text=True, check=True).stdout
-    for name in ("info", "convert", "compare", "encode-prompts", "export-adapter", "degrade", "eval", "gen", "train", "restore"):
+    for name in ("info", "convert", "compare", "encode-prompts", "export-adapter", "degrade", "eval", "convert-iqa", "gen", "train", "restore"):
         assert name in out
 
 

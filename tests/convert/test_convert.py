@@ -20,8 +20,7 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from convert import cli
-from fluxir_jax import checkpoint
+from fluxir_jax import checkpoint, cli
 from tests.models import flux_reference as fr
 
 TINY_VAE = dict(

@@ -267,6 +267,10 @@ def test_converter_round_trip_npz(tmp_path):
     for path, var in __import__("flax").nnx.to_flat_state(a[1]):
         np.testing.assert_array_equal(np.asarray(var.get_value()), flat[".".join(map(str, path))])
     assert iqa_learned.main(["musiq", str(src), str(tmp_path / "cli.safetensors"), "--preset", "tiny"]) == 0
+    from fluxir_jax import cli
+
+    assert cli.main(["convert-iqa", "musiq", str(src), str(tmp_path / "cli2.safetensors"), "--preset", "tiny"]) == 0
+    assert iqa_learned.read_converted(tmp_path / "cli2.safetensors")[0] == "musiq"
     # registry: a scorer from the converted file
     from fluxir_jax.iqa.registry import get_metric
 
@@ -295,6 +299,10 @@ def test_wrong_architecture_names_first_bad_key(tmp_path):
     with pytest.raises(UserError, match="unknown MUSIQ preset"):
         musiq.load_musiq(str(src), preset="bogus")
     assert iqa_learned.main(["musiq", str(src), str(tmp_path / "o.safetensors"), "--preset", "koniq"]) == 2
+    from fluxir_jax import cli
+
+    assert cli.main(["convert-iqa", "musiq", str(src), str(tmp_path / "o2.safetensors"), "--preset", "koniq"]) == 2
+    assert not (tmp_path / "o2.safetensors").exists()
 
 
 def test_koniq_preset_layout():
