@@ -122,6 +122,43 @@ class Conditioning:
     extra: Optional[dict] = None
 
 
+def text_conditioning(t5, clip, batch: int, height: int, width: int, guidance: float | None = None) -> Conditioning:
+    """Conditioning for `batch` latents of height x width (latent pixels) from stored text embeddings.
+
+    t5: [T, context] (one prompt for every image) or [batch, T, context]; clip: [vec] or
+    [batch, vec] (`fluxir encode-prompts` rows, or the checkpoint's empty prompt). `guidance`
+    (flux-dev's distilled guidance, e.g. 3.5) is None for schnell-style models.
+    """
+    t5 = jnp.asarray(t5, jnp.float32)
+    clip = jnp.asarray(clip, jnp.float32)
+    if t5.ndim == 2:
+        t5 = jnp.broadcast_to(t5[None], (batch, *t5.shape))
+    if clip.ndim == 1:
+        clip = jnp.broadcast_to(clip[None], (batch, clip.shape[0]))
+    if t5.ndim != 3 or t5.shape[0] != batch or clip.shape != (batch, clip.shape[-1]):
+        raise ValueError(f"text_conditioning: t5 {tuple(t5.shape)} / clip {tuple(clip.shape)} do not fit batch {batch}")
+    g = None if guidance is None else jnp.full((batch,), guidance, jnp.float32)
+    return Conditioning(img_ids=img_ids(batch, height, width), txt=t5, txt_ids=txt_ids(batch, t5.shape[1]), y=clip,
+                        guidance=g)
+
+
+def empty_conditioning(checkpoint_dir, batch: int, height: int, width: int, guidance: float | None = None,
+                       allow_zeros: bool = False) -> Conditioning:
+    """The default conditioning: the empty prompt's embeddings stored by `fluxir convert --t5 --clip`.
+
+    A checkpoint converted without text encoders stores zeros; sampling from those is refused
+    (UserError naming the fix) unless `allow_zeros` (tests, tiny models).
+    """
+    from fluxir_jax import checkpoint
+    from fluxir_jax.errors import UserError
+
+    text = checkpoint.load_text_embeddings(checkpoint_dir)
+    if not text["computed"] and not allow_zeros:
+        raise UserError(f"{checkpoint_dir}: the empty-prompt embeddings were not computed (zeros); "
+                        "reconvert with --t5 DIR --clip DIR")
+    return text_conditioning(text["t5"], text["clip"], batch, height, width, guidance)
+
+
 VelocityFn = Callable[[object, Array, Array, Conditioning], Array]
 """velocity(params, img [B, L, D] float32, t [B] float32, cond) -> prediction [B, L, D]."""
 

@@ -101,6 +101,20 @@ def test_convert_stores_empty_prompt_embeddings(encoders, tmp_path):
     meta = json.loads((out / "config.json").read_text())["text"]["empty"]
     assert meta["computed"] is True and meta["t5_len"] == 24 and meta["t5_shape"] == [24, 32]
 
+    # the default conditioning for sampling comes from these stored embeddings
+    from fluxir_jax import sampling
+
+    cond = sampling.empty_conditioning(out, 2, 4, 6, guidance=3.5)
+    assert cond.txt.shape == (2, 24, 32) and cond.y.shape == (2, 32) and cond.img_ids.shape == (2, 6, 3)
+    assert np.array_equal(np.asarray(cond.txt[1]), t5[0]) and np.array_equal(np.asarray(cond.y[0]), clip[0])
+    assert np.asarray(cond.guidance).tolist() == [3.5, 3.5] and cond.txt_ids.shape == (2, 24, 3)
+    model = checkpoint.load_flux(out)
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    z = sampling.sample(sampling.FluxVelocity(graphdef), state, np.array([1, 2]), 4, 6, cond, num_steps=2)
+    assert z.shape == (2, 4, 6, 16) and np.isfinite(np.asarray(z)).all()
+
 
 def test_encode_prompts(encoders, tmp_path):
     prompts = tmp_path / "prompts.txt"
@@ -117,6 +131,20 @@ def test_encode_prompts(encoders, tmp_path):
         assert np.array_equal(z["clip"], clip)
     rc, _, err = run_cli(argv)  # exists, no --overwrite
     assert rc == 2 and "already exists" in err and len(err.strip().splitlines()) == 1
+
+
+def test_zero_embeddings_are_refused_for_sampling(tmp_path):
+    from fluxir_jax import sampling
+    from fluxir_jax.errors import UserError
+
+    build_pipeline(tmp_path / "pipe")
+    out = tmp_path / "ckpt"
+    rc, _, err = run_cli(["convert", str(tmp_path / "pipe" / "transformer"), "-o", str(out), "--no-progress"])
+    assert rc == 0, err
+    with pytest.raises(UserError, match="not computed.*--t5 DIR --clip DIR"):
+        sampling.empty_conditioning(out, 1, 4, 4)
+    cond = sampling.empty_conditioning(out, 1, 4, 4, allow_zeros=True)
+    assert cond.txt.shape[0] == 1 and not np.asarray(cond.txt).any() and cond.guidance is None
 
 
 def test_text_errors(encoders, tmp_path):
