@@ -11,7 +11,7 @@ Tolerances are relative errors ||a - b|| / ||b||:
 Tiled encode/decode run everything at latent resolution (incl. the mid-block attention) on
 the whole latent, read each tile with enough context (halo) for its convolutions, and
 normalise every tiled GroupNorm with whole-image statistics found by statistics passes over
-the tiles, so they converge to the untiled result (see `autoencoder.run_tiled`).
+the tiles, so they converge to the untiled result (see `vae_tiling.run_tiled`).
 """
 import dataclasses
 
