@@ -7,30 +7,21 @@ Prints lower and compile seconds and XLA's memory analysis; appends to bench/res
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
-import platform
+import sys
 import time
 
 os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bench.common import append_record, cpu_name  # noqa: E402
 from fluxir_jax.models import configs  # noqa: E402
 from fluxir_jax.models.flux import Flux  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main():
@@ -68,11 +59,7 @@ def main():
         backend=jax.default_backend(), device=str(jax.devices()[0].device_kind), cpu=cpu_name(), cores=os.cpu_count(),
         jax=jax.__version__, date=time.strftime("%Y-%m-%d"),
     )
-    print(json.dumps(rec, indent=1))
-    out = pathlib.Path(__file__).parent / "results" / "compile.jsonl"
-    out.parent.mkdir(exist_ok=True)
-    with out.open("a") as f:
-        f.write(json.dumps(rec) + "\n")
+    append_record("compile.jsonl", rec)
 
 
 if __name__ == "__main__":

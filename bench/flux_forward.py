@@ -9,10 +9,8 @@ skipped unless CUDA is available). Appends a record to bench/results/flux_forwar
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
-import statistics
 import sys
 import time
 
@@ -23,18 +21,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench.compile_flux_dev import cpu_name  # noqa: E402
+from bench.common import append_record, cpu_name, timed  # noqa: E402
 from fluxir_jax.models import configs  # noqa: E402
 from fluxir_jax.models.flux import Flux  # noqa: E402
-
-
-def timed(fn, repeats):
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out), out
 
 
 def main():
@@ -112,11 +101,7 @@ def main():
         rec.update(torch_median_s=round(torch_s, 4), torch_over_jax=round(torch_s / jax_s, 2),
                    rel_err_vs_torch=float(np.linalg.norm(out - ref) / np.linalg.norm(ref)), torch=torch.__version__)
     rec["date"] = time.strftime("%Y-%m-%d")
-    print(json.dumps(rec, indent=1))
-    res = pathlib.Path(__file__).parent / "results" / "flux_forward.jsonl"
-    res.parent.mkdir(exist_ok=True)
-    with res.open("a") as f:
-        f.write(json.dumps(rec) + "\n")
+    append_record("flux_forward.jsonl", rec)
 
 
 if __name__ == "__main__":

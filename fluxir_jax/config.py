@@ -135,19 +135,24 @@ def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
     return from_dict(type(cfg), data)
 
 
+def read_yaml(path: str | pathlib.Path) -> dict:
+    """The mapping in a YAML config file (UserError if missing, invalid, or not a mapping)."""
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, Mapping):
+        raise UserError(f"config file {p} must hold a mapping at the top level")
+    return dict(data)
+
+
 def load(cls: type[T], path: str | pathlib.Path | None = None, overrides: Sequence[str] = (), base: T | None = None) -> T:
     """Load `cls` from a YAML file (or start from `base`/defaults), then apply overrides."""
     if path is not None:
-        p = pathlib.Path(path)
-        if not p.is_file():
-            raise UserError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, Mapping):
-            raise UserError(f"config file {p} must hold a mapping at the top level")
-        cfg = from_dict(cls, data)
+        cfg = from_dict(cls, read_yaml(path))
     elif base is not None:
         cfg = base
     else:

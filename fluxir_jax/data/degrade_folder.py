@@ -275,22 +275,9 @@ def load_configs(config_path: str | None, overrides: Sequence[str]):
     under `degradation:`. The GT crop size (`gt.crop_size`, the size small images are padded
     to) and `scale` are the degradation's.
     """
-    import yaml
-
     from fluxir_jax.data.degrade import DegradationConfig
 
-    data: dict = {}
-    if config_path is not None:
-        p = pathlib.Path(config_path)
-        if not p.is_file():
-            raise UserError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"config file {p} must hold a mapping at the top level")
-    data = dict(data)
+    data = config_lib.read_yaml(config_path) if config_path is not None else {}
     deg_data = data.pop("degradation", None) or {}
     if not isinstance(deg_data, dict):
         raise UserError("config key degradation must be a mapping")

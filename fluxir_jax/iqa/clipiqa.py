@@ -265,14 +265,6 @@ class CLIPIQA(nnx.Module):
 # ----------------------------------------------------------------------------- functional API
 
 
-def clipiqa_score(graphdef: nnx.GraphDef, state: nnx.State, images: Array) -> Array:
-    """Pure scoring function: (graphdef, state, NHWC [0, 1] images) -> scores [N]."""
-    return nnx.merge(graphdef, state)(images)
-
-
-_clipiqa_score_jit = jax.jit(clipiqa_score, static_argnums=0)
-
-
 @functools.lru_cache(maxsize=8)
 def abstract_model(cfg: CLIPIQAConfig) -> CLIPIQA:
     return nnx.eval_shape(lambda: CLIPIQA(cfg, rngs=nnx.Rngs(0)))
@@ -284,7 +276,7 @@ def load_clipiqa(weights: str, prompts: str = "ensemble", pos_embedding: bool = 
 
     A published state dict (OpenAI TorchScript `RN50.pt`, open_clip `.bin/.pt/.safetensors`)
     is converted on the fly, which needs PyTorch and transformers for the text tower; convert
-    once with `python -m convert.iqa_learned clipiqa SRC DST` to score without them.
+    once with `fluxir convert-iqa clipiqa SRC DST` to score without them.
     """
     from convert import iqa_learned
 
@@ -305,26 +297,17 @@ def make_clipiqa(weights: str, prompts: str = "ensemble", pos_embedding: bool = 
                  bpe_path: str | None = None) -> Callable[[Array], Array]:
     """A jitted batched scorer: NHWC [0, 1] images -> CLIP-IQA scores [N]."""
     graphdef, state = load_clipiqa(weights, prompts=prompts, pos_embedding=pos_embedding, bpe_path=bpe_path)
-    return functools.partial(_clipiqa_score_jit, graphdef, state)
+    from fluxir_jax.iqa.registry import model_scorer
 
-
-def _single_weights(weights: Any) -> str:
-    if isinstance(weights, (list, tuple)):
-        if len(weights) != 1:
-            raise UserError(f"CLIP-IQA takes one weight file, got {len(weights)}")
-        weights = weights[0]
-    return str(weights)
-
-
-def _rgb(images: Any) -> Array:
-    x = jnp.asarray(images, jnp.float32)
-    return jnp.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
+    return functools.partial(model_scorer, graphdef, state)
 
 
 def _registry_factory(prompts: str) -> Callable[..., Callable[[Array], Array]]:
     def factory(weights, *, bpe_path: str | None = None):
-        scorer = make_clipiqa(_single_weights(weights), prompts=prompts, bpe_path=bpe_path)
-        return lambda pred: scorer(_rgb(pred))
+        from fluxir_jax.iqa.registry import as_rgb, single_path
+
+        scorer = make_clipiqa(str(single_path("CLIP-IQA", weights)), prompts=prompts, bpe_path=bpe_path)
+        return lambda pred: scorer(as_rgb(pred))
     return factory
 
 

@@ -368,14 +368,6 @@ class MANIQA(nnx.Module):
 # ----------------------------------------------------------------------------- functional API
 
 
-def maniqa_score(graphdef: nnx.GraphDef, state: nnx.State, images: Array) -> Array:
-    """Pure scoring function: (graphdef, state, NHWC [0, 1] images) -> scores [N] (crop mean)."""
-    return nnx.merge(graphdef, state)(images)
-
-
-_maniqa_score_jit = jax.jit(maniqa_score, static_argnums=0)
-
-
 @functools.lru_cache(maxsize=8)
 def abstract_model(cfg: MANIQAConfig) -> MANIQA:
     return nnx.eval_shape(lambda: MANIQA(cfg, rngs=nnx.Rngs(0)))
@@ -392,21 +384,17 @@ def load_maniqa(weights: str, preset: str = "koniq") -> tuple[nnx.GraphDef, nnx.
 def make_maniqa(weights: str, preset: str = "koniq") -> Callable[[Array], Array]:
     """A jitted batched scorer: NHWC [0, 1] images (one size per batch) -> MANIQA scores [N]."""
     graphdef, state = load_maniqa(weights, preset=preset)
-    return functools.partial(_maniqa_score_jit, graphdef, state)
+    from fluxir_jax.iqa.registry import model_scorer
+
+    return functools.partial(model_scorer, graphdef, state)
 
 
 def _registry_factory(preset: str) -> Callable[..., Callable[[Array], Array]]:
     def factory(weights):
-        if isinstance(weights, (list, tuple)):
-            if len(weights) != 1:
-                raise UserError(f"MANIQA takes one weight file, got {len(weights)}")
-            weights = weights[0]
-        scorer = make_maniqa(str(weights), preset=preset)
+        from fluxir_jax.iqa.registry import as_rgb, single_path
 
-        def fn(pred):
-            x = jnp.asarray(pred, jnp.float32)
-            return scorer(jnp.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x)
-        return fn
+        scorer = make_maniqa(str(single_path("MANIQA", weights)), preset=preset)
+        return lambda pred: scorer(as_rgb(pred))
     return factory
 
 

@@ -371,14 +371,6 @@ class MUSIQ(nnx.Module):
 # ----------------------------------------------------------------------------- functional API
 
 
-def musiq_score(graphdef: nnx.GraphDef, state: nnx.State, images: Array) -> Array:
-    """Pure scoring function: (graphdef, state, NHWC [0, 1] images) -> scores [N]."""
-    return nnx.merge(graphdef, state)(images)
-
-
-_musiq_score_jit = jax.jit(musiq_score, static_argnums=0)
-
-
 @functools.lru_cache(maxsize=8)
 def abstract_model(cfg: MUSIQConfig) -> MUSIQ:
     return nnx.eval_shape(lambda: MUSIQ(cfg, rngs=nnx.Rngs(0)))
@@ -395,21 +387,17 @@ def load_musiq(weights: str, preset: str = "koniq") -> tuple[nnx.GraphDef, nnx.S
 def make_musiq(weights: str, preset: str = "koniq") -> Callable[[Array], Array]:
     """A jitted batched scorer: NHWC [0, 1] images (one size per batch) -> MUSIQ scores [N]."""
     graphdef, state = load_musiq(weights, preset=preset)
-    return functools.partial(_musiq_score_jit, graphdef, state)
+    from fluxir_jax.iqa.registry import model_scorer
+
+    return functools.partial(model_scorer, graphdef, state)
 
 
 def _registry_factory(preset: str) -> Callable[..., Callable[[Array], Array]]:
     def factory(weights):
-        if isinstance(weights, (list, tuple)):
-            if len(weights) != 1:
-                raise UserError(f"MUSIQ takes one weight file, got {len(weights)}")
-            weights = weights[0]
-        scorer = make_musiq(str(weights), preset=preset)
+        from fluxir_jax.iqa.registry import as_rgb, single_path
 
-        def fn(pred):
-            x = jnp.asarray(pred, jnp.float32)
-            return scorer(jnp.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x)
-        return fn
+        scorer = make_musiq(str(single_path("MUSIQ", weights)), preset=preset)
+        return lambda pred: scorer(as_rgb(pred))
     return factory
 
 

@@ -190,13 +190,30 @@ def _run_in(dtype: str, fn: Callable, *arrays):
     return np.asarray(fn(*(jnp.asarray(a, jnp.float32) for a in arrays)))
 
 
-def _single_path(name: str, weights: WeightsArg):
+def single_path(name: str, weights: WeightsArg):
+    """The one weight file a metric takes (None stays None); a list of several is a UserError."""
     if weights is None or isinstance(weights, (str, os.PathLike)):
         return weights
     weights = list(weights)
     if len(weights) != 1:
-        raise UserError(f"{name} takes one file, got {len(weights)}")
+        raise UserError(f"{name} takes one weight file, got {len(weights)}")
     return weights[0]
+
+
+def as_rgb(images: Any) -> jax.Array:
+    """float32 NHWC images with gray (1 channel) repeated to RGB."""
+    x = jnp.asarray(images, jnp.float32)
+    return jnp.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
+
+
+def _model_call(graphdef, state, images):
+    from flax import nnx
+
+    return nnx.merge(graphdef, state)(images)
+
+
+model_scorer = jax.jit(_model_call, static_argnums=0)
+"""model_scorer(graphdef, state, images) -> the NNX model's scores, jitted once per graphdef."""
 
 
 def _psnr_factory(weights=None, *, convention: str = "basicsr", crop_border: int = 0, y_channel: bool = True,
@@ -221,7 +238,7 @@ def _niqe_factory(weights=None, *, convention: str = "basicsr", crop_border: int
     from fluxir_jax.iqa import niqe as niqe_mod
     from fluxir_jax.iqa.psnr_ssim import resolve_color_space
     resolve_color_space(convention, None)
-    path = _single_path("niqe", weights)
+    path = single_path("niqe", weights)
     try:
         mu, cov, window = niqe_mod.load_params(path)
     except UserError as e:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from convert.iqa_learned import _bytes_to_unicode
 from fluxir_jax import checkpoint
 from tests.convert.test_convert import build_pipeline, run_cli
 from tests.models import flux_reference as fr
@@ -21,18 +22,6 @@ from tests.models import flux_reference as fr
 CORPUS = ["a photo of a cat", "a dog on the grass", "high quality image of mountains", "the sun sets over the sea",
           "a red car in the city", "portrait of an old man with a hat"]
 PROMPTS = ["", "a photo of a cat", "the sun sets over the sea, high quality"]
-
-
-def _bytes_to_unicode() -> list[str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +47,7 @@ def encoders(tmp_path_factory):
     t5.save_pretrained(root / "t5")
     t5_tok.save_pretrained(root / "t5")
     # CLIP: byte-level BPE vocabulary written here
-    chars = _bytes_to_unicode()
+    chars = list(_bytes_to_unicode().values())  # the GPT-2/CLIP byte alphabet
     merges = [("a", "t"), ("t", "h"), ("th", "e</w>"), ("a", "t</w>"), ("c", "at</w>"), ("o", "f</w>")]
     bpe = {c: i for i, c in enumerate(chars)}
     bpe.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})

@@ -236,8 +236,10 @@ def test_musiq_matches_torch_reference(tmp_path, num_classes):
     else:
         ref = (torch.from_numpy(ref_logits).softmax(-1) * torch.arange(1, 11)).sum(-1).numpy()
     graphdef, state = iqa_learned.build_state(musiq.abstract_model(cfg), {k.replace("/", "."): v for k, v in P.items()})
+    from fluxir_jax.iqa.registry import model_scorer
+
     with jax.default_matmul_precision("highest"):
-        got = np.asarray(jax.jit(musiq.musiq_score, static_argnums=0)(graphdef, state, jnp.asarray(x)))
+        got = np.asarray(model_scorer(graphdef, state, jnp.asarray(x)))  # the jitted scorer the registry uses
     assert got.shape == (2,)
     assert abs(ref[0] - ref[1]) > 1e-3 * abs(ref).max()  # the two images score differently
     assert rel_err(got, ref) <= RTOL
