@@ -4,7 +4,7 @@
 
 Writes a BFL-layout `flux1-dev`-shaped safetensors file (bf16, random finite values; 780
 tensors, about 23.8 GB), then measures, with the file's pages dropped from the page cache
-before each run (posix_fadvise DONTNEED, so both start cold):
+before each run (posix_fadvise DONTNEED, so each starts cold), in `--repeats` interleaved rounds (medians reported):
   * a plain sequential read of the file (64 MiB reads) -> read throughput;
   * a plain copy of the file to the same disk (read + write + fsync) -> the I/O floor of any
     converter that writes its output next to its input;
@@ -23,6 +23,7 @@ import os
 import pathlib
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -154,6 +155,7 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/fluxir-bench-convert")
     ap.add_argument("--blocks", type=int, default=None, help="double blocks to keep (single = 2x); default: all that fit")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic file and the converted checkpoint")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of (read, copy, convert); medians are reported")
     args = ap.parse_args()
 
     from fluxir_jax.models.flux import FluxConfig
@@ -189,14 +191,22 @@ def main() -> None:
     t_write = time.perf_counter() - t0
     print(f"wrote {size / 1e9:.2f} GB in {t_write:.0f} s")
 
-    drop_cache(src)
-    t_read = plain_read(src)
-    print(f"plain sequential read: {t_read:.1f} s, {size / t_read / 1e6:.0f} MB/s")
-    drop_cache(src)
-    t_copy = plain_copy(src, work / "copy.bin")
+    reads, copies, runs = [], [], []
+    for k in range(args.repeats):  # interleaved rounds, each run starting cold
+        drop_cache(src)
+        reads.append(plain_read(src))
+        drop_cache(src)
+        copies.append(plain_copy(src, work / "copy.bin"))
+        drop_cache(src)
+        shutil.rmtree(out, ignore_errors=True)
+        runs.append(measure_convert([str(src)], str(out)))
+        print(f"round {k + 1}/{args.repeats}: read {reads[-1]:.1f} s, copy {copies[-1]:.1f} s, convert {runs[-1]['wall_s']:.1f} s")
+    t_read, t_copy = statistics.median(reads), statistics.median(copies)
+    r = dict(wall_s=statistics.median(x["wall_s"] for x in runs), cpu_s=statistics.median(x["cpu_s"] for x in runs),
+             baseline_rss=statistics.median(x["baseline_rss"] for x in runs),
+             peak_above_baseline=max(x["peak_above_baseline"] for x in runs))
+    print(f"plain sequential read: {t_read:.1f} s, {size / t_read / 1e6:.0f} MB/s (median of {args.repeats})")
     print(f"plain copy on the same disk (read + write + fsync): {t_copy:.1f} s, {size / t_copy / 1e6:.0f} MB/s")
-    drop_cache(src)
-    r = measure_convert([str(src)], str(out))
     conv_tp = size / r["wall_s"]
     out_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"convert: {r['wall_s']:.1f} s, {conv_tp / 1e6:.0f} MB/s ({conv_tp / (size / t_read):.2f} x plain read), "
@@ -206,7 +216,8 @@ def main() -> None:
     record = dict(
         date=time.strftime("%Y-%m-%d %H:%M:%S"), host=platform.node(), cpus=os.cpu_count(),
         load_avg_1m=os.getloadavg()[0], note=note, tensors=len(specs), depth=depth, depth_single=2 * depth,
-        file_bytes=size, output_bytes=out_bytes, write_synthetic_s=t_write,
+        file_bytes=size, output_bytes=out_bytes, write_synthetic_s=t_write, repeats=args.repeats,
+        plain_read_all_s=reads, plain_copy_all_s=copies, convert_all_s=[x["wall_s"] for x in runs],
         plain_read_s=t_read, plain_read_MBps=size / t_read / 1e6,
         plain_copy_s=t_copy, plain_copy_MBps=size / t_copy / 1e6,
         convert_s=r["wall_s"], convert_cpu_s=r["cpu_s"], convert_MBps=conv_tp / 1e6, throughput_vs_plain_read=conv_tp / (size / t_read),

@@ -46,12 +46,16 @@ TEXT_FILE = "text/empty.npz"
 # ----------------------------------------------------------------------------- array helpers
 
 
-def _transpose_into(x: np.ndarray, out: np.ndarray, block: int = 256) -> None:
-    """out[...] = x.T tile by tile (numpy's own transposing copy is cache-hostile: ~10x slower)."""
-    rows, cols = x.shape
-    for i in range(0, rows, block):
-        for j in range(0, cols, block):
-            out[j:j + block, i:i + block] = x[i:i + block, j:j + block].T
+def _transpose_into(x: np.ndarray, out: np.ndarray) -> None:
+    """out[...] = x.T, a band of `rows` rows of x at a time.
+
+    numpy's own transposing copy is cache-hostile (~0.7 GB/s for bf16 here); bands of 16-24
+    rows keep the reads and the scattered writes in L1 (~3-4.7 GB/s on the FLUX shapes, against
+    ~1.5 GB/s for 256x256 tiles). Wide rows (>= 8 KiB) alias in the cache with more rows.
+    """
+    rows = 16 if x.shape[1] * x.itemsize >= 8192 else 24
+    for i in range(0, x.shape[0], rows):
+        out[:, i:i + rows] = x[i:i + rows].T
 
 
 def _finish(y: np.ndarray, dtype: np.dtype) -> np.ndarray:
