@@ -216,22 +216,17 @@ model_scorer = jax.jit(_model_call, static_argnums=0)
 """model_scorer(graphdef, state, images) -> the NNX model's scores, jitted once per graphdef."""
 
 
-def _psnr_factory(weights=None, *, convention: str = "basicsr", crop_border: int = 0, y_channel: bool = True,
-                  color_space: str | None = None, dtype: str = "auto"):
-    from fluxir_jax.iqa import psnr_ssim
-    psnr_ssim.resolve_color_space(convention, color_space)
-    dt = _float_dtype(dtype)
-    kw = dict(convention=convention, crop_border=int(crop_border), y_channel=bool(y_channel), color_space=color_space)
-    return lambda pred, gt: _run_in(dt, lambda a, b: psnr_ssim.psnr_jit(a, b, **kw), pred, gt)
-
-
-def _ssim_factory(weights=None, *, convention: str = "basicsr", crop_border: int = 0, y_channel: bool = True,
-                  color_space: str | None = None, dtype: str = "auto"):
-    from fluxir_jax.iqa import psnr_ssim
-    psnr_ssim.resolve_color_space(convention, color_space)
-    dt = _float_dtype(dtype)
-    kw = dict(convention=convention, crop_border=int(crop_border), y_channel=bool(y_channel), color_space=color_space)
-    return lambda pred, gt: _run_in(dt, lambda a, b: psnr_ssim.ssim_jit(a, b, **kw), pred, gt)
+def _psnr_ssim_factory(which: str):
+    """Factory of PSNR (`which`="psnr") or SSIM: both take the same convention options."""
+    def factory(weights=None, *, convention: str = "basicsr", crop_border: int = 0, y_channel: bool = True,
+                color_space: str | None = None, dtype: str = "auto"):
+        from fluxir_jax.iqa import psnr_ssim
+        psnr_ssim.resolve_color_space(convention, color_space)
+        dt = _float_dtype(dtype)
+        fn = getattr(psnr_ssim, f"{which}_jit")
+        kw = dict(convention=convention, crop_border=int(crop_border), y_channel=bool(y_channel), color_space=color_space)
+        return lambda pred, gt: _run_in(dt, lambda a, b: fn(a, b, **kw), pred, gt)
+    return factory
 
 
 def _niqe_factory(weights=None, *, convention: str = "basicsr", crop_border: int = 0, dtype: str = "auto"):
@@ -270,9 +265,9 @@ def _dists_factory(weights):
     return lambda pred, gt: scorer(jnp.asarray(pred, jnp.float32), jnp.asarray(gt, jnp.float32))
 
 
-register_metric("psnr", _psnr_factory, kind="fr", needs_weights=False, lower_better=False,
+register_metric("psnr", _psnr_ssim_factory("psnr"), kind="fr", needs_weights=False, lower_better=False,
                 description="PSNR in dB on Y (basicsr: YCbCr +16, 255 scale; pyiqa: YIQ, 1 scale)")
-register_metric("ssim", _ssim_factory, kind="fr", needs_weights=False, lower_better=False,
+register_metric("ssim", _psnr_ssim_factory("ssim"), kind="fr", needs_weights=False, lower_better=False,
                 description="SSIM, 11x11 Gaussian sigma 1.5, valid window (pyiqa: rounded Y, relu(cs))")
 register_metric("niqe", _niqe_factory, kind="nr", needs_weights=False, lower_better=True,
                 description="NIQE (MATLAB-compatible); weights = niqe_pris_params.npz or $FLUXIR_NIQE_PARAMS")
