@@ -18,14 +18,14 @@ Weights for the wrong architecture raise `UserError` naming the first bad key (e
 """
 from __future__ import annotations
 
-from convert.iqa_classic import (  # noqa: F401  (re-exported)
+from convert.iqa_classic import (
     dists_params_from_state_dict,
     dists_state_dict_from_params,
     lpips_params_from_state_dict,
     lpips_state_dict_from_params,
     read_state_dict,
 )
-from convert.iqa_learned import (  # noqa: F401  (re-exported)
+from convert.iqa_learned import (
     convert_clipiqa,
     convert_maniqa,
     convert_musiq,

@@ -16,11 +16,11 @@ and whose metadata holds the metric name and its architecture config. The metric
 (`fluxir_jax.iqa.{clipiqa,musiq,maniqa}`) accept either that file or the published one.
 
 Wrong architecture (a missing key, an unexpected key, a shape mismatch) raises `UserError`
-naming the first bad key. Command line:
+naming the first bad key. Command line (`add_arguments`/`run`, registered by `convert.iqa`):
 
-    python -m convert.iqa_learned clipiqa RN50.pt clipiqa_rn50.safetensors [--bpe VOCAB.txt.gz]
-    python -m convert.iqa_learned musiq koniq_ckpt.npz musiq_koniq.safetensors [--preset koniq]
-    python -m convert.iqa_learned maniqa ckpt_koniq10k.pt maniqa_koniq.safetensors [--preset koniq]
+    fluxir convert-iqa clipiqa RN50.pt clipiqa_rn50.safetensors [--bpe VOCAB.txt.gz]
+    fluxir convert-iqa musiq koniq_ckpt.npz musiq_koniq.safetensors [--preset koniq]
+    fluxir convert-iqa maniqa ckpt_koniq10k.pt maniqa_koniq.safetensors [--preset koniq]
 """
 from __future__ import annotations
 
@@ -573,18 +573,3 @@ def run(args: argparse.Namespace) -> int:
         convert_maniqa(args.src, args.dst, preset=args.preset or "koniq")
     print(f"wrote {args.dst}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m convert.iqa_learned", description=__doc__.split("\n")[0])
-    add_arguments(ap)
-    args = ap.parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

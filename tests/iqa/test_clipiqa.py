@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from flax import nnx
 
 from convert import iqa_learned
+from fluxir_jax import cli
 from fluxir_jax.errors import UserError
 from fluxir_jax.iqa import clipiqa
 
@@ -271,7 +272,7 @@ def test_converter_round_trip_published_formats(tiny_ckpt, tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=2e-3)
     # command line
     out2 = tmp_path / "cli.safetensors"
-    assert iqa_learned.main(["clipiqa", str(pt_path), str(out2)]) == 0
+    assert cli.main(["convert-iqa", "clipiqa", str(pt_path), str(out2)]) == 0
     assert iqa_learned.read_converted(out2)[0] == "clipiqa"
 
 
@@ -296,7 +297,7 @@ def test_wrong_architecture_names_first_bad_key(tiny_ckpt, tmp_path):
         iqa_learned.read_tensors(p)
     with pytest.raises(UserError, match="not found"):
         clipiqa.load_clipiqa(str(tmp_path / "nope.pt"))
-    assert iqa_learned.main(["clipiqa", str(tmp_path / "nope.pt"), str(tmp_path / "o.safetensors")]) == 2
+    assert cli.main(["convert-iqa", "clipiqa", str(tmp_path / "nope.pt"), str(tmp_path / "o.safetensors")]) == 2
     with pytest.raises(UserError, match="prompt set"):
         clipiqa.CLIPIQAConfig(prompts="bogus")
 

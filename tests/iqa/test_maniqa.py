@@ -23,6 +23,7 @@ from torch import nn
 from transformers import ViTConfig, ViTModel
 
 from convert import iqa_learned
+from fluxir_jax import cli
 from fluxir_jax.errors import UserError
 from fluxir_jax.iqa import maniqa
 
@@ -325,7 +326,7 @@ def test_converter_round_trip(tiny_ckpt, tmp_path):
     np.testing.assert_array_equal(flat["conv1.kernel"], sd["conv1.weight"].numpy().transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(flat["fc_weight.fc3.bias"], sd["fc_weight.3.bias"].numpy())
     assert "vit.blocks.3.norm1.scale" not in flat
-    assert iqa_learned.main(["maniqa", str(pt_path), str(tmp_path / "cli.safetensors"), "--preset", "tiny"]) == 0
+    assert cli.main(["convert-iqa", "maniqa", str(pt_path), str(tmp_path / "cli.safetensors"), "--preset", "tiny"]) == 0
 
 
 def test_wrong_architecture_names_first_bad_key(tiny_ckpt):

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from convert import iqa_learned
+from fluxir_jax import cli
 from fluxir_jax.errors import UserError
 from fluxir_jax.iqa import musiq
 
@@ -268,9 +269,6 @@ def test_converter_round_trip_npz(tmp_path):
     flat = {k.replace("/", "."): v for k, v in P.items()}
     for path, var in __import__("flax").nnx.to_flat_state(a[1]):
         np.testing.assert_array_equal(np.asarray(var.get_value()), flat[".".join(map(str, path))])
-    assert iqa_learned.main(["musiq", str(src), str(tmp_path / "cli.safetensors"), "--preset", "tiny"]) == 0
-    from fluxir_jax import cli
-
     assert cli.main(["convert-iqa", "musiq", str(src), str(tmp_path / "cli2.safetensors"), "--preset", "tiny"]) == 0
     assert iqa_learned.read_converted(tmp_path / "cli2.safetensors")[0] == "musiq"
     # registry: a scorer from the converted file
@@ -300,9 +298,6 @@ def test_wrong_architecture_names_first_bad_key(tmp_path):
         musiq.load_musiq(str(src), preset="tiny")
     with pytest.raises(UserError, match="unknown MUSIQ preset"):
         musiq.load_musiq(str(src), preset="bogus")
-    assert iqa_learned.main(["musiq", str(src), str(tmp_path / "o.safetensors"), "--preset", "koniq"]) == 2
-    from fluxir_jax import cli
-
     assert cli.main(["convert-iqa", "musiq", str(src), str(tmp_path / "o2.safetensors"), "--preset", "koniq"]) == 2
     assert not (tmp_path / "o2.safetensors").exists()
 
