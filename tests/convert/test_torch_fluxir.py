@@ -218,3 +218,74 @@ def test_mismatched_base_is_refused(base, tmp_path):
         torch_fluxir.load_adapter_safetensors(path, schnell)
     with pytest.raises(UserError, match="adapter file not found"):
         torch_fluxir.load_adapter_safetensors(tmp_path / "missing.safetensors")
+
+
+
+def jax_loss_and_grads(flax_base, ae, adapter, hq, lq_up, t, noise, offsets, txt, y, guidance, *, pixel_crop,
+                       pixel_weight, t_min, t_max):
+    """The same objective composed from the JAX library pieces (L1 pixel loss; the L2 pixel term
+    comes back too), with the adapter gradients under the export names."""
+    b, h, w, _ = noise.shape
+    c = pixel_crop // 8
+    ag, a_state = nnx.split(adapter)
+    tt = jnp.asarray(t)[:, None, None, None]
+
+    def loss(state):
+        z0, zc = ae.encode(jnp.asarray(2 * hq - 1)), ae.encode(jnp.asarray(2 * lq_up - 1))
+        z_t = (1 - tt) * z0 + tt * noise
+        pred = fluxir_forward(flax_base, nnx.merge(ag, state), sampling.pack(z_t), sampling.pack(zc),
+                              sampling.img_ids(b, h, w), jnp.broadcast_to(txt, (b, *txt.shape)), sampling.txt_ids(b, T),
+                              jnp.asarray(t), jnp.broadcast_to(y, (b, *y.shape)), jnp.full((b,), guidance, jnp.float32))
+        v_hat = sampling.unpack(pred, h, w)
+        l_flow = jnp.mean(jnp.square(v_hat - (noise - z0)))
+        x0 = z_t - tt * v_hat
+        dec = ae.decode(jnp.stack([x0[i, oy:oy + c, ox:ox + c] for i, (oy, ox) in enumerate(offsets)]))
+        target = jnp.stack([2 * hq[i, 8 * oy:8 * oy + pixel_crop, 8 * ox:8 * ox + pixel_crop] - 1
+                            for i, (oy, ox) in enumerate(offsets)])
+        mask = ((jnp.asarray(t) >= t_min) & (jnp.asarray(t) <= t_max)).astype(jnp.float32)
+        masked_mean = lambda e: jnp.sum(jnp.mean(e, axis=(1, 2, 3)) * mask) / jnp.maximum(jnp.sum(mask), 1.0)  # noqa: E731
+        l1, l2 = masked_mean(jnp.abs(dec - target)), masked_mean(jnp.square(dec - target))
+        return l_flow + pixel_weight * l1, (l_flow, l1, l2)
+
+    with jax.default_matmul_precision("highest"):
+        (value, parts), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(a_state)
+    return float(value), [float(p) for p in parts], adapter_io.to_named_tensors(nnx.merge(ag, grads))
+
+
+@pytest.mark.slow  # ~30 s warm, more with a cold compilation cache (JAX value_and_grad through Flux + VAE)
+def test_training_loss_and_adapter_gradients_match_jax(base, vae, tmp_path):
+    dm, flax_base = base
+    dv, ae = vae
+    jax_adapter, _, adapter = pair(base, tmp_path)
+    rng = np.random.default_rng(7)
+    hq = rng.uniform(0, 1, (B, H, W, 3)).astype(np.float32)
+    lq_up = np.clip(hq + 0.2 * rng.standard_normal(hq.shape), 0, 1).astype(np.float32)
+    noise = rng.standard_normal((B, H // 8, W // 8, 16)).astype(np.float32)
+    txt, y = rng.standard_normal((T, 32)).astype(np.float32), rng.standard_normal(32).astype(np.float32)
+    t = np.array([0.3, 0.8], np.float32)  # with t_max 0.5 only the first example has a pixel loss
+    offsets = [(1, 2), (2, 4)]
+    opts = dict(pixel_crop=16, pixel_weight=0.5, t_min=0.1, t_max=0.5)
+    want, (want_flow, want_l1, want_l2), want_grads = jax_loss_and_grads(flax_base, ae, jax_adapter, hq, lq_up, t,
+                                                                         noise, offsets, txt, y, 3.5, **opts)
+    args = (dm, dv, adapter, hq, lq_up, t, noise, offsets, txt, y, 3.5)
+    loss, parts = torch_fluxir.fluxir_loss_torch(*args, **opts)
+    loss.backward()
+    assert abs(float(parts["flow"]) - want_flow) <= TOL_LOSS * abs(want_flow)
+    assert abs(float(parts["pixel"]) - want_l1) <= TOL_LOSS * abs(want_l1) and want_l1 > 0
+    assert abs(loss.item() - want) <= TOL_LOSS * abs(want)
+    grads = adapter.named_tensors(grads=True)
+    assert set(grads) == set(want_grads)
+    flat = lambda d: np.concatenate([d[k].ravel() for k in sorted(d)])  # noqa: E731
+    assert rel_err(flat(grads), flat(want_grads)) <= TOL_GRAD, rel_err(flat(grads), flat(want_grads))
+    # every adapter tensor receives a gradient, except the text residual after the last block (never read)
+    last = f"se_txt.single_blocks.{len(dm.single_transformer_blocks) - 1}."
+    assert sorted(k for k, g in grads.items() if not np.abs(g).max() > 0) == [k for k in sorted(grads) if k.startswith(last)]
+    assert all(p.grad is None for p in dm.parameters()) and all(p.grad is None for p in dv.parameters())
+    # the L2 option, and the t-range mask: an all-masked batch has no pixel term
+    with torch.no_grad():
+        _, parts2 = torch_fluxir.fluxir_loss_torch(*args, **{**opts, "pixel_loss": "l2"})
+        assert abs(float(parts2["pixel"]) - want_l2) <= TOL_LOSS * abs(want_l2)
+        loss3, parts3 = torch_fluxir.fluxir_loss_torch(*args, **{**opts, "t_min": 0.9, "t_max": 1.0})
+        assert float(parts3["pixel"]) == 0.0 and loss3.item() == float(parts3["flow"])
+    with pytest.raises(ValueError, match="outside"):
+        torch_fluxir.fluxir_loss_torch(*args, **{**opts, "pixel_crop": 32})
