@@ -17,12 +17,11 @@ import torch
 from flax import nnx
 from safetensors import safe_open
 
-from convert import torch_fluxir, vae_map
+from convert import compare_adapter, torch_fluxir, vae_map
 from fluxir_jax import sampling
-from fluxir_jax.data.image_ops import resize_torch_like
 from fluxir_jax.errors import UserError
 from fluxir_jax.models import adapter_io
-from fluxir_jax.models.adapter import FluxIR, FluxIRConfig, FluxIRVelocity, fluxir_forward
+from fluxir_jax.models.adapter import FluxIR, FluxIRConfig, fluxir_forward
 from fluxir_jax.models.autoencoder import AE_PRESETS, AutoEncoder
 from tests.models.flux_reference import TINY_DIFFUSERS, config_for, flax_from_diffusers, randomize_torch_, rel_err
 
@@ -167,23 +166,6 @@ def test_one_step_matches_jax(base, tmp_path, name):
     assert rel_err(torch_step(dm, plain, x)[0], want) > 1e-2
 
 
-def jax_restore(flax_base, ae, adapter, lq01, noise, num_steps, guidance, txt, y):
-    """The JAX restoration from library pieces: bicubic x4 (torch semantics) -> encode -> Euler -> decode."""
-    b, h, w, _ = noise.shape
-    lq_up = np.stack([np.clip(resize_torch_like(im, (8 * h, 8 * w), "bicubic"), 0, 1) for im in lq01]).astype(np.float32)
-    with jax.default_matmul_precision("highest"):
-        lq = sampling.pack(ae.encode(jnp.asarray(2 * lq_up - 1)))
-        cond = sampling.Conditioning(
-            img_ids=sampling.img_ids(b, h, w), txt=jnp.broadcast_to(jnp.asarray(txt), (b, *txt.shape)),
-            txt_ids=sampling.txt_ids(b, txt.shape[0]), y=jnp.broadcast_to(jnp.asarray(y), (b, *y.shape)),
-            guidance=jnp.full((b,), guidance, jnp.float32), extra={"lq": lq})
-        bg, bs = nnx.split(flax_base)
-        ag, as_ = nnx.split(adapter)
-        timesteps = jnp.asarray(sampling.get_schedule(num_steps, lq.shape[1]), jnp.float32)
-        z = sampling.denoise(FluxIRVelocity(bg, ag), (bs, as_), sampling.pack(jnp.asarray(noise)), cond, timesteps)
-        return np.asarray((ae.decode(sampling.unpack(z, h, w)) + 1) / 2)
-
-
 def test_four_step_restoration_matches_jax(base, vae, tmp_path):
     dm, flax_base = base
     dv, ae = vae
@@ -192,7 +174,8 @@ def test_four_step_restoration_matches_jax(base, vae, tmp_path):
     lq01 = rng.uniform(0, 1, (B, H // 4, W // 4, 3)).astype(np.float32)
     noise = rng.standard_normal((B, H // 8, W // 8, 16)).astype(np.float32)
     txt, y = rng.standard_normal((T, 32)).astype(np.float32), rng.standard_normal(32).astype(np.float32)
-    want = jax_restore(flax_base, ae, jax_adapter, lq01, noise, 4, 3.5, txt, y)
+    with jax.default_matmul_precision("highest"):
+        want = compare_adapter.restore_jax(flax_base, ae, jax_adapter, lq01, noise, 4, 3.5, txt, y)
     got = torch_fluxir.restore_torch(dm, dv, adapter, lq01, noise, 4, 3.5, txt, y, clip=False).numpy()
     assert got.shape == (B, H, W, 3)
     assert rel_err(got, want) <= TOL_RESTORE, rel_err(got, want)
@@ -201,6 +184,19 @@ def test_four_step_restoration_matches_jax(base, vae, tmp_path):
     # control_scale override: 0 is the base alone, and differs from the adapter's result
     base_only = torch_fluxir.restore_torch(dm, dv, adapter, lq01, noise, 4, 3.5, txt, y, clip=False, control_scale=0.0)
     assert rel_err(base_only.numpy(), got) > 1e-2 and adapter.config.control_scale == 1.0
+
+
+def test_compare_rows_cover_every_block_and_the_restoration(base, vae, tmp_path):
+    dm, flax_base = base
+    dv, ae = vae
+    _, path, _ = pair(base, tmp_path, "every_n")
+    rows = dict(compare_adapter.adapter_rows(dm, dv, flax_base, ae, path, seed=1, steps=1, lq_size=8))
+    n_blocks = len(dm.transformer_blocks) + len(dm.single_transformer_blocks)
+    assert len(rows) == 2 * n_blocks + 2
+    for name, err in rows.items():
+        assert err <= (TOL_RESTORE if "restoration" in name else TOL_STEP), (name, err)
+    with pytest.raises(UserError, match="multiple of 16"):
+        compare_adapter.adapter_rows(dm, dv, flax_base, ae, path, lq_size=6)
 
 
 def test_mismatched_base_is_refused(base, tmp_path):
