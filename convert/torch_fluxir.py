@@ -70,8 +70,8 @@ class SqueezeExciteGate(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(dim))
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
-        squeezed = c.float().mean(dim=1)
-        s = torch.sigmoid(self.up(nn.functional.silu(self.down(squeezed))))
+        f32 = lambda lin, x: nn.functional.linear(x, lin.weight.float(), lin.bias.float())  # noqa: E731  (float32, as JAX)
+        s = torch.sigmoid(f32(self.up, nn.functional.silu(f32(self.down, c.float().mean(dim=1)))))
         return self.gamma.float() * s
 
 
@@ -81,7 +81,12 @@ def _se_layers(d_idx, s_idx, dim: int, reduction: int) -> nn.ModuleDict:
 
 
 class TorchFluxIR(nn.Module):
-    """The FluxIR adapter's tensors and its control-block forward; the base is passed to `features`."""
+    """The FluxIR adapter's tensors and its control-block forward; the base is passed to `features`.
+
+    The control block runs in the adapter's parameter dtype (float32 as loaded; `.to(torch.bfloat16)`
+    to follow a bf16 base), the SE gates in float32 as on the JAX side; residuals are cast to the
+    base's dtype when added.
+    """
 
     def __init__(self, config: FluxIRConfig, base_config: FluxConfig):
         super().__init__()
@@ -154,13 +159,13 @@ class TorchFluxIR(nn.Module):
         if lq.shape != img.shape:
             raise ValueError(f"TorchFluxIR: `lq` must have the shape of `img` {list(img.shape)}, got {list(lq.shape)}")
         b = img.shape[0]
-        dt = transformer.x_embedder.weight.dtype
+        dt, adt = transformer.x_embedder.weight.dtype, self.lq_in.weight.dtype  # base / adapter compute dtypes
         theta_p, theta_y = self.text(b)
         txt_ids = torch.zeros(self.config.text_len, 3, dtype=img_ids.dtype, device=img_ids.device)
-        temb = _temb(transformer, t, theta_y.to(dt), guidance)
+        temb = _temb(transformer, t, theta_y.to(dt), guidance).to(adt)
         rope = transformer.pos_embed(torch.cat([txt_ids, img_ids], dim=0))
-        x = transformer.x_embedder(img.to(dt)) + self.lq_in(lq.to(dt))
-        p = transformer.context_embedder(theta_p.to(dt))
+        x = transformer.x_embedder(img.to(dt)).to(adt) + self.lq_in(lq.to(adt))
+        p = transformer.context_embedder(theta_p.to(dt)).to(adt)
         c_txt, c_img = self.block(hidden_states=x, encoder_hidden_states=p, temb=temb, image_rotary_emb=rope)
         return c_img, c_txt
 
@@ -211,9 +216,10 @@ def fluxir_velocity_torch(transformer, adapter: TorchFluxIR, img, lq, img_ids, t
     [depth, B, L, C], `double_txt` [depth, B, T, C], `single` [depth_single, B, T+L, C].
     """
     _check_base(transformer, adapter)
-    as_t = lambda x: None if x is None else torch.as_tensor(x)  # noqa: E731
+    device = transformer.x_embedder.weight.device
+    as_t = lambda x: None if x is None else torch.as_tensor(x, device=device)  # noqa: E731
     img, lq, txt, t, y, guidance = map(as_t, (img, lq, txt, t, y, guidance))
-    img_ids, txt_ids = _ids2d(torch.as_tensor(img_ids)), _ids2d(torch.as_tensor(txt_ids))
+    img_ids, txt_ids = _ids2d(as_t(img_ids)), _ids2d(as_t(txt_ids))
     b = img.shape[0]
     dt = transformer.x_embedder.weight.dtype
     if adapter.se_txt is not None and not adapter.config.base_consumes_theta and txt.shape[1] != adapter.config.text_len:
@@ -320,8 +326,8 @@ def upsample_lq(lq_images01: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
     return x.clamp(0.0, 1.0).permute(0, 2, 3, 1)
 
 
-def _text_batch(txt, y, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    txt, y = torch.as_tensor(txt).float(), torch.as_tensor(y).float()
+def _text_batch(txt, y, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    txt, y = torch.as_tensor(txt, device=device).float(), torch.as_tensor(y, device=device).float()
     if txt.ndim == 2:
         txt = txt.unsqueeze(0).expand(batch, *txt.shape)
     if y.ndim == 1:
@@ -350,18 +356,20 @@ def restore_torch(transformer, vae, adapter: TorchFluxIR, lq_images, noise, num_
                                  shift=shift, clip=clip)
         finally:
             adapter.config = saved
-    lq_images, noise = torch.as_tensor(lq_images).float(), torch.as_tensor(noise).float()
+    device = transformer.x_embedder.weight.device
+    lq_images = torch.as_tensor(lq_images, device=device).float()
+    noise = torch.as_tensor(noise, device=device).float()
     b, h, w, _ = noise.shape
     lq = pack_torch(vae_encode(vae, upsample_lq(lq_images, (8 * h, 8 * w))))
-    txt, y = _text_batch(txt, y, b)
-    ids = img_ids_torch(h, w)
-    g = None if guidance is None else torch.full((b,), float(guidance))
+    txt, y = _text_batch(txt, y, b, device)
+    ids, txt_ids = img_ids_torch(h, w).to(device), torch.zeros(txt.shape[1], 3, device=device)
+    g = None if guidance is None else torch.full((b,), float(guidance), device=device)
     timesteps = torch.tensor(sampling.get_schedule(num_steps, lq.shape[1], shift=shift), dtype=torch.float32)
     img = pack_torch(noise)
     for i in range(num_steps):
         t_cur, t_next = timesteps[i], timesteps[i + 1]
-        pred = fluxir_velocity_torch(transformer, adapter, img, lq, ids, txt, torch.zeros(txt.shape[1], 3),
-                                     torch.full((b,), float(t_cur)), y, g)
+        pred = fluxir_velocity_torch(transformer, adapter, img, lq, ids, txt, txt_ids,
+                                     torch.full((b,), float(t_cur), device=device), y, g)
         img = img + (t_next - t_cur) * pred.float()
     images = (vae_decode(vae, unpack_torch(img, h, w)) + 1.0) / 2.0
     return images.clamp(0.0, 1.0) if clip else images
@@ -395,7 +403,8 @@ def fluxir_loss_torch(transformer, vae, adapter: TorchFluxIR, hq, lq_up, t, nois
     """
     if pixel_loss not in ("l1", "l2"):
         raise ValueError(f"pixel_loss must be 'l1' or 'l2', got {pixel_loss!r}")
-    hq, lq_up, t, noise = (torch.as_tensor(a).float() for a in (hq, lq_up, t, noise))
+    device = transformer.x_embedder.weight.device
+    hq, lq_up, t, noise = (torch.as_tensor(a, device=device).float() for a in (hq, lq_up, t, noise))
     b, h, w, _ = noise.shape
     if pixel_crop % 8 or not 0 < pixel_crop <= 8 * min(h, w):
         raise ValueError(f"pixel_crop must be a positive multiple of 8 no larger than the image, got {pixel_crop}")
@@ -405,13 +414,13 @@ def fluxir_loss_torch(transformer, vae, adapter: TorchFluxIR, hq, lq_up, t, nois
         raise ValueError(f"crop_offsets {offsets.tolist()} put a {c}x{c} crop outside the {h}x{w} latent")
     with torch.no_grad():
         z0, zc = vae_encode(vae, hq), vae_encode(vae, lq_up)
-    txt, y = _text_batch(txt, y, b)
-    g = None if guidance is None else torch.as_tensor(guidance, dtype=torch.float32).expand(b)
+    txt, y = _text_batch(txt, y, b, device)
+    g = None if guidance is None else torch.as_tensor(guidance, dtype=torch.float32, device=device).expand(b)
     tt = t[:, None, None, None]
     z_t = (1.0 - tt) * z0 + tt * noise
     v = noise - z0
-    pred = fluxir_velocity_torch(transformer, adapter, pack_torch(z_t), pack_torch(zc), img_ids_torch(h, w), txt,
-                                 torch.zeros(txt.shape[1], 3), t, y, g)
+    pred = fluxir_velocity_torch(transformer, adapter, pack_torch(z_t), pack_torch(zc), img_ids_torch(h, w).to(device),
+                                 txt, torch.zeros(txt.shape[1], 3, device=device), t, y, g)
     v_hat = unpack_torch(pred.float(), h, w)
     l_flow = torch.mean(torch.square(v_hat - v))
     l_pix = torch.zeros((), dtype=torch.float32)

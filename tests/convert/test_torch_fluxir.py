@@ -126,7 +126,7 @@ def torch_step(dm, adapter, x, intermediates=False):
     with torch.no_grad():
         out = torch_fluxir.fluxir_velocity_torch(dm, adapter, *args, intermediates=intermediates)
     if not intermediates:
-        return out.numpy(), None
+        return out.float().numpy(), None
     return out[0].numpy(), {k: v.numpy() for k, v in out[1].items()}
 
 
@@ -184,6 +184,22 @@ def test_four_step_restoration_matches_jax(base, vae, tmp_path):
     # control_scale override: 0 is the base alone, and differs from the adapter's result
     base_only = torch_fluxir.restore_torch(dm, dv, adapter, lq01, noise, 4, 3.5, txt, y, clip=False, control_scale=0.0)
     assert rel_err(base_only.numpy(), got) > 1e-2 and adapter.config.control_scale == 1.0
+
+
+def test_bfloat16_base_with_float32_or_bfloat16_adapter_runs_close(base, tmp_path):
+    import copy
+
+    dm, _ = base
+    _, _, adapter = pair(base, tmp_path)
+    x = step_inputs()
+    want = torch_step(dm, adapter, x)[0]
+    dm16 = copy.deepcopy(dm).to(torch.bfloat16)
+    # yardstick: the bf16 rounding error of the base alone (an adapter with no residuals)
+    plain = torch_fluxir.TorchFluxIR(adapter.config, adapter.base_config)
+    base_err = rel_err(torch_step(dm16, plain, x)[0], torch_step(dm, plain, x)[0])
+    for a in (adapter, copy.deepcopy(adapter).to(torch.bfloat16)):
+        got = torch_step(dm16, a, x)[0]
+        assert np.isfinite(got).all() and rel_err(got, want) <= 1.5 * base_err, (rel_err(got, want), base_err)
 
 
 def test_compare_rows_cover_every_block_and_the_restoration(base, vae, tmp_path):
