@@ -169,20 +169,23 @@ class TorchFluxIR(nn.Module):
         c_txt, c_img = self.block(hidden_states=x, encoder_hidden_states=p, temb=temb, image_rotary_emb=rope)
         return c_img, c_txt
 
-    def residuals(self, c_img: torch.Tensor, c_txt: torch.Tensor) -> dict[tuple[str, int], tuple]:
-        """{("double_blocks"|"single_blocks", k): (r_img, r_txt or None)} for every controlled block."""
-        scale = self.config.control_scale
-        feat_i, feat_t = c_img * scale, c_txt * scale
+    def gates(self, c_img: torch.Tensor, c_txt: torch.Tensor) -> dict[tuple[str, int], tuple]:
+        """{("double_blocks"|"single_blocks", k): (gate_img [B, C], gate_txt [B, C] or None)} per controlled block.
+
+        The residual of block k is `control_scale * c * gate` (see `residual`); only the small
+        gates are kept per block, never 57 full-size residuals at once.
+        """
         out = {}
         for kind in ("double_blocks", "single_blocks"):
             for k, se in self.se_img[kind].items():
-                r_img = feat_i * se(c_img)[:, None, :].to(feat_i.dtype)
-                r_txt = None
-                if self.se_txt is not None:
-                    r_txt = feat_t * self.se_txt[kind][k](c_txt)[:, None, :].to(feat_t.dtype)
-                out[(kind, int(k))] = (r_img, r_txt)
+                out[(kind, int(k))] = (se(c_img), None if self.se_txt is None else self.se_txt[kind][k](c_txt))
         return out
 
+    def residual(self, c: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor | None:
+        """`control_scale * c * gate` broadcast over the tokens (None without a gate)."""
+        if gate is None:
+            return None
+        return (c * self.config.control_scale) * gate[:, None, :].to(c.dtype)
 
 def _temb(transformer, t, y, guidance):
     """diffusers' vec: time_text_embed(1000 t [, 1000 g], y), as its forward computes it."""
@@ -225,7 +228,8 @@ def fluxir_velocity_torch(transformer, adapter: TorchFluxIR, img, lq, img_ids, t
     if adapter.se_txt is not None and not adapter.config.base_consumes_theta and txt.shape[1] != adapter.config.text_len:
         raise ValueError(f"fluxir_velocity_torch: `txt` has {txt.shape[1]} tokens, the adapter's text residuals "
                          f"{adapter.config.text_len}")
-    residuals = adapter.residuals(*adapter.features(transformer, img, lq, img_ids, t, guidance))
+    c_img, c_txt = adapter.features(transformer, img, lq, img_ids, t, guidance)
+    gates = adapter.gates(c_img, c_txt)
     if adapter.config.base_consumes_theta:
         txt, y = adapter.text(b)
         txt_ids = torch.zeros(adapter.config.text_len, 3, dtype=img_ids.dtype, device=img_ids.device)
@@ -236,7 +240,8 @@ def fluxir_velocity_torch(transformer, adapter: TorchFluxIR, img, lq, img_ids, t
     hist = {"double_img": [], "double_txt": [], "single": []}
 
     def add(kind, k, hidden, enc):
-        r_img, r_txt = residuals.get((kind, k), (None, None))
+        g_img, g_txt = gates.get((kind, k), (None, None))
+        r_img, r_txt = adapter.residual(c_img, g_img), adapter.residual(c_txt, g_txt)
         return (hidden if r_img is None else hidden + r_img.to(hidden.dtype),
                 enc if r_txt is None else enc + r_txt.to(enc.dtype))
 

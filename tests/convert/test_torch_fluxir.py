@@ -202,6 +202,7 @@ def test_bfloat16_base_with_float32_or_bfloat16_adapter_runs_close(base, tmp_pat
         assert np.isfinite(got).all() and rel_err(got, want) <= 1.5 * base_err, (rel_err(got, want), base_err)
 
 
+@pytest.mark.slow  # ~30-50 s on the shared 2-core machine (compiles a restoration at new shapes)
 def test_compare_rows_cover_every_block_and_the_restoration(base, vae, tmp_path):
     dm, flax_base = base
     dv, ae = vae
