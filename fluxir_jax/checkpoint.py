@@ -7,7 +7,7 @@ A converted checkpoint is an Orbax composite directory: items `transformer` and/
     flux = load_flux(ckpt)                                   # default device, stored dtype
     flux = load_flux(ckpt, mesh=mesh, sharding=rule)         # restored straight into shardings
     ae = load_autoencoder(ckpt, dtype="float32")
-    t5, clip = load_text_embeddings(ckpt)["t5"], ...
+    text = load_text_embeddings(ckpt)    # {"txt": [text_len, 4096], "y": [768], "computed": bool}
 
 `sharding` may be a `jax.sharding.Sharding` for every parameter, or a callable
 `(path, shape) -> Sharding | PartitionSpec | None` (a PartitionSpec needs `mesh`; None means
@@ -36,6 +36,10 @@ from fluxir_jax.errors import UserError
 
 ShardingRule = Union[None, Any, Callable[[tuple, tuple], Any]]
 
+# config.json's "format" and "format_version": written by `fluxir convert`, checked on every read.
+CHECKPOINT_FORMAT = "fluxir-checkpoint"
+CHECKPOINT_VERSION = 1
+
 
 def read_config(directory: str | os.PathLike) -> dict:
     """The checkpoint's config.json (UserError if `directory` is not a converted checkpoint)."""
@@ -46,8 +50,12 @@ def read_config(directory: str | os.PathLike) -> dict:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: invalid JSON ({e.msg})") from None
-    if cfg.get("format") != "fluxir-checkpoint":
-        raise UserError(f"{path}: not a fluxir checkpoint config")
+    if not isinstance(cfg, dict) or cfg.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a fluxir checkpoint config (no \"format\": \"{CHECKPOINT_FORMAT}\")")
+    version = cfg.get("format_version")
+    if version != CHECKPOINT_VERSION:
+        raise UserError(f"{path}: checkpoint format version {version!r} is not supported (this fluxir-jax reads "
+                        f"version {CHECKPOINT_VERSION}); convert the checkpoint again with this version")
     return cfg
 
 
@@ -205,10 +213,13 @@ def autoencoder_config(directory, **overrides):
 
 
 def load_text_embeddings(directory) -> dict[str, np.ndarray | bool]:
-    """{"t5": [L, d], "clip": [d], "computed": bool} for the empty prompt (zeros if not computed)."""
+    """{"txt": [text_len, d] (T5), "y": [d] (CLIP pooled), "computed": bool} for the empty prompt
+    (zeros if not computed)."""
     meta = read_config(directory).get("text", {}).get("empty", {})
     path = pathlib.Path(directory) / meta.get("file", "text/empty.npz")
     if not path.is_file():
         raise UserError(f"{directory}: no text embeddings ({path.name} missing)")
     with np.load(path) as z:
-        return {"t5": z["t5"], "clip": z["clip"], "computed": bool(z["computed"])}
+        if "txt" not in z.files or "y" not in z.files:
+            raise UserError(f"{path}: expected arrays 'txt' and 'y', found {', '.join(z.files)}")
+        return {"txt": z["txt"], "y": z["y"], "computed": bool(z["computed"])}
