@@ -233,37 +233,37 @@ def plan(sources: dict[str, formats.Source], *, dtype: str | None = None, axes_d
 # ----------------------------------------------------------------------------- text
 
 
-def text_embeddings(flux_config, *, t5=None, clip=None, t5_len=None, text_dtype="float32", log=print):
-    """(t5 [L, d], clip [d], metadata) for the empty prompt; zeros of the model's shapes without encoders."""
+def text_embeddings(flux_config, *, t5=None, clip=None, text_len=None, text_dtype="float32", log=print):
+    """(txt [text_len, d], y [d], metadata) for the empty prompt; zeros of the model's shapes without encoders."""
     from . import text
 
     if (t5 is None) != (clip is None):
         raise UserError("--t5 and --clip go together (FLUX needs both encodings)")
     guidance = flux_config.guidance_embed if flux_config is not None else True
-    length = int(t5_len) if t5_len else text.default_t5_len(guidance)
+    length = int(text_len) if text_len else text.default_text_len(guidance)
     if length <= 0:
-        raise UserError(f"--t5-len must be positive, got {length}")
+        raise UserError(f"--text-len must be positive, got {length}")
     if t5 is None:
         if flux_config is None:
             return None, None, {"computed": False, "note": "no transformer in this checkpoint: no text embeddings"}
-        t5_arr = np.zeros((length, flux_config.context_in_dim), np.float32)
-        clip_arr = np.zeros((flux_config.vec_in_dim,), np.float32)
+        txt_arr = np.zeros((length, flux_config.context_in_dim), np.float32)
+        y_arr = np.zeros((flux_config.vec_in_dim,), np.float32)
         note = "zeros: no --t5/--clip encoders were given; recompute with fluxir convert --t5 DIR --clip DIR"
         log(f"text embeddings: {note}")
         meta = {"computed": False, "note": note}
     else:
         log(f"text embeddings: encoding the empty prompt with T5 ({t5}, length {length}) and CLIP ({clip})")
-        t5_arr, clip_arr = text.empty(t5, clip, length, text_dtype)
+        txt_arr, y_arr = text.empty(t5, clip, length, text_dtype)
         if flux_config is not None:
-            if t5_arr.shape[-1] != flux_config.context_in_dim:
-                raise UserError(f"--t5 {t5}: d_model {t5_arr.shape[-1]} does not match the transformer's "
+            if txt_arr.shape[-1] != flux_config.context_in_dim:
+                raise UserError(f"--t5 {t5}: d_model {txt_arr.shape[-1]} does not match the transformer's "
                                 f"context_in_dim {flux_config.context_in_dim}")
-            if clip_arr.shape[-1] != flux_config.vec_in_dim:
-                raise UserError(f"--clip {clip}: pooled size {clip_arr.shape[-1]} does not match the transformer's "
+            if y_arr.shape[-1] != flux_config.vec_in_dim:
+                raise UserError(f"--clip {clip}: pooled size {y_arr.shape[-1]} does not match the transformer's "
                                 f"vec_in_dim {flux_config.vec_in_dim}")
         meta = {"computed": True, "t5": str(t5), "clip": str(clip), "dtype": text_dtype}
-    meta.update(file=TEXT_FILE, prompt="", t5_len=length, t5_shape=list(t5_arr.shape), clip_shape=list(clip_arr.shape))
-    return t5_arr, clip_arr, meta
+    meta.update(file=TEXT_FILE, prompt="", text_len=length, txt_shape=list(txt_arr.shape), y_shape=list(y_arr.shape))
+    return txt_arr, y_arr, meta
 
 
 # ----------------------------------------------------------------------------- convert
@@ -271,7 +271,7 @@ def text_embeddings(flux_config, *, t5=None, clip=None, t5_len=None, text_dtype=
 
 def convert(sources: Sequence[str | os.PathLike], out: str | os.PathLike, *, fmt: str = "auto",
             dtype: str | None = None, overwrite: bool = False, axes_dim: Sequence[int] | None = None,
-            vae_norm_groups: int | None = None, t5=None, clip=None, t5_len: int | None = None,
+            vae_norm_groups: int | None = None, t5=None, clip=None, text_len: int | None = None,
             text_dtype: str = "float32", progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Convert `sources` (BFL files / diffusers folders) into an Orbax checkpoint at `out`.
 
@@ -291,7 +291,7 @@ def convert(sources: Sequence[str | os.PathLike], out: str | os.PathLike, *, fmt
         log(f"{name}: {s.layout} layout, {len(s.tensors.files)} file(s), {s.tensors.nbytes / 2**30:.2f} GiB -> "
             f"{p.nbytes / 2**30:.2f} GiB {'/'.join(sorted(p.dtypes))}")
     flux_cfg = plans["transformer"].config if "transformer" in plans else None
-    t5_arr, clip_arr, text_meta = text_embeddings(flux_cfg, t5=t5, clip=clip, t5_len=t5_len,
+    txt_arr, y_arr, text_meta = text_embeddings(flux_cfg, t5=t5, clip=clip, text_len=text_len,
                                                   text_dtype=text_dtype, log=log)
 
     from fluxir_jax.config import to_dict
@@ -312,8 +312,8 @@ def convert(sources: Sequence[str | os.PathLike], out: str | os.PathLike, *, fmt
     }
 
     text = None
-    if t5_arr is not None:
-        text = dict(t5=t5_arr, clip=clip_arr, computed=np.array(text_meta["computed"]))
+    if txt_arr is not None:
+        text = dict(txt=txt_arr, y=y_arr, computed=np.array(text_meta["computed"]))
     total, dt = writer.write_checkpoint(out, {n: p.tree for n, p in plans.items()}, config, text,
                                        progress=progress, desc="convert")
     log(f"wrote {out} ({total / 2**30:.2f} GiB in {dt:.1f} s, {total / 2**20 / max(dt, 1e-9):.0f} MiB/s)")

@@ -10,7 +10,7 @@ process and checkpoint.
     flux = load_flux(ckpt)                                   # default device, stored dtype
     flux = load_flux(ckpt, mesh=mesh, sharding=rule)         # restored straight into shardings
     ae = load_autoencoder(ckpt, dtype="float32")
-    t5, clip = load_text_embeddings(ckpt)["t5"], ...
+    text = load_text_embeddings(ckpt)    # {"txt": [text_len, 4096], "y": [768], "computed": bool}
 
 `sharding` may be a `jax.sharding.Sharding` for every parameter, or a callable
 `(path, shape) -> Sharding | PartitionSpec | None` (a PartitionSpec needs `mesh`; None means
@@ -40,8 +40,10 @@ from fluxir_jax.errors import UserError
 
 ShardingRule = Union[None, Any, Callable[[tuple, tuple], Any]]
 
+# config.json's "format" and "format_version": written by `fluxir convert`, checked on every read.
 CHECKPOINT_FORMAT = "fluxir-checkpoint"
 CHECKPOINT_VERSION = 1
+
 
 _RANDOM_NOTICED: set[str] = set()
 
@@ -71,10 +73,11 @@ def read_config(directory: str | os.PathLike) -> dict:
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: invalid JSON ({e.msg})") from None
     if not isinstance(cfg, dict) or cfg.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path}: not a fluxir checkpoint config")
-    if cfg.get("format_version") != CHECKPOINT_VERSION:
-        raise UserError(f"{path}: checkpoint format version {cfg.get('format_version')} is not supported "
-                        f"(this code reads {CHECKPOINT_VERSION})")
+        raise UserError(f"{path}: not a fluxir checkpoint config (no \"format\": \"{CHECKPOINT_FORMAT}\")")
+    version = cfg.get("format_version")
+    if version != CHECKPOINT_VERSION:
+        raise UserError(f"{path}: checkpoint format version {version!r} is not supported (this fluxir-jax reads "
+                        f"version {CHECKPOINT_VERSION}); convert the checkpoint again with this version")
     _notice_random(directory, cfg)
     return cfg
 
@@ -233,15 +236,15 @@ def autoencoder_config(directory, **overrides):
 
 
 def load_text_embeddings(directory) -> dict[str, np.ndarray | bool]:
-    """{"t5": [L, d], "clip": [d], "computed": bool, "random": bool} for the empty prompt.
-
-    computed: encoded by T5/CLIP at conversion; otherwise zeros (converted without encoders)
-    or, with random, random values (`fluxir init`).
-    """
+    """{"txt": [text_len, d] (T5), "y": [d] (CLIP pooled), "computed": bool, "random": bool} for the
+    empty prompt. computed: encoded by T5/CLIP at conversion; otherwise zeros (converted without
+    encoders) or, with random, random values (`fluxir init`)."""
     meta = read_config(directory).get("text", {}).get("empty", {})
     path = pathlib.Path(directory) / meta.get("file", "text/empty.npz")
     if not path.is_file():
         raise UserError(f"{directory}: no text embeddings ({path.name} missing)")
     with np.load(path) as z:
-        return {"t5": z["t5"], "clip": z["clip"], "computed": bool(z["computed"]),
+        if "txt" not in z.files or "y" not in z.files:
+            raise UserError(f"{path}: expected arrays 'txt' and 'y', found {', '.join(z.files)}")
+        return {"txt": z["txt"], "y": z["y"], "computed": bool(z["computed"]),
                 "random": bool(z["random"]) if "random" in z.files else False}

@@ -116,7 +116,7 @@ class InitPlan:
     vae_config: object
     trees: dict  # item -> nested dict of checkpoint_writer.LazyArray
     dtypes: dict  # item -> {stored dtype name: parameter count}
-    text: dict  # t5 [L, context], clip [vec], computed, random
+    text: dict  # txt [text_len, context], y [vec], computed, random
 
     @property
     def nbytes(self) -> int:
@@ -154,7 +154,7 @@ def plan(preset: str, seed: int = 0, *, dtype: str | None = None, text_len: int 
     """Configs and lazy random trees for `preset` (nothing is generated until written)."""
     from flax import nnx
 
-    from fluxir_jax.models import configs
+    from fluxir_jax.models import presets
     from fluxir_jax.models.autoencoder import AE_PRESETS, AutoEncoder
     from fluxir_jax.models.flux import Flux
 
@@ -164,7 +164,7 @@ def plan(preset: str, seed: int = 0, *, dtype: str | None = None, text_len: int 
         raise UserError(f"--dtype {dtype!r}: expected bf16 or fp32")
     if seed < 0:
         raise UserError(f"--seed must be >= 0, got {seed}")
-    flux_cfg = configs.get(preset)
+    flux_cfg = presets.get(preset)
     if dtype is not None:
         flux_cfg = dataclasses.replace(flux_cfg, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype])
     vae_cfg = AE_PRESETS[VAE_FOR_PRESET[preset]]
@@ -177,8 +177,8 @@ def plan(preset: str, seed: int = 0, *, dtype: str | None = None, text_len: int 
     trees["vae"], dtypes["vae"] = _lazy_tree(lambda: AutoEncoder(vae_cfg, rngs=nnx.Rngs(0)), "vae", seed,
                                              _np_dtype(vae_cfg.param_dtype))
     text = {
-        "t5": _rng(seed, "text", "t5").standard_normal((length, flux_cfg.context_in_dim), dtype=np.float32),
-        "clip": _rng(seed, "text", "clip").standard_normal((flux_cfg.vec_in_dim,), dtype=np.float32),
+        "txt": _rng(seed, "text", "t5").standard_normal((length, flux_cfg.context_in_dim), dtype=np.float32),
+        "y": _rng(seed, "text", "clip").standard_normal((flux_cfg.vec_in_dim,), dtype=np.float32),
         "computed": np.array(False),
         "random": np.array(True),
     }
@@ -206,8 +206,8 @@ def config_json(p: InitPlan) -> dict:
         "random": {"weights": True, "text": True, "preset": p.preset, "vae_preset": VAE_FOR_PRESET[p.preset],
                    "seed": p.seed, "command": f"fluxir init {p.preset} --seed {p.seed}"},
         "text": {"empty": {"computed": False, "random": True, "note": note, "file": TEXT_FILE, "prompt": "",
-                           "t5_len": int(p.text["t5"].shape[0]), "t5_shape": list(p.text["t5"].shape),
-                           "clip_shape": list(p.text["clip"].shape)}},
+                           "text_len": int(p.text["txt"].shape[0]), "txt_shape": list(p.text["txt"].shape),
+                           "y_shape": list(p.text["y"].shape)}},
         "converter": {"fluxir_jax": fluxir_jax.__version__, "orbax_checkpoint": ocp.__version__,
                       "dtype_option": "preset", "command": "fluxir init"},
     }

@@ -14,7 +14,7 @@ from flax import nnx
 
 from fluxir_jax import checkpoint, cli, init_checkpoint, sampling
 from fluxir_jax.errors import UserError
-from fluxir_jax.models import configs
+from fluxir_jax.models import presets
 from fluxir_jax.models.autoencoder import AE_PRESETS, AutoEncoder
 from fluxir_jax.models.flux import Flux
 
@@ -65,13 +65,13 @@ def test_init_loads_runs_and_says_random_once(preset, tmp_path):
     notice = f"fluxir: note: {out} holds RANDOM weights and text embeddings (fluxir init {preset} --seed 0)"
     assert err.getvalue().count(notice) == 1, err.getvalue()
 
-    fcfg, acfg = configs.get(preset), AE_PRESETS[init_checkpoint.VAE_FOR_PRESET[preset]]
+    fcfg, acfg = presets.get(preset), AE_PRESETS[init_checkpoint.VAE_FOR_PRESET[preset]]
     assert flux.config == fcfg and ae.config == acfg
     assert _shapes(flux) == _shapes(nnx.eval_shape(lambda: Flux(fcfg, rngs=nnx.Rngs(0))))
     assert _shapes(ae) == _shapes(nnx.eval_shape(lambda: AutoEncoder(acfg, rngs=nnx.Rngs(0))))
-    assert text["t5"].shape == (8, fcfg.context_in_dim) and text["clip"].shape == (fcfg.vec_in_dim,)
-    assert text["random"] and not text["computed"] and 0.9 < text["t5"].std() < 1.1  # random, not zeros
-    np.testing.assert_array_equal(np.asarray(cond.txt[0]), text["t5"])
+    assert text["txt"].shape == (8, fcfg.context_in_dim) and text["y"].shape == (fcfg.vec_in_dim,)
+    assert text["random"] and not text["computed"] and 0.9 < text["txt"].std() < 1.1  # random, not zeros
+    np.testing.assert_array_equal(np.asarray(cond.txt[0]), text["txt"])
 
     # the kernels have the documented scale: std 1/sqrt(fan_in)
     k = _values(flux)[("double_blocks", "img_mlp", "0", "kernel")]
@@ -96,8 +96,8 @@ def test_same_seed_same_values_other_seed_other_values(tmp_path):
         assert va[key].tobytes() == vb[key].tobytes(), key
         assert va[key].tobytes() != vc[key].tobytes(), key
     ta, tb, tc = (checkpoint.load_text_embeddings(d) for d in (a, b, c))
-    assert ta["t5"].tobytes() == tb["t5"].tobytes() and ta["clip"].tobytes() == tb["clip"].tobytes()
-    assert ta["t5"].tobytes() != tc["t5"].tobytes()
+    assert ta["txt"].tobytes() == tb["txt"].tobytes() and ta["y"].tobytes() == tb["y"].tobytes()
+    assert ta["txt"].tobytes() != tc["txt"].tobytes()
     assert (a / "config.json").read_bytes() == (b / "config.json").read_bytes()
 
 
@@ -141,7 +141,7 @@ def test_zero_text_still_refused_but_random_text_accepted(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     with np.load(out / "text/empty.npz") as z:
         arrays = dict(z)
-    np.savez(out / "text/empty.npz", t5=np.zeros_like(arrays["t5"]), clip=np.zeros_like(arrays["clip"]),
+    np.savez(out / "text/empty.npz", txt=np.zeros_like(arrays["txt"]), y=np.zeros_like(arrays["y"]),
              computed=np.array(False))  # as `fluxir convert` without encoders writes it
     cfg.pop("random")
     (out / "config.json").write_text(json.dumps(cfg))
@@ -164,7 +164,7 @@ def test_real_presets_are_planned_without_writing(preset):
     from fluxir_jax.info import count_flux_params
 
     p = init_checkpoint.plan(preset, seed=0)
-    fcfg = configs.get(preset)
+    fcfg = presets.get(preset)
     n_flux = count_flux_params(fcfg)
     assert 11.8e9 < n_flux < 12.0e9
     assert p.vae_config == AE_PRESETS["flux"] and p.dtypes["transformer"] == {"bfloat16": n_flux}
@@ -197,4 +197,4 @@ def test_real_presets_are_planned_without_writing(preset):
     l0, l1 = norm.pieces[0].produce(), norm.pieces[1].produce()
     assert l0.shape == (128,) and l0.tobytes() != l1.tobytes()
     assert abs(l0.astype(np.float32).mean() - 1) < 0.01
-    assert p.text["t5"].shape == ((512 if fcfg.guidance_embed else 256), 4096) and p.text["clip"].shape == (768,)
+    assert p.text["txt"].shape == ((512 if fcfg.guidance_embed else 256), 4096) and p.text["y"].shape == (768,)

@@ -17,7 +17,7 @@ import torch
 from flax import nnx
 from safetensors import safe_open
 
-from convert import compare_adapter, torch_fluxir, vae_map
+from fluxir_convert import compare_adapter, torch_fluxir, vae_map
 from fluxir_jax import sampling
 from fluxir_jax.errors import UserError
 from fluxir_jax.models import adapter_io
