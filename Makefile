@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench docs clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/flux_forward.py
+
+docs: $(STAMP)
+	$(BIN)/python -m fluxir_jax.config_docs --write
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info
