@@ -26,8 +26,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	@echo "make demo: the end-to-end restoration demo arrives with the restoration/demo issue."
 
+# make bench BENCH_ARGS=--quick: smoke runs into bench/results/quick/; --table-only: rebuild the README only
 bench: $(STAMP)
-	$(BIN)/python bench/flux_forward.py
+	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
 docs: $(STAMP)
 	$(BIN)/python -m fluxir_jax.config_docs --write
