@@ -25,7 +25,7 @@ sys.path.insert(0, str(BENCH.parent))
 
 from bench import results_table  # noqa: E402
 
-NOT_BENCHMARKS = {"__init__", "common", "run_all", "results_table"}
+NOT_BENCHMARKS = {"__init__", "common", "run_all", "results_table", "gpu_flux"}  # gpu_flux: bench/gpu.sh runs it
 
 # name -> (full runs, quick runs, or None: not run in quick mode with the reason); each run is an argument list
 RUNS: dict[str, tuple[list[list[str]], list[list[str]] | str]] = {
