@@ -111,10 +111,9 @@ def jax_setup():
     gpu = jax.default_backend() == "gpu"
     dtype = env("DTYPE", "bfloat16" if gpu else "float32")
     extra = dict(dtype=dtype, param_dtype=dtype)
+    note = "xla"  # a FluxConfig without an `attention` field always runs jax.nn.dot_product_attention's XLA path
     if "attention" in {f.name for f in dataclasses.fields(FluxConfig)}:
         extra["attention"] = note = env("ATTENTION", "cudnn" if gpu else "xla")
-    else:
-        note = "xla; FluxConfig has no attention field"
     return s, configs.get(s["preset"], **extra), note
 
 

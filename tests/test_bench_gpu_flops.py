@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import pytest
 from flax import nnx
 
 from bench.gpu_flux import adapter_step_flops, forward_flops
@@ -45,3 +46,25 @@ def test_adapter_step_flops_match_xla_within_5_percent():
     xla = _xla_flops(jax.value_and_grad(loss), ad_st, base_st, *ARGS)
     ours = adapter_step_flops(CFG, L, T)
     assert abs(xla / ours - 1) < 0.05, (xla, ours)
+
+
+@pytest.mark.slow  # ~15 s on an idle 2-core machine; minutes when it is shared
+def test_gpu_benchmark_parts_run_on_cpu_with_the_tiny_preset(tmp_path, monkeypatch):
+    """bench/gpu.sh's Python parts end to end on CPU: every part measured, figures in gpu.jsonl."""
+    import json
+
+    from bench import common, gpu_flux
+
+    for k, v in dict(PRESET="tiny", RES="64", TRAIN_RES="32", TEXT_LEN="8", REPEATS="2", PARTS=str(tmp_path / "parts")).items():
+        monkeypatch.setenv(f"FLUXIR_BENCH_{k}", v)
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    for part in ("jax", "torch", "adapter", "summary"):
+        gpu_flux.PARTS[part]()
+    rec = json.loads((tmp_path / "results" / "gpu.jsonl").read_text())
+    assert set(rec["parts"]) == {"jax", "torch", "adapter"} and rec["device"] == "cpu"
+    figs = {f["figure"]: f["value"] for f in rec["figures"]}
+    fwd = "tiny forward 64² (16 + 8 tokens), batch 1, float32"
+    assert figs[f"{fwd}: PyTorch time / JAX time"] == rec["parts"]["torch"]["median_s"] / rec["parts"]["jax"]["median_s"]
+    assert figs[f"{fwd}: JAX (xla attention) ms per step"] > 0
+    assert any(f.startswith("tiny + FluxIR adapter") and f.endswith("achieved TFLOP/s") for f in figs)
+    assert not any("MFU" in f for f in figs)  # no peak known for a CPU
