@@ -35,7 +35,7 @@ RUNS: dict[str, tuple[list[list[str]], list[list[str]] | str]] = {
     ),
     "compile_flux_dev": (
         [[], ["--grad", "--remat", "full"]],
-        [["--model", "tiny", "--res", "128"]],
+        [["--model", "tiny", "--res", "128", "--txt", "16"]],
     ),
     "convert_memory": ([[]], "writes a flux1-dev-sized checkpoint (tens of GB)"),
     "degrade": ([[]], [["--size", "128", "--pairs", "2", "--repeats", "1"]]),
