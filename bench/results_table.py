@@ -83,7 +83,7 @@ def _flux_forward(records):
 
 
 def _compile(records):
-    key = lambda r: (r.get("model"), r.get("res"), r.get("batch"), r.get("grad"), r.get("remat"), r.get("device"))  # noqa: E731
+    key = lambda r: (r.get("model"), r.get("res"), r.get("txt"), r.get("batch"), r.get("grad"), r.get("remat"), r.get("device"))  # noqa: E731
     for r in latest(records, key):
         what = f"{r['model']} {r['res']}², batch {r['batch']}, " + (f"backward (remat {r['remat']})" if r.get("grad") else "forward")
         m, d = machine(r), _date(r)
