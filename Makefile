@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
 
-.PHONY: venv test test-fast bench clean
+.PHONY: venv test test-fast bench docs clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,8 +27,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# make bench BENCH_ARGS=--quick: smoke runs into bench/results/quick/; --table-only: rebuild the README only
 bench: $(STAMP)
-	$(BIN)/python bench/flux_forward.py
+	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
+
+docs: $(STAMP)
+	$(BIN)/python -m fluxir_jax.config_docs --write
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

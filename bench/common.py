@@ -1,13 +1,20 @@
-"""Shared by the benchmarks: the machine's name, median timing, and appending results."""
+"""Shared by the benchmarks: the machine's name, median timing, and appending results.
+
+Results go to bench/results/, or to $FLUXIR_BENCH_RESULTS when set (`bench/run_all.py --quick`
+uses that so smoke runs never mix with real figures). A record may carry its own table rows as
+`"figures": [{"figure": ..., "value": ..., "unit": ..., "repeats": ...}]`; bench/results_table.py
+turns every results file into bench/results/README.md.
+"""
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import platform
 import statistics
 import time
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+RESULTS = pathlib.Path(os.environ.get("FLUXIR_BENCH_RESULTS") or pathlib.Path(__file__).resolve().parent / "results")
 
 
 def cpu_name() -> str:

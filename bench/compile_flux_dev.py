@@ -29,6 +29,7 @@ def main():
     ap.add_argument("--model", default="flux-dev")
     ap.add_argument("--res", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--txt", type=int, default=512, help="text tokens")
     ap.add_argument("--grad", action="store_true", help="compile a backward pass w.r.t. the input instead")
     ap.add_argument("--remat", default="none")
     args = ap.parse_args()
@@ -36,9 +37,10 @@ def main():
 
     cfg = presets.get(args.model, remat_policy=args.remat)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Flux(cfg, rngs=nnx.Rngs(0))))
-    b, L, T = args.batch, (args.res // 16) ** 2, 512
+    b, L, T = args.batch, (args.res // 16) ** 2, args.txt
     S, bf, f32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32
-    shapes = (S((b, L, 64), bf), S((b, L, 3), f32), S((b, T, 4096), bf), S((b, T, 3), f32), S((b,), f32), S((b, 768), bf), S((b,), f32))
+    shapes = (S((b, L, cfg.in_channels), bf), S((b, L, 3), f32), S((b, T, cfg.context_in_dim), bf), S((b, T, 3), f32), S((b,), f32),
+              S((b, cfg.vec_in_dim), bf), S((b,), f32))
 
     def step(state, img, *rest):
         return nnx.merge(graphdef, state)(img, *rest)
@@ -53,7 +55,7 @@ def main():
     t2 = time.perf_counter()
     mem = compiled.memory_analysis()
     rec = dict(
-        model=args.model, res=args.res, batch=b, grad=args.grad, remat=args.remat,
+        model=args.model, res=args.res, txt=T, batch=b, grad=args.grad, remat=args.remat,
         lower_s=round(t1 - t0, 2), compile_s=round(t2 - t1, 2),
         temp_bytes=getattr(mem, "temp_size_in_bytes", None), argument_bytes=getattr(mem, "argument_size_in_bytes", None),
         backend=jax.default_backend(), device=str(jax.devices()[0].device_kind), cpu=cpu_name(), cores=os.cpu_count(),

@@ -33,6 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from bench.common import RESULTS, cpu_name  # noqa: E402
+
 FLUX_DEV = dict(in_channels=64, out_channels=64, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0,
                 num_heads=24, depth=19, depth_single_blocks=38, axes_dim=(16, 56, 56), guidance_embed=True)
 
@@ -214,7 +216,7 @@ def main() -> None:
           f"CPU {r['cpu_s']:.0f} s; {conv_tp / (size / t_copy):.2f} x plain copy")
 
     record = dict(
-        date=time.strftime("%Y-%m-%d %H:%M:%S"), host=platform.node(), cpus=os.cpu_count(),
+        date=time.strftime("%Y-%m-%d %H:%M:%S"), host=platform.node(), cpu=cpu_name(), cpus=os.cpu_count(),
         load_avg_1m=os.getloadavg()[0], note=note, tensors=len(specs), depth=depth, depth_single=2 * depth,
         file_bytes=size, output_bytes=out_bytes, write_synthetic_s=t_write, repeats=args.repeats,
         plain_read_all_s=reads, plain_copy_all_s=copies, convert_all_s=[x["wall_s"] for x in runs],
@@ -227,7 +229,8 @@ def main() -> None:
         goals=dict(peak_rss_under_2GiB=r["baseline_rss"] + r["peak_above_baseline"] < 2 * 2**30,
                    throughput_at_least_half_plain_read=conv_tp >= 0.5 * size / t_read),
     )
-    res = ROOT / "bench" / "results" / "convert_memory.json"
+    res = RESULTS / "convert_memory.json"
+    res.parent.mkdir(parents=True, exist_ok=True)
     res.write_text(json.dumps(record, indent=2) + "\n")
     print(f"-> {res}")
     if not args.keep:

@@ -36,10 +36,11 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from bench.common import RESULTS as BENCH_RESULTS  # noqa: E402
 from fluxir_jax.data import degrade as D  # noqa: E402
 from fluxir_jax.data import kernels as K  # noqa: E402
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "degrade.json"
+RESULTS = BENCH_RESULTS / "degrade.json"
 
 
 def cpu_model() -> str:

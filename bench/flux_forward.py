@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/flux_forward.py [--model small] [--res 256] [--txt 128] [--repeats 7]
 
+`make bench` (bench/run_all.py) runs it for the `tiny` and `small` presets at 256x256.
+
 Both run float32 on the CPU with the same thread count; medians over repeats after a warm-up
 (compile time reported separately). On an accelerator pass --dtype bfloat16 (PyTorch is then
 skipped unless CUDA is available). Appends a record to bench/results/flux_forward.jsonl.
@@ -28,11 +30,12 @@ from fluxir_jax.models.flux import Flux  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="small")
+    ap.add_argument("--model", default="small", help="model preset (tiny, small, flux-dev, ...)")
     ap.add_argument("--res", type=int, default=256)
     ap.add_argument("--txt", type=int, default=128)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed calls of each model after the first")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--no-torch", action="store_true")
     args = ap.parse_args()
@@ -63,11 +66,13 @@ def main():
     t0 = time.perf_counter()
     fwd(*jargs).block_until_ready()
     compile_s = time.perf_counter() - t0
+    timed(lambda: fwd(*jargs).block_until_ready(), args.warmup)
     jax_s, jax_all = timed(lambda: fwd(*jargs).block_until_ready(), args.repeats)
 
     rec = dict(model=args.model, res=args.res, tokens=L, txt=T, batch=b, dtype=args.dtype, jax_median_s=round(jax_s, 4),
                jax_first_call_s=round(compile_s, 2), backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
-               cpu=cpu_name(), cores=os.cpu_count(), repeats=args.repeats)
+               cpu=cpu_name(), cores=os.cpu_count(), repeats=args.repeats,
+               warmup=args.warmup)
     if not args.no_torch and args.dtype == "float32":
         import torch
         from diffusers import FluxTransformer2DModel
@@ -96,6 +101,7 @@ def main():
                      img_ids=torch.from_numpy(img_ids), txt_ids=torch.from_numpy(txt_ids), guidance=torch.from_numpy(x["g"]), return_dict=False)
         with torch.inference_mode():
             ref = dm(**targs)[0].numpy()
+            timed(lambda: dm(**targs), args.warmup)  # first calls allocate and pick kernels
             torch_s, _ = timed(lambda: dm(**targs), args.repeats)
         out = np.asarray(fwd(*jargs))
         rec.update(torch_median_s=round(torch_s, 4), torch_over_jax=round(torch_s / jax_s, 2),

@@ -1,42 +1,54 @@
 #!/usr/bin/env bash
-# Prepared accelerator benchmark (run through the device tool; never from tests).
-# flux-dev-shaped transformer with random bf16 weights: compile time and one-step latency at
-# 1024x1024 (4096 image tokens + 512 text tokens), batch 1 and 4. Results land in $OUT (or
-# bench/results) as JSONL; copy them into bench/results/ and the closing note.
-set -euo pipefail
+# GPU benchmark (NVIDIA; JAX, PyTorch and diffusers preinstalled; no network), under 8 minutes:
+#   1. flux-dev-shaped forward (random bf16 weights, 1024x1024 = 4096 + 512 tokens, batch 1) in JAX
+#      with cudnn attention (when FluxConfig has an `attention` field) and in diffusers with SDPA:
+#      ms per step, PyTorch/JAX ratio, achieved TFLOP/s (analytic count) and MFU;
+#   2. FluxIR adapter forward + backward at 512x512 on the same base (JAX).
+# Each part runs in its own process with its own time limit; a part that fails or times out is
+# reported and the others still run. Extra wheels (e.g. flax, optax) come from an ignored .whl/
+# folder: pip install --no-index --find-links .whl. Results: $OUT/gpu.jsonl (or bench/results/),
+# one record whose `figures` bench/results_table.py shows. Settings: FLUXIR_BENCH_* (bench/gpu_flux.py);
+# FLUXIR_BENCH_PRESET=tiny FLUXIR_BENCH_RES=128 ... runs the same code on a CPU.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT_DIR=${OUT:-bench/results}
-mkdir -p "$OUT_DIR"
-export PYTHONPATH=$PWD
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-python - <<'PY' 2>&1 | tee "$OUT_DIR/gpu_flux_step.txt"
-import json, os, statistics, time
-import jax, jax.numpy as jnp
-from flax import nnx
-from fluxir_jax.models import configs
-from fluxir_jax.models.flux import Flux
-cfg = configs.get("flux-dev")
-graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Flux(cfg, rngs=nnx.Rngs(0))))
-# random bf16 weights materialised on device (never on host)
-leaves, treedef = jax.tree.flatten(abstract)
-keys = jax.random.split(jax.random.key(0), len(leaves))
-@jax.jit
-def init(keys):
-    return jax.tree.unflatten(treedef, [(0.02 * jax.random.normal(k, l.shape, jnp.float32)).astype(l.dtype) for k, l in zip(keys, leaves)])
-state = init(keys)
-def step(state, *a):
-    return nnx.merge(graphdef, state)(*a)
-for b in (1, 4):
-    L, T = 4096, 512
-    args = (jnp.zeros((b, L, 64), jnp.bfloat16), jnp.zeros((b, L, 3)), jnp.zeros((b, T, 4096), jnp.bfloat16), jnp.zeros((b, T, 3)),
-            jnp.full((b,), 0.5), jnp.zeros((b, 768), jnp.bfloat16), jnp.full((b,), 3.5))
-    t0 = time.perf_counter(); c = jax.jit(step).lower(state, *args).compile(); tc = time.perf_counter() - t0
-    c(state, *args).block_until_ready()
-    ts = []
-    for _ in range(10):
-        t0 = time.perf_counter(); c(state, *args).block_until_ready(); ts.append(time.perf_counter() - t0)
-    flops = 2 * 8.6e9 * (L + T) * b  # matmul FLOPs per forward (our estimate, excl. attention)
-    rec = dict(bench="flux-dev step 1024^2", batch=b, compile_s=round(tc, 2), median_s=round(statistics.median(ts), 4),
-               approx_tflops=round(flops / statistics.median(ts) / 1e12, 1), device=jax.devices()[0].device_kind, jax=jax.__version__)
-    print(json.dumps(rec))
-PY
+PY=${PYTHON:-python3}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export FLUXIR_BENCH_RESULTS=${FLUXIR_BENCH_RESULTS:-${OUT:-$PWD/bench/results}}
+mkdir -p "$FLUXIR_BENCH_RESULTS"
+PARTS_DIR=$(mktemp -d)
+trap 'rm -rf "$PARTS_DIR"' EXIT
+export FLUXIR_BENCH_PARTS=$PARTS_DIR
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  echo "== installing wheels from .whl/"
+  "$PY" -m pip install -q --no-index --find-links .whl .whl/*.whl || echo "gpu.sh: some wheels did not install" >&2
+fi
+if ! "$PY" -c "import jax, flax, torch, diffusers" 2>/dev/null; then
+  echo "gpu.sh: needs jax, flax, torch and diffusers (put missing wheels in .whl/)" >&2
+  "$PY" -c "import jax, flax, torch, diffusers"
+  exit 2
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
+"$PY" -c "import jax, torch, diffusers, flax; print('jax', jax.__version__, jax.devices()[0].device_kind, '| flax', flax.__version__, '| torch', torch.__version__, '| diffusers', diffusers.__version__)"
+
+failed=0
+part() {  # part NAME SECONDS
+  echo "== $1 (limit $2 s)"
+  local t0=$SECONDS
+  if timeout "$2" "$PY" bench/gpu_flux.py "$1"; then
+    echo "== $1: done in $((SECONDS - t0)) s"
+  else
+    echo "== $1: FAILED or timed out after $((SECONDS - t0)) s" >&2
+    failed=1
+  fi
+}
+part jax "${FLUXIR_BENCH_LIMIT_JAX:-160}"
+part torch "${FLUXIR_BENCH_LIMIT_TORCH:-110}"
+if "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('fluxir_jax.models.adapter') is None)"; then
+  part adapter "${FLUXIR_BENCH_LIMIT_ADAPTER:-160}"
+else
+  echo "== adapter: skipped (this checkout has no fluxir_jax.models.adapter)"
+fi
+"$PY" bench/gpu_flux.py summary || failed=1
+exit $failed

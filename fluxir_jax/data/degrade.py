@@ -64,7 +64,11 @@ def _check_range(name: str, r, lo: float = -math.inf, hi: float = math.inf) -> N
 
 @dataclasses.dataclass
 class GTConfig:
-    """Ground-truth preparation (`prepare_gt`): random crop (reflect-101 pad if smaller), hflip."""
+    """Ground-truth preparation (`prepare_gt`): random crop (reflect-101 pad if smaller), hflip.
+
+    crop_size    side of the square GT crop in pixels (smaller images are padded to it)
+    hflip_prob   probability of a horizontal flip of the GT
+    """
 
     crop_size: int = 512
     hflip_prob: float = 0.5
@@ -72,7 +76,13 @@ class GTConfig:
 
 @dataclasses.dataclass
 class USMConfig:
-    """Unsharp masking of the GT before degradation (Real-ESRGAN's USMSharp); off by default."""
+    """Unsharp masking of the GT before degradation (Real-ESRGAN's USMSharp); off by default.
+
+    enabled      sharpen the GT before degrading it
+    radius       Gaussian blur kernel size in pixels (made odd)
+    weight       amount of the (GT - blurred) residual added back
+    threshold    residuals at or below it leave a pixel unsharpened (soft mask)
+    """
 
     enabled: bool = False
     radius: int = 50
@@ -82,7 +92,13 @@ class USMConfig:
 
 @dataclasses.dataclass
 class ResizeConfig:
-    """One random resize: up/down/keep with ``prob``; up ``U(1, range[1])``, down ``U(range[0], 1)``."""
+    """One random resize: up/down/keep with ``prob``; up ``U(1, range[1])``, down ``U(range[0], 1)``.
+
+    prob         probabilities of (up, down, keep)
+    range        [smallest down factor, largest up factor]
+    modes        interpolation modes to draw from (torch `interpolate` semantics)
+    mode_prob    probability of each entry of `modes`
+    """
 
     prob: tuple[float, float, float] = (0.2, 0.7, 0.1)
     range: tuple[float, float] = (0.15, 1.5)
@@ -92,7 +108,13 @@ class ResizeConfig:
 
 @dataclasses.dataclass
 class NoiseConfig:
-    """Gaussian (``sigma`` in 1/255 units) with ``gaussian_prob``, else Poisson; gray with ``gray_prob``."""
+    """Gaussian (``sigma`` in 1/255 units) with ``gaussian_prob``, else Poisson; gray with ``gray_prob``.
+
+    gaussian_prob          probability of Gaussian noise (else Poisson)
+    sigma_range            Gaussian sigma range, in 1/255 units
+    poisson_scale_range    Poisson noise scale range
+    gray_prob              probability that the noise is the same in all channels (gray)
+    """
 
     gaussian_prob: float = 0.5
     sigma_range: tuple[float, float] = (1.0, 30.0)
@@ -102,7 +124,13 @@ class NoiseConfig:
 
 @dataclasses.dataclass
 class StageConfig:
-    """Blur (with ``blur_prob``) -> resize -> noise."""
+    """Blur (with ``blur_prob``) -> resize -> noise.
+
+    blur_prob    probability of the blur
+    kernel       how the blur kernel is drawn
+    resize       the random resize
+    noise        the additive noise
+    """
 
     blur_prob: float = 1.0
     kernel: K.KernelConfig = dataclasses.field(default_factory=K.KernelConfig)
@@ -121,7 +149,16 @@ def _stage2() -> StageConfig:
 
 @dataclasses.dataclass
 class FinalConfig:
-    """Last step: resize to GT/scale + sinc (``sinc_prob``) and JPEG, in random order."""
+    """Last step: resize to GT/scale + sinc (``sinc_prob``) and JPEG, in random order.
+
+    resize_first_prob    probability of resize + sinc before the JPEG (else JPEG first)
+    modes                interpolation modes of the resize to GT/scale
+    mode_prob            probability of each entry of `modes`
+    sinc_prob            probability of the sinc (ringing) filter after the resize
+    sinc_size_range      odd sinc kernel sizes, uniform, both ends included
+    sinc_omega_range     sinc cut-off frequency range (radians)
+    jpeg_range           JPEG quality range of the last compression
+    """
 
     resize_first_prob: float = 0.5
     modes: tuple[str, ...] = RESIZE_MODES
@@ -134,7 +171,16 @@ class FinalConfig:
 
 @dataclasses.dataclass
 class DegradationConfig:
-    """Every parameter of the FluxGen degradation (the paper's Real-ESRGAN-style settings)."""
+    """Every parameter of the FluxGen degradation (Real-ESRGAN second-order model, SeeSR settings).
+
+    scale          GT side / LQ side
+    gt             GT crop and flip
+    usm            optional GT sharpening
+    stage1         first blur, resize and noise
+    jpeg1_range    JPEG quality range of the first compression
+    stage2         second blur, resize (relative to GT/scale) and noise
+    final          last resize to GT/scale with sinc, and JPEG, in random order
+    """
 
     scale: int = 4
     gt: GTConfig = dataclasses.field(default_factory=GTConfig)

@@ -32,7 +32,21 @@ KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau
 
 @dataclasses.dataclass
 class KernelConfig:
-    """How one blur kernel is drawn (Real-ESRGAN defaults for the first blur)."""
+    """How one blur kernel is drawn (Real-ESRGAN defaults for the first blur).
+
+    kernel_list        kernel types to draw from
+    kernel_prob        probability of each entry of `kernel_list`
+    kernel_size_range  blur kernel sizes
+    sigma_range        Gaussian sigma range in pixels (each axis)
+    betag_range        shape exponent range of the generalized Gaussian kernels
+    betap_range        shape exponent range of the plateau kernels
+    rotation_range     rotation range of the anisotropic kernels (radians)
+    sinc_prob          probability of a sinc (ringing) kernel instead of the types above
+    sinc_omega_small   sinc cut-off range (radians)
+    sinc_omega_large   sinc cut-off range (radians) for sizes >= sinc_size_split
+    sinc_size_split    kernel size from which `sinc_omega_large` is used
+    pad_to             every kernel is zero-padded to this odd size
+    """
 
     kernel_list: tuple[str, ...] = KERNEL_TYPES
     kernel_prob: tuple[float, ...] = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)

@@ -45,9 +45,9 @@ class PipelineConfig:
 
     batch_size: int = 16  # global batch size, over all processes
     crop_size: int = 512  # HQ crop; the LQ crop is crop_size / scale
-    scale: int = 4
-    seed: int = 0
-    shuffle: bool = True
+    scale: int = 4  # HQ side / LQ side (must equal the dataset's / the degradation's scale)
+    seed: int = 0  # seed of the shuffle, crops, flips and on-the-fly degradations
+    shuffle: bool = True  # shuffle the examples (order seeded by `seed`)
     num_epochs: int | None = None  # None: repeat forever
     flip: bool = True  # random horizontal flip (p = 0.5), same for HQ and LQ
     on_the_fly: bool = False  # degrade HQ crops at load time (ignores stored LQ)

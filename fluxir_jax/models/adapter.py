@@ -37,6 +37,7 @@ class FluxIRConfig:
     se_reduction         SE bottleneck = hidden / se_reduction (32 -> 96 at hidden 3072, ~0.41B total)
     control_blocks       "all" (19 double + 38 single), "double" (double blocks only) or
                          "every_n" (every `control_every`-th block, counted over all 57)
+    control_every        the n of "every_n"
     image_only           no SE_p: only the image stream receives control
     base_consumes_theta  the frozen base also reads the learnable theta_p / theta_y instead of
                          the fixed empty-prompt embeddings

@@ -56,18 +56,18 @@ NORM_EPS = 1e-6
 class AutoEncoderConfig:
     """Shape, scaling, dtypes and tiling of the FLUX VAE (BFL `AutoEncoderParams` + extras)."""
 
-    resolution: int = 256
-    in_channels: int = 3
-    ch: int = 128
-    out_ch: int = 3
-    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    z_channels: int = 16
-    scale_factor: float = 0.3611
-    shift_factor: float = 0.1159
-    norm_groups: int = 32
+    resolution: int = 256  # nominal training resolution (BFL field; not used by the model)
+    in_channels: int = 3  # image channels in
+    ch: int = 128  # base channel width
+    out_ch: int = 3  # image channels out
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)  # channel multiplier per resolution level (len - 1 downsamplings by 2)
+    num_res_blocks: int = 2  # ResNet blocks per encoder level (the decoder has one more)
+    z_channels: int = 16  # latent channels
+    scale_factor: float = 0.3611  # latents are scale_factor * (z - shift_factor) after encode
+    shift_factor: float = 0.1159  # see scale_factor
+    norm_groups: int = 32  # GroupNorm groups
     dtype: str = "float32"  # activation dtype: "float32" | "bfloat16"
-    param_dtype: str = "float32"
+    param_dtype: str = "float32"  # parameter storage dtype
     tile_size: int = 1024  # pixels per tile side when tiling
     tile_overlap: float = 0.125  # overlap as a fraction of tile_size
     tile_halo: int | None = None  # context read around each tile, latent cells; None: the conv reach

@@ -49,19 +49,19 @@ class FluxConfig:
                    over the same stacked parameters (for debugging; compile grows with depth)
     """
 
-    in_channels: int = 64
-    out_channels: int = 64
-    vec_in_dim: int = 768
-    context_in_dim: int = 4096
-    hidden_size: int = 3072
-    mlp_ratio: float = 4.0
-    num_heads: int = 24
-    depth: int = 19
-    depth_single_blocks: int = 38
-    axes_dim: tuple[int, ...] = (16, 56, 56)
-    theta: int = 10_000
-    qkv_bias: bool = True
-    guidance_embed: bool = True
+    in_channels: int = 64  # channels of a packed latent token (16 latent channels x 2 x 2)
+    out_channels: int = 64  # channels of the predicted velocity per token
+    vec_in_dim: int = 768  # width of the pooled text vector `y` (CLIP-L: 768)
+    context_in_dim: int = 4096  # width of the text token embeddings `txt` (T5-XXL: 4096)
+    hidden_size: int = 3072  # transformer width
+    mlp_ratio: float = 4.0  # MLP hidden width / hidden_size
+    num_heads: int = 24  # attention heads (head dim = hidden_size / num_heads)
+    depth: int = 19  # double-stream (MM-DiT) blocks
+    depth_single_blocks: int = 38  # single-stream blocks
+    axes_dim: tuple[int, ...] = (16, 56, 56)  # RoPE dims per position axis (index, row, column); sum = head dim
+    theta: int = 10_000  # RoPE base frequency
+    qkv_bias: bool = True  # bias on the fused qkv projections
+    guidance_embed: bool = True  # guidance embedding (flux-dev: true, flux-schnell: false)
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"

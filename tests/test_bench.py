@@ -1,0 +1,94 @@
+"""bench/run_all.py and bench/results_table.py on small synthetic results (no real benchmark runs)."""
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+from bench import results_table as rt
+from bench import run_all
+
+
+def _write(path, records, jsonl=True):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) if jsonl else json.dumps(records[0]))
+
+
+def _fwd(ratio, jax_s, date, model="small", **extra):
+    return dict(model=model, res=256, tokens=256, txt=128, batch=1, dtype="float32", jax_median_s=jax_s,
+                torch_median_s=jax_s * ratio, torch_over_jax=ratio, device="cpu", cpu="AMD EPYC", cores=2,
+                repeats=7, date=date, **extra)
+
+
+def test_table_takes_the_latest_run_of_each_configuration_and_names_its_machine(tmp_path):
+    _write(tmp_path / "flux_forward.jsonl", [_fwd(7.8, 0.5, "2026-11-01"), _fwd(1.5, 0.134, "2026-11-02"),
+                                            _fwd(2.0, 0.004, "2026-11-03", model="tiny")])
+    _write(tmp_path / "degrade.json", [dict(gt_size=512, repeats=5, cpu="AMD EPYC", machine_cpus=2, date="2026-11-26T16:55",
+                                            median_pairs_per_s_per_core=dict(ours=58.11, torch=10.52),
+                                            speedup_vs_torch=dict(wall=5.52))], jsonl=False)
+    _write(tmp_path / "convert_memory.json", [dict(date="2026-11-26 23:33", cpus=2, note="n", file_bytes=2e9, repeats=3,
+                                                   convert_all_s=[30.0, 40.0, 33.0], convert_s=33.0, convert_MBps=60.6,
+                                                   throughput_vs_plain_read=0.5, peak_rss_GiB=1.2)], jsonl=False)
+    _write(tmp_path / "train_step.jsonl", [dict(benchmark="train step", device="NVIDIA H200", cpu="Xeon", cores=16, date="2026-12-02",
+                                                figures=[dict(figure="small 256²: JAX", value=12.5, unit="ms", repeats=10),
+                                                         dict(figure="PyTorch / JAX", value=1.8, unit="x")])])
+    _write(tmp_path / "misc.jsonl", [dict(median_s=0.25, other=3, repeats=4, cpu="c", cores=1)])
+    rows = rt.figures(tmp_path)
+    by_fig = {r.figure: r for r in rows}
+
+    small = "small 256² (256 img + 128 txt tokens), batch 1, float32"
+    assert by_fig[f"{small}: JAX"].value == "134 ms"  # the later of the two small runs
+    assert by_fig[f"{small}: PyTorch time / JAX time"].value == "1.50x"
+    assert by_fig[f"{small}: JAX"].date == "2026-11-02" and by_fig[f"{small}: JAX"].repeats == "7"
+    assert by_fig["tiny 256² (256 img + 128 txt tokens), batch 1, float32: JAX"].value == "4 ms"
+    assert sum(1 for r in rows if r.benchmark == "transformer forward") == 6  # 2 configurations x 3 figures
+
+    assert by_fig["degradation pairs, GT 512², one thread: ours / torch"].value == "5.52x"
+    assert by_fig["degradation pairs, GT 512², one thread: ours (numpy/OpenCV)"].machine == "AMD EPYC, 2 cores"
+    conv = by_fig["checkpoint conversion (n, 2.0 GB): wall time"]
+    assert conv.value == "33 s" and conv.repeats == "3" and conv.machine == "CPU model not recorded, 2 cores"
+
+    gpu = by_fig["small 256²: JAX"]
+    assert (gpu.benchmark, gpu.value, gpu.repeats, gpu.machine) == ("train step", "12.5 ms", "10", "NVIDIA H200; Xeon, 16 cores")
+    assert by_fig["PyTorch / JAX"].value == "1.80x"
+    assert by_fig["median_s"].value == "0.25 s" and "other" not in by_fig
+
+    text = rt.render(tmp_path)
+    assert "| transformer forward | " + small + ": JAX | 134 ms | 7 | AMD EPYC, 2 cores | 2026-11-02 |" in text
+    assert text.count("\n| ") == len(rows) + 1  # header + one line per figure
+
+
+def _script(path, body):
+    path.write_text(textwrap.dedent(body))
+
+
+def test_runner_runs_every_benchmark_present_and_survives_a_failure(tmp_path):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    for name in ("__init__", "common"):
+        (bench / f"{name}.py").write_text("")
+    _script(bench / "flux_forward.py", """
+        import json, os, pathlib, sys
+        rec = dict(model=sys.argv[2], res=int(sys.argv[4]), tokens=16, txt=int(sys.argv[6]), batch=1, dtype="float32",
+                   jax_median_s=0.01, device="cpu", cpu="test cpu", cores=2, repeats=int(sys.argv[8]), date="2026-12-02")
+        with (pathlib.Path(os.environ["FLUXIR_BENCH_RESULTS"]) / "flux_forward.jsonl").open("a") as f:
+            f.write(json.dumps(rec) + "\\n")
+    """)
+    _script(bench / "newbench.py", 'import sys\nassert sys.argv[1:] == ["--quick"]  # "--quick"\nsys.exit(3)\n')
+    _script(bench / "noquick.py", "raise SystemExit('must not run in quick mode')\n")
+    assert run_all.discover(bench) == ["flux_forward", "newbench", "noquick"]
+    assert run_all.plan("convert_memory", True).startswith("writes")
+
+    results = tmp_path / "results"
+    outcomes = run_all.run(run_all.discover(bench), True, results, bench)
+    assert [(n, o.split(" ")[0]) for n, _, o in outcomes] == [("flux_forward", "ok"), ("newbench", "FAILED"), ("noquick", "skipped:")]
+    rec = json.loads((results / "flux_forward.jsonl").read_text())
+    assert (rec["model"], rec["res"], rec["repeats"]) == ("tiny", 64, 2)  # the quick arguments
+    assert "| tiny 64² (16 img + 16 txt tokens), batch 1, float32: JAX | 10 ms | 2 | test cpu, 2 cores |" in rt.render(results)
+
+
+def test_table_only_rebuilds_readme(tmp_path, monkeypatch):
+    _write(tmp_path / "flux_forward.jsonl", [_fwd(1.5, 0.134, "2026-11-02")])
+    monkeypatch.setattr(sys, "argv", ["run_all"])
+    assert run_all.main(["--table-only", "--results", str(tmp_path)]) == 0
+    assert "134 ms" in (tmp_path / "README.md").read_text()
+    assert run_all.main(["--only", "nonexistent", "--table-only", "--results", str(tmp_path)]) == 2
