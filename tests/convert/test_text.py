@@ -105,6 +105,36 @@ def test_convert_stores_empty_prompt_embeddings(encoders, tmp_path):
     assert z.shape == (2, 4, 6, 16) and np.isfinite(np.asarray(z)).all()
 
 
+def test_pipeline_root_text_encoders_are_used_without_flags(encoders, tmp_path):
+    """A diffusers FLUX pipeline root: CLIP in text_encoder/ + tokenizer/, T5 in text_encoder_2/ + tokenizer_2/."""
+    pipe = tmp_path / "pipe"
+    build_pipeline(pipe)
+    encoders["clip"].save_pretrained(pipe / "text_encoder")
+    encoders["clip_tok"].save_pretrained(pipe / "tokenizer")
+    encoders["t5"].save_pretrained(pipe / "text_encoder_2")
+    encoders["t5_tok"].save_pretrained(pipe / "tokenizer_2")
+    out = tmp_path / "ckpt"
+    rc, stdout, err = run_cli(["convert", str(pipe), "-o", str(out), "--no-progress", "--t5-len", "24"])
+    assert rc == 0, err
+    assert "text encoders: using the pipeline's text_encoder/ (CLIP) and text_encoder_2/ (T5)" in stdout
+    assert "ZEROS" not in stdout and stdout.strip().splitlines()[-1].startswith(f"wrote {out} (")
+    stored = checkpoint.load_text_embeddings(out)
+    t5, clip = direct(encoders, [""], 24)
+    assert stored["computed"] and np.array_equal(stored["t5"], t5[0]) and np.array_equal(stored["clip"], clip[0])
+    meta = json.loads((out / "config.json").read_text())["text"]["empty"]
+    assert meta["t5"] == str(pipe / "text_encoder_2") and meta["clip"] == str(pipe / "text_encoder")
+
+    # only one of the two encoders: zeros, and the output says why and how to fix it
+    import shutil
+
+    shutil.rmtree(pipe / "text_encoder")
+    rc, stdout, err = run_cli(["convert", str(pipe), "-o", str(tmp_path / "ck2"), "--no-progress"])
+    assert rc == 0, err
+    assert (f"text encoders: {pipe} holds only text_encoder_2/; FLUX needs both text_encoder/ (CLIP) and "
+            "text_encoder_2/ (T5)") in stdout
+    assert "ZEROS" in stdout.strip().splitlines()[-1]
+
+
 def test_encode_prompts(encoders, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
@@ -128,8 +158,13 @@ def test_zero_embeddings_are_refused_for_sampling(tmp_path):
 
     build_pipeline(tmp_path / "pipe")
     out = tmp_path / "ckpt"
-    rc, _, err = run_cli(["convert", str(tmp_path / "pipe" / "transformer"), "-o", str(out), "--no-progress"])
+    rc, stdout, err = run_cli(["convert", str(tmp_path / "pipe" / "transformer"), "-o", str(out), "--no-progress"])
     assert rc == 0, err
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith(f"wrote {out} (") and last.endswith(
+        "; WARNING: the empty-prompt text embeddings are ZEROS (no text encoders), so sampling will refuse this "
+        "checkpoint: convert again with --t5 T5_DIR --clip CLIP_DIR, or from a diffusers pipeline root holding "
+        "text_encoder/ and text_encoder_2/"), last
     with pytest.raises(UserError, match="not computed.*--t5 DIR --clip DIR"):
         sampling.empty_conditioning(out, 1, 4, 4)
     cond = sampling.empty_conditioning(out, 1, 4, 4, allow_zeros=True)
