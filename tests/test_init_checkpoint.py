@@ -61,7 +61,7 @@ def test_init_loads_runs_and_says_random_once(preset, tmp_path):
         flux = checkpoint.load_flux(out)
         ae = checkpoint.load_autoencoder(out)
         text = checkpoint.load_text_embeddings(out)
-        cond = sampling.empty_conditioning(out, 1, 4, 4, guidance=3.5)
+        cond = sampling.empty_conditioning(out, 1, 32, 32, guidance=3.5)
     notice = f"fluxir: note: {out} holds RANDOM weights and text embeddings (fluxir init {preset} --seed 0)"
     assert err.getvalue().count(notice) == 1, err.getvalue()
 
@@ -78,7 +78,7 @@ def test_init_loads_runs_and_says_random_once(preset, tmp_path):
     assert abs(k.std() * np.sqrt(fcfg.hidden_size) - 1) < 0.05
 
     graphdef, state = nnx.split(flux)
-    lat = sampling.sample(sampling.FluxVelocity(graphdef), state, jnp.array([0]), 4, 4, cond, num_steps=2)
+    lat = sampling.sample(sampling.FluxVelocity(graphdef), state, jnp.array([0]), 32, 32, cond, num_steps=2)
     assert lat.shape == (1, 4, 4, 16) and bool(jnp.isfinite(lat).all())
     img = ae.decode(lat)
     assert img.shape == (1, 4 * acfg.downsample_factor, 4 * acfg.downsample_factor, 3)
@@ -146,7 +146,7 @@ def test_zero_text_still_refused_but_random_text_accepted(tmp_path):
     cfg.pop("random")
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="the empty-prompt embeddings were not computed"):
-        sampling.empty_conditioning(out, 1, 4, 4)
+        sampling.empty_conditioning(out, 1, 32, 32)
 
 
 def test_bfloat16_rounding_matches_ml_dtypes():
