@@ -21,6 +21,7 @@ _COMMANDS: list[tuple[str, str, str | None]] = [
     ("encode-prompts", "convert.text", None),
     ("export-adapter", "fluxir_jax.models.adapter_io", None),
     ("degrade", "fluxir_jax.data.degrade_folder", None),
+    ("show", "fluxir_jax.data.show", None),
     ("eval", "fluxir_jax.iqa.eval_cli", None),
     ("convert-iqa", "convert.iqa", None),
     ("gen", None, "FluxGen: generate, select and degrade training pairs (later issue)"),
