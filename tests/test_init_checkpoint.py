@@ -198,3 +198,16 @@ def test_real_presets_are_planned_without_writing(preset):
     assert l0.shape == (128,) and l0.tobytes() != l1.tobytes()
     assert abs(l0.astype(np.float32).mean() - 1) < 0.01
     assert p.text["t5"].shape == ((512 if fcfg.guidance_embed else 256), 4096) and p.text["clip"].shape == (768,)
+
+
+def test_dtype_option_stores_bfloat16(tmp_path):
+    out, _, _ = _init(tmp_path, "ck", "tiny", "--dtype", "bf16", "--text-len", "4")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["transformer"]["param_dtype"] == "bfloat16" and set(cfg["stored_dtypes"]["transformer"]) == {"bfloat16"}
+    assert cfg["stored_dtypes"]["vae"].keys() == {"float32"}
+    flux = checkpoint.load_flux(out)
+    leaf = _values(flux)[("img_in", "kernel")]
+    assert leaf.dtype == jnp.bfloat16
+    # the same values as the float32 checkpoint's, rounded
+    f32 = init_checkpoint.random_piece(0, "transformer", ("img_in", "kernel"), None, leaf.shape, np.float32)
+    assert leaf.tobytes() == f32.astype(ml_dtypes.bfloat16).tobytes()
