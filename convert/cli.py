@@ -56,8 +56,14 @@ def register_convert(sub) -> None:
                    help="RoPE axes (default: diffusers config.json, else BFL's proportions of the head dim)")
     p.add_argument("--vae-norm-groups", type=int, default=None, metavar="N",
                    help="VAE GroupNorm groups (default: config.json norm_num_groups, else 32)")
-    p.add_argument("--t5", default=None, metavar="DIR", help="local T5 encoder folder (transformers, safetensors)")
-    p.add_argument("--clip", default=None, metavar="DIR", help="local CLIP text encoder folder")
+    p.add_argument("--t5", default=None, metavar="DIR",
+                   help="T5 encoder for the empty-prompt embeddings: a transformers T5EncoderModel folder "
+                        "(config.json + safetensors) with its tokenizer files, or a FLUX pipeline's text_encoder_2/ "
+                        "(tokenizer read from ../tokenizer_2/). Default: a pipeline root SOURCE's text_encoder_2/")
+    p.add_argument("--clip", default=None, metavar="DIR",
+                   help="CLIP text model: a transformers CLIPTextModel folder with its tokenizer files, or a FLUX "
+                        "pipeline's text_encoder/ (tokenizer from ../tokenizer/). Default: a pipeline root "
+                        "SOURCE's text_encoder/")
     _add_text_len(p, None, "text length: T5 tokens of the empty prompt (default 512 dev / 256 schnell)")
     p.add_argument("--text-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype the text encoders run in")
@@ -89,9 +95,10 @@ def register_compare(sub) -> None:
     p.add_argument("--layers", type=int, default=None, metavar="N", help="compare only the first N double and N single blocks")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     p.add_argument("--format", default="auto", choices=("auto", "bfl", "diffusers"), help="force the source layout")
-    p.add_argument("--axes-dim", type=_axes, default=None, metavar="A,B,C", help="RoPE axes, as given to convert")
+    p.add_argument("--axes-dim", type=_axes, default=None, metavar="A,B,C",
+                   help="RoPE axes of a source that does not record them (default: the checkpoint's)")
     p.add_argument("--vae-norm-groups", type=int, default=None, metavar="N",
-                   help="VAE GroupNorm groups, as given to convert")
+                   help="VAE GroupNorm groups of a source that does not record them (default: the checkpoint's)")
     p.set_defaults(func=run_compare)
 
 

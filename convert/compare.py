@@ -13,6 +13,9 @@ matmul precision) on the same seeded random inputs:
                  random latent
 
 Rows are relative errors ||flax - torch|| / ||torch||; the exit code is 1 if any exceeds `tol`.
+Settings a source may not record (RoPE axes and VAE GroupNorm groups / latent scale and shift
+of BFL files) are taken from the checkpoint's config.json unless given as options, and the
+output says so.
 If the checkpoint was stored in a narrower dtype than the source (`convert --dtype bf16` of
 float32 weights), the reference weights are rounded the same way first, so the check is of
 the conversion, not of the rounding.
@@ -109,8 +112,18 @@ def transformer_rows(source: formats.Source, ckpt, *, layers: int | None, seed: 
     from diffusers import FluxTransformer2DModel
 
     v = formats.view(source)
-    src_cfg = formats.infer_flux_config(v, axes_dim=axes_dim)
     ck_cfg = checkpoint.flux_config(ckpt)
+    origins: dict = {}
+    src_cfg = formats.infer_flux_config(v, axes_dim=axes_dim, origins=origins) if axes_dim is not None else None
+    if axes_dim is None:
+        try:
+            src_cfg = formats.infer_flux_config(v, origins=origins)
+        except UserError:  # no BFL default for this head size: the checkpoint's axes are all there is
+            origins["axes_dim"] = "default"
+        if origins["axes_dim"].startswith("default"):
+            src_cfg = formats.infer_flux_config(v, axes_dim=ck_cfg.axes_dim)
+            log(f"note: RoPE axes {tuple(ck_cfg.axes_dim)} from the checkpoint's config.json "
+                f"({source.path} does not record them)")
     _same_structure(src_cfg, ck_cfg, "transformer", ckpt)
     if src_cfg.mlp_ratio != 4.0 or not src_cfg.qkv_bias:
         raise UserError("compare: the diffusers reference supports only mlp_ratio 4 with qkv bias")
@@ -201,7 +214,20 @@ def vae_rows(source: formats.Source, ckpt, *, seed: int, norm_groups: int | None
 
     ck_cfg = checkpoint.autoencoder_config(ckpt, dtype="float32", param_dtype="float32")
     v = formats.view(source)
-    src_cfg = formats.infer_ae_config(v, norm_groups=norm_groups or ck_cfg.norm_groups)
+    origins: dict = {}
+    try:
+        src_cfg = formats.infer_ae_config(v, norm_groups=norm_groups, origins=origins)
+    except UserError:  # e.g. BFL's default 32 groups do not divide this VAE's channels
+        if norm_groups is not None:
+            raise
+        formats.infer_ae_config(v, norm_groups=ck_cfg.norm_groups, origins=origins)
+        origins["norm_groups"] = "default"
+    taken = {k: getattr(ck_cfg, k) for k, o in origins.items() if o.startswith("default")}
+    if taken:
+        src_cfg = dataclasses.replace(formats.infer_ae_config(v, norm_groups=taken.get("norm_groups", norm_groups)),
+                                      **taken)
+        log(f"note: VAE {', '.join(f'{k}={x}' for k, x in taken.items())} from the checkpoint's config.json "
+            f"({source.path} does not record them)")
     _same_structure(src_cfg, ck_cfg, "vae", ckpt)
     if source.layout == "diffusers":
         state = {k: torch.from_numpy(_f32(source.tensors.read(k))) for k in source.tensors.keys()}

@@ -88,6 +88,7 @@ class Plan:
     tree: dict
     nbytes: int
     dtypes: dict[str, int]  # stored dtype name -> number of parameters
+    settings: dict = dataclasses.field(default_factory=dict)  # setting -> {"value", "from"} (not in the shapes)
 
     @property
     def main_dtype(self) -> str:
@@ -217,17 +218,31 @@ def plan(sources: dict[str, formats.Source], *, dtype: str | None = None, axes_d
     plans = {}
     if "transformer" in sources:
         v = formats.view(sources["transformer"])
-        cfg = formats.infer_flux_config(v, axes_dim=axes_dim)
+        origins: dict = {}
+        cfg = formats.infer_flux_config(v, axes_dim=axes_dim, origins=origins)
         plans["transformer"] = plan_transformer(v, cfg, dtype, scratch)
         main = plans["transformer"].main_dtype
         plans["transformer"].config = dataclasses.replace(cfg, dtype=main, param_dtype=main)
+        plans["transformer"].settings = _settings(cfg, origins, {"axes_dim": "--axes-dim"})
     if "vae" in sources:
         v = formats.view(sources["vae"])
-        cfg = formats.infer_ae_config(v, norm_groups=vae_norm_groups)
+        origins = {}
+        cfg = formats.infer_ae_config(v, norm_groups=vae_norm_groups, origins=origins)
         plans["vae"] = plan_vae(v, cfg, dtype, scratch)
         main = plans["vae"].main_dtype
         plans["vae"].config = dataclasses.replace(cfg, param_dtype=main)
+        plans["vae"].settings = _settings(cfg, origins, {"norm_groups": "--vae-norm-groups"})
     return plans
+
+
+def _settings(cfg, origins: dict, flags: dict) -> dict:
+    """{setting: {"value", "from"}} for the settings the tensor shapes do not determine."""
+    out = {}
+    for name, origin in origins.items():
+        value = getattr(cfg, name)
+        out[name] = {"value": list(value) if isinstance(value, tuple) else value,
+                     "from": flags.get(name, origin) if origin == "option" else origin}
+    return out
 
 
 # ----------------------------------------------------------------------------- text
@@ -248,7 +263,8 @@ def text_embeddings(flux_config, *, t5=None, clip=None, text_len=None, text_dtyp
             return None, None, {"computed": False, "note": "no transformer in this checkpoint: no text embeddings"}
         txt_arr = np.zeros((length, flux_config.context_in_dim), np.float32)
         y_arr = np.zeros((flux_config.vec_in_dim,), np.float32)
-        note = "zeros: no --t5/--clip encoders were given; recompute with fluxir convert --t5 DIR --clip DIR"
+        note = ("zeros: no text encoders were given or found; recompute with fluxir convert --t5 T5_DIR --clip CLIP_DIR "
+                "(or convert a diffusers pipeline root holding text_encoder/ and text_encoder_2/)")
         log(f"text embeddings: {note}")
         meta = {"computed": False, "note": note}
     else:
@@ -286,11 +302,21 @@ def convert(sources: Sequence[str | os.PathLike], out: str | os.PathLike, *, fmt
         raise UserError(f"output {out} already exists (pass --overwrite to replace it)")
     found = formats.detect_all(sources, fmt)
     plans = plan(found, dtype=dtype, axes_dim=axes_dim, vae_norm_groups=vae_norm_groups)
+    defaulted = []
     for name, p in plans.items():
         s = found[name]
         log(f"{name}: {s.layout} layout, {len(s.tensors.files)} file(s), {s.tensors.nbytes / 2**30:.2f} GiB -> "
             f"{p.nbytes / 2**30:.2f} GiB {'/'.join(sorted(p.dtypes))}")
+        for key, st in p.settings.items():
+            if st["from"].startswith("default"):
+                value = tuple(st["value"]) if isinstance(st["value"], list) else st["value"]
+                flag = {"axes_dim": " (pass --axes-dim A,B,C if the model uses others)",
+                        "norm_groups": " (pass --vae-norm-groups N if the model uses another)"}.get(key, "")
+                log(f"{name}: {key} = {value}: {st['from']}{flag}")
+                defaulted.append(f"{name} {key}")
     flux_cfg = plans["transformer"].config if "transformer" in plans else None
+    if t5 is None and clip is None and flux_cfg is not None:
+        t5, clip = pipeline_text_encoders(sources, log)
     txt_arr, y_arr, text_meta = text_embeddings(flux_cfg, t5=t5, clip=clip, text_len=text_len,
                                                   text_dtype=text_dtype, log=log)
 
@@ -305,6 +331,7 @@ def convert(sources: Sequence[str | os.PathLike], out: str | os.PathLike, *, fmt
         "transformer": to_dict(plans["transformer"].config) if "transformer" in plans else None,
         "vae": to_dict(plans["vae"].config) if "vae" in plans else None,
         "stored_dtypes": {n: p.dtypes for n, p in plans.items()},
+        "settings": {n: p.settings for n, p in plans.items()},
         "sources": [found[n].describe() for n in sorted(found)],
         "text": {"empty": text_meta},
         "converter": {"fluxir_jax": fluxir_jax.__version__, "orbax_checkpoint": ocp.__version__,
@@ -316,5 +343,32 @@ def convert(sources: Sequence[str | os.PathLike], out: str | os.PathLike, *, fmt
         text = dict(txt=txt_arr, y=y_arr, computed=np.array(text_meta["computed"]))
     total, dt = writer.write_checkpoint(out, {n: p.tree for n, p in plans.items()}, config, text,
                                        progress=progress, desc="convert")
-    log(f"wrote {out} ({total / 2**30:.2f} GiB in {dt:.1f} s, {total / 2**20 / max(dt, 1e-9):.0f} MiB/s)")
+    line = f"wrote {out} ({total / 2**30:.2f} GiB in {dt:.1f} s, {total / 2**20 / max(dt, 1e-9):.0f} MiB/s)"
+    if defaulted:
+        line += f"; defaulted (see above and config.json 'settings'): {', '.join(defaulted)}"
+    if txt_arr is not None and not text_meta["computed"]:
+        line += ("; WARNING: the empty-prompt text embeddings are ZEROS (no text encoders), so sampling will refuse "
+                 "this checkpoint: convert again with --t5 T5_DIR --clip CLIP_DIR, or from a diffusers pipeline "
+                 "root holding text_encoder/ and text_encoder_2/")
+    log(line)
     return config
+
+
+def pipeline_text_encoders(sources: Sequence, log: Callable[[str], None] = print):
+    """(t5_dir, clip_dir) of a diffusers FLUX pipeline root among `sources`, else (None, None).
+
+    A FLUX pipeline holds CLIP in `text_encoder/` (tokenizer `tokenizer/`) and T5 in
+    `text_encoder_2/` (tokenizer `tokenizer_2/`); `text.py` finds the sibling tokenizers.
+    """
+    for src in sources:
+        root = pathlib.Path(src)
+        if not root.is_dir():
+            continue
+        t5, clip = root / "text_encoder_2", root / "text_encoder"
+        if t5.is_dir() and clip.is_dir():
+            log(f"text encoders: using the pipeline's {clip.name}/ (CLIP) and {t5.name}/ (T5)")
+            return t5, clip
+        if t5.is_dir() or clip.is_dir():
+            log(f"text encoders: {root} holds only {(t5 if t5.is_dir() else clip).name}/; FLUX needs both "
+                "text_encoder/ (CLIP) and text_encoder_2/ (T5)")
+    return None, None

@@ -444,7 +444,7 @@ def rope_axes(head_dim: int) -> tuple[int, int, int]:
     return head_dim // 8, 7 * head_dim // 16, 7 * head_dim // 16
 
 
-def infer_flux_config(v: BflView, *, axes_dim: Sequence[int] | None = None, **extra):
+def infer_flux_config(v: BflView, *, axes_dim: Sequence[int] | None = None, origins: dict | None = None, **extra):
     """FluxConfig from the tensor shapes (and config.json, which must agree with them).
 
     hidden = img_in rows; in/out channels from img_in / final_layer.linear; context and vector
@@ -452,6 +452,7 @@ def infer_flux_config(v: BflView, *, axes_dim: Sequence[int] | None = None, **ex
     head dim); depths = number of double/single block indices; mlp_ratio = mlp rows / hidden;
     guidance embedding = guidance_in present; qkv_bias = double-block qkv bias present.
     RoPE axes: `axes_dim` argument, else config.json `axes_dims_rope`, else `rope_axes(head_dim)`.
+    `origins`, if given, receives {"axes_dim": "option" | "config.json" | "default: ..."}.
     """
     from fluxir_jax.models.flux import FluxConfig
 
@@ -486,14 +487,18 @@ def infer_flux_config(v: BflView, *, axes_dim: Sequence[int] | None = None, **ex
     dc = v.source.config
     if dc is not None:
         _check_diffusers_transformer_config(v.source.path, dc, cfg, head_dim)
+    origin = "option"
     if axes_dim is None and dc is not None and dc.get("axes_dims_rope"):
-        axes_dim = dc["axes_dims_rope"]
+        axes_dim, origin = dc["axes_dims_rope"], "config.json"
     if axes_dim is None:
         try:
             axes_dim = rope_axes(head_dim)
         except UserError as e:
             raise UserError(f"{v.source.path}: {e}") from None
+        origin = f"default: BFL's proportions of head dim {head_dim} (the source does not record the RoPE axes)"
     cfg["axes_dim"] = tuple(int(a) for a in axes_dim)
+    if origins is not None:
+        origins["axes_dim"] = origin
     try:
         return FluxConfig(**cfg, **extra)
     except ValueError as e:
@@ -515,14 +520,15 @@ def _check_diffusers_transformer_config(path, dc: dict, cfg: dict, head_dim: int
                         f"imply {cfg['out_channels']!r}")
 
 
-def infer_ae_config(v: BflView, *, norm_groups: int | None = None, **extra):
+def infer_ae_config(v: BflView, *, norm_groups: int | None = None, origins: dict | None = None, **extra):
     """AutoEncoderConfig from the tensor shapes (and config.json, which must agree with them).
 
     ch / in_channels from encoder.conv_in; ch_mult from each encoder level's first conv;
     num_res_blocks = blocks per encoder level; z_channels from decoder.conv_in; out_ch from
     decoder.conv_out. Not visible in shapes: the GroupNorm group count (`norm_groups`
     argument, else config.json `norm_num_groups`, else BFL's 32) and the latent scale/shift
-    (config.json `scaling_factor`/`shift_factor`, else BFL's 0.3611/0.1159).
+    (config.json `scaling_factor`/`shift_factor`, else BFL's 0.3611/0.1159). `origins`, if
+    given, receives where each of those three came from ("option", "config.json", "default: ...").
     """
     from fluxir_jax.models.autoencoder import AutoEncoderConfig
 
@@ -546,6 +552,9 @@ def infer_ae_config(v: BflView, *, norm_groups: int | None = None, **extra):
         num_res_blocks=_count(keys, "encoder.down.0.block"), z_channels=z,
     )
     dc = v.source.config
+    bfl_default = "default: BFL's value (the source does not record it)"
+    found = {"norm_groups": "option" if norm_groups is not None else bfl_default,
+             "scale_factor": bfl_default, "shift_factor": bfl_default}
     if dc is not None:
         want = {
             "in_channels": cfg["in_channels"], "out_channels": cfg["out_ch"], "latent_channels": z,
@@ -555,12 +564,14 @@ def infer_ae_config(v: BflView, *, norm_groups: int | None = None, **extra):
             if k in dc and (list(dc[k]) if isinstance(dc[k], (list, tuple)) else dc[k]) != w:
                 raise UserError(f"{v.source.path}: config.json says {k}={dc[k]!r} but the weights imply {w!r}")
         if dc.get("scaling_factor") is not None:
-            cfg["scale_factor"] = float(dc["scaling_factor"])
+            cfg["scale_factor"], found["scale_factor"] = float(dc["scaling_factor"]), "config.json"
         if dc.get("shift_factor") is not None:
-            cfg["shift_factor"] = float(dc["shift_factor"])
+            cfg["shift_factor"], found["shift_factor"] = float(dc["shift_factor"]), "config.json"
         if norm_groups is None and dc.get("norm_num_groups"):
-            norm_groups = int(dc["norm_num_groups"])
+            norm_groups, found["norm_groups"] = int(dc["norm_num_groups"]), "config.json"
     cfg["norm_groups"] = 32 if norm_groups is None else int(norm_groups)
+    if origins is not None:
+        origins.update(found)
     try:
         return AutoEncoderConfig(**cfg, **extra)
     except ValueError as e:

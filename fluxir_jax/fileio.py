@@ -231,3 +231,36 @@ def encode_png(image: np.ndarray, compress_level: int = 6) -> bytes:
 def write_png(path: PathLike, image: np.ndarray, overwrite: bool = True, compress_level: int = 6) -> None:
     """An HWC RGB image (uint8, or float in [0, 1]) as a PNG file, atomically."""
     write_bytes(path, encode_png(image, compress_level), overwrite)
+
+
+def to_uint8(images, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
+    """Float images in `value_range` ([-1, 1] for model outputs) -> uint8, clipped to the range, rounded."""
+    lo, hi = value_range
+    x = np.asarray(images, np.float32)
+    return np.rint((np.clip(x, lo, hi) - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def save_images(images, out_dir: PathLike, *, names=None, prefix: str = "image",
+                value_range: tuple[float, float] = (-1.0, 1.0), overwrite: bool = False) -> list[pathlib.Path]:
+    """Write decoded images [B, H, W, 3] (floats in `value_range`, e.g. `AutoEncoder.decode` output) as PNGs
+    in `out_dir` (created if missing), named `names[i]` or `{prefix}_{i:04d}.png`, each atomically.
+
+    Values outside the range are clipped. An existing file is a UserError unless `overwrite`.
+    """
+    arr = np.asarray(images)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+        raise ValueError(f"save_images: expected [B, H, W, 3] images, got shape {arr.shape}")
+    if names is not None and len(names) != arr.shape[0]:
+        raise ValueError(f"save_images: {len(names)} names for {arr.shape[0]} images")
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / (names[i] if names is not None else f"{prefix}_{i:04d}.png") for i in range(arr.shape[0])]
+    if not overwrite:
+        for p in paths:
+            check_output(p, overwrite=False)
+    u8 = to_uint8(np.broadcast_to(arr, (*arr.shape[:3], 3)), value_range)
+    for p, img in zip(paths, u8):
+        write_png(p, img, overwrite=True)
+    return paths

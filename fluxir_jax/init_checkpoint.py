@@ -67,21 +67,24 @@ class _Scratch(threading.local):
 
 
 _SCRATCH = _Scratch()
+_CHUNK = 1 << 22
 
 
 def _to_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """float32 `x` (overwritten) as a new `dtype` array; bfloat16 by round-to-nearest-even on the bits."""
     if dtype.name == "bfloat16":
-        u = x.view(np.uint32)
-        carry = _SCRATCH.get("carry", u.size, np.uint32).reshape(u.shape)
-        np.right_shift(u, 16, out=carry)
-        carry &= 1
-        carry += 0x7FFF
-        u += carry
-        u >>= 16
-        out = np.empty(x.shape, np.uint16)
-        np.copyto(out, u, casting="unsafe")
-        return out.view(dtype)
+        u = x.reshape(-1).view(np.uint32)
+        out = np.empty(u.size, np.uint16)
+        for i in range(0, u.size, _CHUNK):  # in chunks: the carry buffer stays small
+            part = u[i:i + _CHUNK]
+            carry = _SCRATCH.get("carry", part.size, np.uint32)
+            np.right_shift(part, 16, out=carry)
+            carry &= 1
+            carry += 0x7FFF
+            part += carry
+            part >>= 16
+            np.copyto(out[i:i + _CHUNK], part, casting="unsafe")
+        return out.view(dtype).reshape(x.shape)
     return x.astype(dtype)
 
 

@@ -9,6 +9,10 @@ Layouts (BFL `flux/sampling.py`, with our NHWC latents):
 
 Flow matching: t = 1 is noise, t = 0 is data, z_t = (1 - t) z_0 + t eps, the model predicts
 the velocity eps - z_0, and Euler steps `z += (t_next - t_cur) * v`.
+
+The user-facing calls (`sample`, `text_conditioning`, `empty_conditioning`) take image sizes in
+pixels (multiples of 16: the VAE's 8x downsampling times the 2x2 packing); `latent_size` gives
+the latent's. `pack`, `unpack`, `img_ids`, `get_noise` work on latent sizes.
 """
 from __future__ import annotations
 
@@ -22,6 +26,23 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
+
+
+# ----------------------------------------------------------------------------- sizes
+
+VAE_FACTOR = 8  # pixels per latent cell along a side (the FLUX VAE)
+
+
+def latent_size(height: int, width: int, vae_factor: int = VAE_FACTOR) -> tuple[int, int]:
+    """Latent (height, width) of an image of `height` x `width` pixels (each a multiple of 2 * vae_factor)."""
+    from fluxir_jax.errors import UserError
+
+    step = 2 * vae_factor
+    for name, v in (("height", height), ("width", width)):
+        if int(v) != v or v <= 0 or v % step:
+            raise UserError(f"image {name} {v} must be a positive multiple of {step} pixels "
+                            f"(VAE factor {vae_factor} x 2x2 packing)")
+    return int(height) // vae_factor, int(width) // vae_factor
 
 
 # ----------------------------------------------------------------------------- packing
@@ -122,8 +143,9 @@ class Conditioning:
     extra: Optional[dict] = None
 
 
-def text_conditioning(txt, y, batch: int, height: int, width: int, guidance: float | None = None) -> Conditioning:
-    """Conditioning for `batch` latents of height x width (latent pixels) from stored text embeddings.
+def text_conditioning(txt, y, batch: int, height: int, width: int, guidance: float | None = None,
+                      vae_factor: int = VAE_FACTOR) -> Conditioning:
+    """Conditioning for `batch` images of height x width pixels from stored text embeddings.
 
     txt: T5 embeddings [T, context] (one prompt for every image) or [batch, T, context]; y: CLIP pooled [vec] or
     [batch, vec] (`fluxir encode-prompts` rows, or the checkpoint's empty prompt). `guidance`
@@ -138,12 +160,12 @@ def text_conditioning(txt, y, batch: int, height: int, width: int, guidance: flo
     if txt.ndim != 3 or txt.shape[0] != batch or y.shape != (batch, y.shape[-1]):
         raise ValueError(f"text_conditioning: txt {tuple(txt.shape)} / y {tuple(y.shape)} do not fit batch {batch}")
     g = None if guidance is None else jnp.full((batch,), guidance, jnp.float32)
-    return Conditioning(img_ids=img_ids(batch, height, width), txt=txt, txt_ids=txt_ids(batch, txt.shape[1]), y=y,
-                        guidance=g)
+    return Conditioning(img_ids=img_ids(batch, *latent_size(height, width, vae_factor)), txt=txt,
+                        txt_ids=txt_ids(batch, txt.shape[1]), y=y, guidance=g)
 
 
 def empty_conditioning(checkpoint_dir, batch: int, height: int, width: int, guidance: float | None = None,
-                       allow_zeros: bool = False) -> Conditioning:
+                       allow_zeros: bool = False, vae_factor: int = VAE_FACTOR) -> Conditioning:
     """The default conditioning: the empty prompt's embeddings stored by `fluxir convert --t5 --clip`.
 
     A checkpoint converted without text encoders stores zeros; sampling from those is refused
@@ -157,7 +179,7 @@ def empty_conditioning(checkpoint_dir, batch: int, height: int, width: int, guid
     if not text["computed"] and not text["random"] and not allow_zeros:
         raise UserError(f"{checkpoint_dir}: the empty-prompt embeddings were not computed (zeros); "
                         "reconvert with --t5 DIR --clip DIR")
-    return text_conditioning(text["txt"], text["y"], batch, height, width, guidance)
+    return text_conditioning(text["txt"], text["y"], batch, height, width, guidance, vae_factor)
 
 
 VelocityFn = Callable[[object, Array, Array, Conditioning], Array]
@@ -200,13 +222,34 @@ def denoise(velocity: VelocityFn, params, noise: Array, cond: Conditioning, time
     return jax.lax.fori_loop(0, timesteps.shape[0] - 1, step, noise.astype(jnp.float32))
 
 
+@functools.partial(jax.jit, static_argnames=("velocity",))
+def euler_step(velocity: VelocityFn, params, img: Array, cond: Conditioning, t_cur: Array, t_next: Array) -> Array:
+    """One Euler step of `denoise` (the same arithmetic), for loops driven from Python."""
+    pred = velocity(params, img, jnp.full((img.shape[0],), t_cur, jnp.float32), cond)
+    return img + (t_next - t_cur) * pred.astype(jnp.float32)
+
+
 def sample(velocity: VelocityFn, params, seeds: Array, height: int, width: int, cond: Conditioning, num_steps: int,
-           shift: bool = True, channels: int = 16) -> Array:
-    """Generate latents [B, height, width, channels] (latent pixels) from per-image seeds.
+           shift: bool = True, channels: int = 16, vae_factor: int = VAE_FACTOR, progress: bool = False) -> Array:
+    """Generate latents [B, height / 8, width / 8, channels] for images of `height` x `width` PIXELS.
 
     Noise from `get_noise(seeds)`, the BFL schedule for this resolution (shifted for dev,
-    plain for schnell), the jitted Euler loop, and unpacking.
+    plain for schnell), the Euler loop, and unpacking; decode the result with the VAE. The
+    loop is one jitted `fori_loop`; with `progress` it runs one jitted step per Python
+    iteration instead, under a progress bar on stderr (same arithmetic, the step is compiled
+    once).
     """
-    noise = pack(get_noise(seeds, height, width, channels))
-    timesteps = get_schedule(num_steps, noise.shape[1], shift=shift)
-    return unpack(denoise(velocity, params, noise, cond, jnp.asarray(timesteps, jnp.float32)), height, width)
+    lh, lw = latent_size(height, width, vae_factor)
+    noise = pack(get_noise(seeds, lh, lw, channels))
+    timesteps = jnp.asarray(get_schedule(num_steps, noise.shape[1], shift=shift), jnp.float32)
+    if not progress:
+        return unpack(denoise(velocity, params, noise, cond, timesteps), lh, lw)
+    import sys
+
+    from tqdm import tqdm
+
+    img = noise.astype(jnp.float32)
+    for i in tqdm(range(num_steps), desc="sample", unit="step", file=sys.stderr):
+        img = euler_step(velocity, params, img, cond, timesteps[i], timesteps[i + 1])
+        img.block_until_ready()
+    return unpack(img, lh, lw)

@@ -5,7 +5,6 @@ import contextlib
 import io
 import json
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -61,7 +60,7 @@ def test_init_loads_runs_and_says_random_once(preset, tmp_path):
         flux = checkpoint.load_flux(out)
         ae = checkpoint.load_autoencoder(out)
         text = checkpoint.load_text_embeddings(out)
-        cond = sampling.empty_conditioning(out, 1, 4, 4, guidance=3.5)
+        cond = sampling.empty_conditioning(out, 1, 32, 32, guidance=3.5)
     notice = f"fluxir: note: {out} holds RANDOM weights and text embeddings (fluxir init {preset} --seed 0)"
     assert err.getvalue().count(notice) == 1, err.getvalue()
 
@@ -78,7 +77,7 @@ def test_init_loads_runs_and_says_random_once(preset, tmp_path):
     assert abs(k.std() * np.sqrt(fcfg.hidden_size) - 1) < 0.05
 
     graphdef, state = nnx.split(flux)
-    lat = sampling.sample(sampling.FluxVelocity(graphdef), state, jnp.array([0]), 4, 4, cond, num_steps=2)
+    lat = sampling.sample(sampling.FluxVelocity(graphdef), state, jnp.array([0]), 32, 32, cond, num_steps=2)
     assert lat.shape == (1, 4, 4, 16) and bool(jnp.isfinite(lat).all())
     img = ae.decode(lat)
     assert img.shape == (1, 4 * acfg.downsample_factor, 4 * acfg.downsample_factor, 3)
@@ -146,11 +145,13 @@ def test_zero_text_still_refused_but_random_text_accepted(tmp_path):
     cfg.pop("random")
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="the empty-prompt embeddings were not computed"):
-        sampling.empty_conditioning(out, 1, 4, 4)
+        sampling.empty_conditioning(out, 1, 32, 32)
 
 
 def test_bfloat16_rounding_matches_ml_dtypes():
-    x = np.random.default_rng(0).standard_normal(100_000).astype(np.float32) * 10.0 ** np.arange(-20, 20, 0.0004)[:100_000].astype(np.float32)
+    n = (1 << 22) + 12_345  # more than one conversion chunk
+    x = np.random.default_rng(0).standard_normal(n).astype(np.float32) * np.float32(10.0) ** np.linspace(
+        -20, 20, n, dtype=np.float32)
     x[:4] = [0.0, -0.0, 1.00390625, 1.01171875]  # ties: round half to even
     want = x.astype(ml_dtypes.bfloat16)
     got = init_checkpoint._to_dtype(x.copy(), np.dtype(ml_dtypes.bfloat16))
@@ -198,3 +199,16 @@ def test_real_presets_are_planned_without_writing(preset):
     assert l0.shape == (128,) and l0.tobytes() != l1.tobytes()
     assert abs(l0.astype(np.float32).mean() - 1) < 0.01
     assert p.text["txt"].shape == ((512 if fcfg.guidance_embed else 256), 4096) and p.text["y"].shape == (768,)
+
+
+def test_dtype_option_stores_bfloat16(tmp_path):
+    out, _, _ = _init(tmp_path, "ck", "tiny", "--dtype", "bf16", "--text-len", "4")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["transformer"]["param_dtype"] == "bfloat16" and set(cfg["stored_dtypes"]["transformer"]) == {"bfloat16"}
+    assert cfg["stored_dtypes"]["vae"].keys() == {"float32"}
+    flux = checkpoint.load_flux(out)
+    leaf = _values(flux)[("img_in", "kernel")]
+    assert leaf.dtype == jnp.bfloat16
+    # the same values as the float32 checkpoint's, rounded
+    f32 = init_checkpoint.random_piece(0, "transformer", ("img_in", "kernel"), None, leaf.shape, np.float32)
+    assert leaf.tobytes() == f32.astype(ml_dtypes.bfloat16).tobytes()

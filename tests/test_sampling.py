@@ -117,7 +117,52 @@ def test_sample_is_batch_independent():
         return sampling.Conditioning(img_ids=sampling.img_ids(b, 4, 4), txt=jnp.repeat(txt, b, 0), txt_ids=sampling.txt_ids(b, 3),
                                      y=jnp.repeat(y, b, 0), guidance=jnp.full((b,), 3.5))
 
-    two = sampling.sample(v, state, jnp.array([5, 9]), 4, 4, cond(2), num_steps=3)
-    one = sampling.sample(v, state, jnp.array([9]), 4, 4, cond(1), num_steps=3)
+    two = sampling.sample(v, state, jnp.array([5, 9]), 32, 32, cond(2), num_steps=3)
+    one = sampling.sample(v, state, jnp.array([9]), 32, 32, cond(1), num_steps=3)
     assert two.shape == (2, 4, 4, 16)
     assert rel_err(one[0], two[1]) <= 1e-6
+
+
+def test_sample_takes_pixels_and_progress_steps_match_the_fori_loop(capsys):
+    """`progress=True` (one jitted step per Python iteration) gives the fori_loop's latents within 1e-6 relative."""
+    from fluxir_jax.errors import UserError
+    from fluxir_jax.models import presets
+    from fluxir_jax.models.flux import Flux
+
+    model = Flux(presets.get("tiny"), rngs=nnx.Rngs(1))
+    graphdef, state = nnx.split(model)
+    v = sampling.FluxVelocity(graphdef)
+    rng = np.random.default_rng(1)
+    cond = sampling.text_conditioning(rng.standard_normal((3, 32)), rng.standard_normal(32), 2, 48, 32, guidance=3.5)
+    assert cond.img_ids.shape == (2, 3 * 2, 3)  # 48x32 pixels -> 6x4 latent -> 3x2 tokens
+    plain = sampling.sample(v, state, jnp.array([1, 2]), 48, 32, cond, num_steps=3)
+    capsys.readouterr()
+    shown = sampling.sample(v, state, jnp.array([1, 2]), 48, 32, cond, num_steps=3, progress=True)
+    assert plain.shape == shown.shape == (2, 6, 4, 16)
+    assert rel_err(shown, plain) <= 1e-6
+    err = capsys.readouterr().err
+    assert "sample: 100%" in err and "3/3" in err
+    with pytest.raises(UserError, match="image height 40 must be a positive multiple of 16 pixels"):
+        sampling.sample(v, state, jnp.array([1]), 40, 32, cond, num_steps=1)
+    assert sampling.latent_size(1024, 768) == (128, 96)
+
+
+def test_save_images_clips_rounds_and_writes_atomically(tmp_path):
+    from PIL import Image
+
+    from fluxir_jax import fileio
+    from fluxir_jax.errors import UserError
+
+    x = np.zeros((2, 4, 5, 3), np.float32)
+    x[0, 0, 0] = [-3.0, 1.5, 0.0]  # clipped to -1 and 1; 0 -> 127.5 -> 128 (round half to even)
+    x[1, 1, 1] = [0.5, -0.5, 1.0]
+    paths = fileio.save_images(x, tmp_path / "out", prefix="s")
+    assert [p.name for p in paths] == ["s_0000.png", "s_0001.png"]
+    a, b = (np.asarray(Image.open(p)) for p in paths)
+    assert a.dtype == np.uint8 and a.shape == (4, 5, 3)
+    assert a[0, 0].tolist() == [0, 255, 128] and b[1, 1].tolist() == [191, 64, 255]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["s_0000.png", "s_0001.png"]  # no temp files
+    with pytest.raises(UserError, match="s_0000.png already exists"):
+        fileio.save_images(x, tmp_path / "out", prefix="s")
+    fileio.save_images(x[:1] * 0 + 1, tmp_path / "out", names=["s_0000.png"], overwrite=True)
+    assert np.asarray(Image.open(paths[0])).min() == 255

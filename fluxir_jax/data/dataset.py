@@ -62,6 +62,43 @@ PARTIAL_SUFFIX = ".partial"
 _HEAD = struct.Struct("<4sBI")
 
 
+RECORD_ENCODING = ("one ArrayRecord record per example: 4 bytes magic 'FXPR', 1 byte format version, "
+                   "uint32 little-endian header length N, N bytes UTF-8 JSON header (fields in 'record_header'), "
+                   "then hq_len bytes of HQ PNG and lq_len bytes of LQ PNG (none when lq_len is null)")
+RECORD_HEADER_FIELDS = {
+    "id": "unique example id (for `fluxir degrade`: the source image's path relative to --input)",
+    "seed": "the seed the example came from (FluxGen sample seed, or the per-image degradation seed), or null",
+    "hq_len": "length in bytes of the HQ PNG that follows the header",
+    "lq_len": "length in bytes of the LQ PNG after it; null when the LQ is made at training time",
+    "hq_hw": "[height, width] of the HQ image in pixels",
+    "lq_hw": "[height, width] of the LQ image in pixels, or null",
+    "iqa": "no-reference quality scores by metric name ({} when none were computed)",
+    "params": "every sampled degradation choice by stage (blur1/2 kernels, resize1/2, noise1/2, jpeg1/2, "
+              "final_order, final_resize, final_sinc, scale, gt_hw); {} when none",
+    "meta": "anything else about the example (source path and size, conversion notes)",
+}
+INFO_FIELDS = {
+    "format": "always 'fluxir-pairs'",
+    "format_version": "version of this layout and of the record encoding",
+    "record_encoding": "how one example is stored in a shard",
+    "record_header": "the fields of each record's JSON header",
+    "fields": "this description of the keys of dataset_info.json",
+    "code_version": "fluxir-jax version (+ git commit) that wrote the dataset",
+    "created": "UTC time (ISO 8601) the dataset was started",
+    "updated": "UTC time (ISO 8601) it was last written",
+    "complete": "true once the writer finished; an unfinished dataset lives in <name>.partial and resumes",
+    "num_examples": "number of examples (records) over all shards",
+    "num_with_lq": "number of examples with a stored LQ image",
+    "has_lq": "true when every example has a stored LQ image",
+    "sizes": "[min, max] of HQ/LQ heights and widths in pixels, and total_bytes of all shards",
+    "shards": "shard files (relative paths) with their example and byte counts; each has a .json sidecar "
+              "listing [id, hq_h, hq_w, lq_h, lq_w] per record",
+    "config": "the resolved settings that produced the data (e.g. the degradation model), or null",
+    "producer": "the command that wrote the dataset",
+    "summary_file": "the producer's report in this directory (written, skipped and converted inputs)",
+}
+
+
 @dataclasses.dataclass
 class PairExample:
     """One stored example: PNG bytes plus everything needed to explain how it was made."""
@@ -333,7 +370,9 @@ class DatasetWriter:
         info = {
             "format": "fluxir-pairs",
             "format_version": FORMAT_VERSION,
-            "record_encoding": "FXPR v1: magic, version byte, uint32 LE header length, JSON header, HQ PNG, LQ PNG (see fluxir_jax/data/dataset.py)",
+            "record_encoding": RECORD_ENCODING,
+            "record_header": RECORD_HEADER_FIELDS,
+            "fields": INFO_FIELDS,
             "code_version": code_version(),
             "created": self._created,
             "updated": _now(),

@@ -5,6 +5,7 @@ Tolerance: the default 1e-4 relative error per row (float32 on both sides); the 
 """
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
@@ -67,3 +68,31 @@ def test_compare_flags_a_perturbed_tensor(setup, tmp_path):
     rows = _rows(out)
     assert rows["double 0 img"] < 1e-4 and rows["double 1 img"] > 1e-4 and rows["final output"] > 1e-4
     assert "FAILED" in out and "vae encode" not in rows
+
+
+def test_compare_uses_the_settings_stored_at_conversion(setup, tmp_path):
+    """A BFL-file conversion made with --axes-dim / --vae-norm-groups compares without repeating them."""
+    flux, ae = write_bfl(tmp_path / "bfl", setup["dm"], setup["vae"])
+    ckpt = tmp_path / "ckpt"
+    rc, out, err = run_cli(["convert", str(flux), str(ae), "-o", str(ckpt), "--axes-dim", "4,6,6",
+                            "--vae-norm-groups", "4", "--no-progress"])
+    assert rc == 0, err
+    settings = json.loads((ckpt / "config.json").read_text())["settings"]
+    assert settings["transformer"] == {"axes_dim": {"value": [4, 6, 6], "from": "--axes-dim"}}
+    assert settings["vae"]["norm_groups"] == {"value": 4, "from": "--vae-norm-groups"}
+    default = "default: BFL's value (the source does not record it)"
+    assert settings["vae"]["scale_factor"] == {"value": 0.3611, "from": default}
+    assert f"vae: scale_factor = 0.3611: {default}" in out and f"vae: shift_factor = 0.1159: {default}" in out
+    assert ("; defaulted (see above and config.json 'settings'): vae scale_factor, vae shift_factor; WARNING: "
+            in out.strip().splitlines()[-1])  # then the zero-text warning (no encoders given)
+
+    rc, out, err = run_cli(["compare", str(flux), str(ae), str(ckpt), "--layers", "1"])
+    assert rc == 0, out + err
+    assert f"note: RoPE axes (4, 6, 6) from the checkpoint's config.json ({flux} does not record them)" in out
+    assert (f"note: VAE norm_groups=4, scale_factor=0.3611, shift_factor=0.1159 from the checkpoint's config.json "
+            f"({ae} does not record them)") in out
+    assert max(_rows(out).values()) < 1e-4
+
+    # an explicit option still wins, and a wrong one is reported
+    rc, out, err = run_cli(["compare", str(flux), str(ckpt), "--layers", "1", "--axes-dim", "2,6,8"])
+    assert rc == 2 and "the checkpoint's transformer has axes_dim=(4, 6, 6), the source (2, 6, 8)" in err

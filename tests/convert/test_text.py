@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import json
+import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -93,7 +95,7 @@ def test_convert_stores_empty_prompt_embeddings(encoders, tmp_path):
     # the default conditioning for sampling comes from these stored embeddings
     from fluxir_jax import sampling
 
-    cond = sampling.empty_conditioning(out, 2, 4, 6, guidance=3.5)
+    cond = sampling.empty_conditioning(out, 2, 32, 48, guidance=3.5)
     assert cond.txt.shape == (2, 24, 32) and cond.y.shape == (2, 32) and cond.img_ids.shape == (2, 6, 3)
     assert np.array_equal(np.asarray(cond.txt[1]), t5[0]) and np.array_equal(np.asarray(cond.y[0]), clip[0])
     assert np.asarray(cond.guidance).tolist() == [3.5, 3.5] and cond.txt_ids.shape == (2, 24, 3)
@@ -101,8 +103,54 @@ def test_convert_stores_empty_prompt_embeddings(encoders, tmp_path):
     from flax import nnx
 
     graphdef, state = nnx.split(model)
-    z = sampling.sample(sampling.FluxVelocity(graphdef), state, np.array([1, 2]), 4, 6, cond, num_steps=2)
+    z = sampling.sample(sampling.FluxVelocity(graphdef), state, np.array([1, 2]), 32, 48, cond, num_steps=2)
     assert z.shape == (2, 4, 6, 16) and np.isfinite(np.asarray(z)).all()
+
+
+def test_pipeline_root_text_encoders_are_used_without_flags(encoders, tmp_path):
+    """A diffusers FLUX pipeline root: CLIP in text_encoder/ + tokenizer/, T5 in text_encoder_2/ + tokenizer_2/."""
+    pipe = tmp_path / "pipe"
+    build_pipeline(pipe)
+    encoders["clip"].save_pretrained(pipe / "text_encoder")
+    encoders["clip_tok"].save_pretrained(pipe / "tokenizer")
+    encoders["t5"].save_pretrained(pipe / "text_encoder_2")
+    encoders["t5_tok"].save_pretrained(pipe / "tokenizer_2")
+    out = tmp_path / "ckpt"
+    rc, stdout, err = run_cli(["convert", str(pipe), "-o", str(out), "--no-progress", "--t5-len", "24"])
+    assert rc == 0, err
+    assert "text encoders: using the pipeline's text_encoder/ (CLIP) and text_encoder_2/ (T5)" in stdout
+    assert "ZEROS" not in stdout and stdout.strip().splitlines()[-1].startswith(f"wrote {out} (")
+    stored = checkpoint.load_text_embeddings(out)
+    t5, clip = direct(encoders, [""], 24)
+    assert stored["computed"] and np.array_equal(stored["txt"], t5[0]) and np.array_equal(stored["y"], clip[0])
+    meta = json.loads((out / "config.json").read_text())["text"]["empty"]
+    assert meta["t5"] == str(pipe / "text_encoder_2") and meta["clip"] == str(pipe / "text_encoder")
+
+    # the README's sampling example runs as written on it (sizes reduced) and writes PNGs
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    example = next(b for b in blocks if "sampling.sample(" in b)
+    for a, b in (('"ckpt/flux-dev"', repr(str(out))), ("1024", "32"), ("num_steps=28", "num_steps=2"),
+                 ('"samples"', repr(str(tmp_path / "samples")))):
+        assert a in example, a
+        example = example.replace(a, b)
+    exec(compile(example, "README.md", "exec"), {})
+    pngs = sorted((tmp_path / "samples").iterdir())
+    assert [p.name for p in pngs] == ["flux-dev_0000.png", "flux-dev_0001.png"]
+    from PIL import Image
+
+    img = np.asarray(Image.open(pngs[0]))
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8 and img.std() > 0
+
+    # only one of the two encoders: zeros, and the output says why and how to fix it
+    import shutil
+
+    shutil.rmtree(pipe / "text_encoder")
+    rc, stdout, err = run_cli(["convert", str(pipe), "-o", str(tmp_path / "ck2"), "--no-progress"])
+    assert rc == 0, err
+    assert (f"text encoders: {pipe} holds only text_encoder_2/; FLUX needs both text_encoder/ (CLIP) and "
+            "text_encoder_2/ (T5)") in stdout
+    assert "ZEROS" in stdout.strip().splitlines()[-1]
 
 
 def test_encode_prompts(encoders, tmp_path):
@@ -134,11 +182,16 @@ def test_zero_embeddings_are_refused_for_sampling(tmp_path):
 
     build_pipeline(tmp_path / "pipe")
     out = tmp_path / "ckpt"
-    rc, _, err = run_cli(["convert", str(tmp_path / "pipe" / "transformer"), "-o", str(out), "--no-progress"])
+    rc, stdout, err = run_cli(["convert", str(tmp_path / "pipe" / "transformer"), "-o", str(out), "--no-progress"])
     assert rc == 0, err
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith(f"wrote {out} (") and last.endswith(
+        "; WARNING: the empty-prompt text embeddings are ZEROS (no text encoders), so sampling will refuse this "
+        "checkpoint: convert again with --t5 T5_DIR --clip CLIP_DIR, or from a diffusers pipeline root holding "
+        "text_encoder/ and text_encoder_2/"), last
     with pytest.raises(UserError, match="not computed.*--t5 DIR --clip DIR"):
-        sampling.empty_conditioning(out, 1, 4, 4)
-    cond = sampling.empty_conditioning(out, 1, 4, 4, allow_zeros=True)
+        sampling.empty_conditioning(out, 1, 32, 32)
+    cond = sampling.empty_conditioning(out, 1, 32, 32, allow_zeros=True)
     assert cond.txt.shape[0] == 1 and not np.asarray(cond.txt).any() and cond.guidance is None
 
 
