@@ -198,13 +198,6 @@ def torch_to_ours(sd: Mapping[str, np.ndarray], ours: Mapping[str, tuple[tuple[A
     return {k: out[k] for k in ours}
 
 
-def config_dict(x: Any) -> dict[str, Any]:
-    """A config dataclass as a JSON-ready dict (tuples as lists)."""
-    import dataclasses
-
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(x).items()}
-
-
 def flat_params(params: Mapping) -> dict[str, np.ndarray]:
     """Nested params dict -> {dotted path: array}."""
     from fluxir_jax.treeutil import flatten, path_str

@@ -24,16 +24,12 @@ import numpy as np
 from flax import nnx
 
 from fluxir_jax import config as config_io
-from fluxir_jax import fileio
+from fluxir_jax import fileio, treeutil
 from fluxir_jax.errors import UserError
 from fluxir_jax.models.adapter import FluxIR, FluxIRConfig, check_compatible
 from fluxir_jax.models.flux import FluxConfig
 
 FORMAT = "fluxir-adapter/1"
-
-
-def _dims(cfg: FluxConfig) -> dict:
-    return config_io.to_dict(cfg)
 
 
 def _flat(adapter: FluxIR) -> dict[tuple, np.ndarray]:
@@ -75,8 +71,8 @@ def from_named_tensors(adapter: FluxIR, tensors: dict[str, np.ndarray]) -> None:
             raise UserError(f"adapter tensor {k} has shape {list(v.shape)}, expected {list(expected[k].shape)}")
     d_idx, s_idx = adapter.config.controlled(adapter.base_config)
     rows = [("double_blocks", k) for k in d_idx] + [("single_blocks", k) for k in s_idx]
-    state = nnx.state(adapter, nnx.Param)
-    for path, var in nnx.to_flat_state(state):
+    flat = {}
+    for path, _ in nnx.to_flat_state(nnx.state(adapter, nnx.Param)):
         head, leaf = path[0], path[-1]
         if head in ("se_img", "se_txt"):
             if leaf == "gamma":
@@ -92,15 +88,16 @@ def from_named_tensors(adapter: FluxIR, tensors: dict[str, np.ndarray]) -> None:
                 names[-1] = "weight"
             value = tensors[".".join(names)]
             value = value.T if leaf == "kernel" else value
-        var.set_value(jax.numpy.asarray(value, var.dtype))
-    nnx.update(adapter, state)
+        flat[path] = value
+    _, params, _ = treeutil.fill_state(adapter, flat, "adapter file", var_filter=nnx.Param)
+    nnx.update(adapter, params)
 
 
 def _metadata(adapter: FluxIR) -> dict[str, str]:
     return {
         "format": FORMAT,
         "fluxir_config": json.dumps(config_io.to_dict(adapter.config)),
-        "base_config": json.dumps(_dims(adapter.base_config)),
+        "base_config": json.dumps(config_io.to_dict(adapter.base_config)),
     }
 
 

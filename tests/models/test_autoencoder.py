@@ -348,7 +348,8 @@ def test_mapping_round_trip_is_exact(diffusers_sd):
 
 def test_model_params_round_trip_to_bfl(diffusers_sd, model):
     bfl = vae_map.diffusers_to_bfl_state_dict(diffusers_sd)
-    out = vae_map.nnx_vae_to_bfl(model)
+    out = dict(vae_map.nnx_to_bfl(p, np.asarray(v.get_value()))
+               for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
     assert out.keys() == bfl.keys()
     for k, v in bfl.items():
         assert np.array_equal(out[k], v), k
