@@ -37,6 +37,7 @@ import numpy as np
 
 from . import flux_map, formats, vae_map, writer
 from fluxir_jax.errors import UserError
+from fluxir_jax.fileio import format_size
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
 TEXT_FILE = "text/empty.npz"
@@ -315,8 +316,8 @@ def convert(sources: Sequence[str | os.PathLike], out: str | os.PathLike, *, fmt
     plans = plan(found, dtype=dtype, axes_dim=axes_dim, vae_norm_groups=vae_norm_groups)
     for name, p in plans.items():
         s = found[name]
-        log(f"{name}: {s.layout} layout, {len(s.tensors.files)} file(s), {s.tensors.nbytes / 2**30:.2f} GiB -> "
-            f"{p.nbytes / 2**30:.2f} GiB {'/'.join(sorted(p.dtypes))}")
+        log(f"{name}: {s.layout} layout, {len(s.tensors.files)} file(s), {format_size(s.tensors.nbytes)} -> "
+            f"{format_size(p.nbytes)} {'/'.join(sorted(p.dtypes))}")
     flux_cfg = plans["transformer"].config if "transformer" in plans else None
     txt_arr, y_arr, text_meta = text_embeddings(flux_cfg, t5=t5, clip=clip, text_len=text_len,
                                                   text_dtype=text_dtype, log=log)
@@ -369,7 +370,7 @@ def convert(sources: Sequence[str | os.PathLike], out: str | os.PathLike, *, fmt
             os.rename(tmp, out)
         ok = True
         dt = time.time() - t0
-        log(f"wrote {out} ({total / 2**30:.2f} GiB in {dt:.1f} s, {total / 2**20 / max(dt, 1e-9):.0f} MiB/s)")
+        log(f"wrote {out} ({format_size(total)} in {dt:.1f} s, {total / 2**20 / max(dt, 1e-9):.0f} MiB/s)")
     finally:
         if bar is not None:
             bar.close()

@@ -93,20 +93,29 @@ def from_named_tensors(adapter: FluxIR, tensors: dict[str, np.ndarray]) -> None:
     nnx.update(adapter, params)
 
 
-def _metadata(adapter: FluxIR) -> dict[str, str]:
+def _metadata(adapter: FluxIR) -> dict:
+    """What an adapter file records about itself: `adapter.json` holds it as is; the safetensors
+    header (string values only) holds the two configs as JSON text."""
     return {
         "format": FORMAT,
-        "fluxir_config": json.dumps(config_io.to_dict(adapter.config)),
-        "base_config": json.dumps(config_io.to_dict(adapter.base_config)),
+        "fluxir_config": config_io.to_dict(adapter.config),
+        "base_config": config_io.to_dict(adapter.base_config),
     }
+
+
+def _header(adapter: FluxIR) -> dict[str, str]:
+    return {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in _metadata(adapter).items()}
 
 
 def _configs_from(meta: dict, where: str) -> tuple[FluxIRConfig, FluxConfig]:
     if meta.get("format") != FORMAT:
         raise UserError(f"{where} is not a FluxIR adapter (format {meta.get('format')!r}, expected {FORMAT!r})")
+    def obj(key):
+        v = meta[key]
+        return json.loads(v) if isinstance(v, str) else v   # JSON text in a safetensors header
+
     try:
-        return (config_io.from_dict(FluxIRConfig, json.loads(meta["fluxir_config"])),
-                config_io.from_dict(FluxConfig, json.loads(meta["base_config"])))
+        return (config_io.from_dict(FluxIRConfig, obj("fluxir_config")), config_io.from_dict(FluxConfig, obj("base_config")))
     except (KeyError, json.JSONDecodeError) as e:
         raise UserError(f"{where}: damaged adapter metadata ({e})") from None
 
@@ -116,7 +125,7 @@ def export_safetensors(adapter: FluxIR, path: str | pathlib.Path) -> None:
     from safetensors.numpy import save_file
 
     with fileio.atomic_file(path) as tmp:
-        save_file(to_named_tensors(adapter), str(tmp), metadata=_metadata(adapter))
+        save_file(to_named_tensors(adapter), str(tmp), metadata=_header(adapter))
 
 
 def import_safetensors(path: str | pathlib.Path, base_config: FluxConfig | None = None) -> FluxIR:

@@ -340,3 +340,48 @@ def test_cli_refuses_a_mismatched_base_with_exit_2(tmp_path, capsys):
     assert cli.main(["export-adapter", str(tmp_path / "ckpt"), "--out", str(out), "--base", str(config_file), "--text-len", "7"]) == 2
     assert "text length 5" in capsys.readouterr().err
     assert cli.main(["export-adapter", str(tmp_path / "ckpt"), "--out", str(out), "--base", str(config_file), "--text-len", "5"]) == 0
+
+
+def _converted_checkpoint_dir(path, base_cfg, text_len):
+    """A converted checkpoint's config.json (what `--base DIR` reads; no weights needed)."""
+    import json
+
+    from fluxir_jax import checkpoint
+    from fluxir_jax import config as config_io
+
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({
+        "format": checkpoint.CHECKPOINT_FORMAT, "format_version": checkpoint.CHECKPOINT_VERSION,
+        "items": ["transformer"], "transformer": config_io.to_dict(base_cfg), "vae": None,
+        "text": {"empty": {"computed": True, "text_len": text_len}}}))
+    return path
+
+
+def test_export_base_may_be_a_converted_checkpoint(tmp_path, capsys):
+    _, adapter, _ = make()
+    adapter_io.save_adapter(adapter, tmp_path / "ckpt")
+    out = tmp_path / "a.safetensors"
+    good = _converted_checkpoint_dir(tmp_path / "base_ok", BASE, T)
+    assert cli.main(["export-adapter", str(tmp_path / "ckpt"), "-o", str(out), "--base", str(good)]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "MiB" in printed and "GiB" not in printed
+    other_len = _converted_checkpoint_dir(tmp_path / "base_len", BASE, T + 3)
+    assert cli.main(["export-adapter", str(tmp_path / "ckpt"), "-o", str(tmp_path / "b.safetensors"),
+                     "--base", str(other_len)]) == 2
+    assert f"text length {T}, the base's text embeddings have length {T + 3}" in capsys.readouterr().err
+    wider = _converted_checkpoint_dir(tmp_path / "base_wide", presets.get("tiny", depth=3, depth_single_blocks=3), T)
+    assert cli.main(["export-adapter", str(tmp_path / "ckpt"), "-o", str(tmp_path / "c.safetensors"),
+                     "--base", str(wider)]) == 2
+    assert "adapter was built for base depth=2, the loaded base has depth=3" in capsys.readouterr().err
+
+
+def test_adapter_json_holds_configs_as_objects(tmp_path):
+    import json
+
+    _, adapter, _ = make(FluxIRConfig(text_len=T, se_reduction=8))
+    adapter_io.save_adapter(adapter, tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / "adapter.json").read_text())
+    assert meta["format"] == adapter_io.FORMAT
+    assert meta["fluxir_config"]["se_reduction"] == 8 and meta["fluxir_config"]["text_len"] == T
+    assert meta["base_config"]["hidden_size"] == BASE.hidden_size and meta["base_config"]["axes_dim"] == list(BASE.axes_dim)
+    assert adapter_io.load_adapter(tmp_path / "ckpt").config == adapter.config
