@@ -179,7 +179,8 @@ def convert_clipiqa_state_dict(sd: Mapping[str, np.ndarray], source: str = "weig
                                preset: str | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """OpenAI/open_clip CLIP ResNet state dict -> (config, {our key: array}) incl. prompt embeddings."""
     from fluxir_jax.iqa import clipiqa
-    from fluxir_jax.iqa.weights import abstract_shapes, config_dict, torch_to_ours
+    from fluxir_jax.config import to_dict
+    from fluxir_jax.iqa.weights import abstract_shapes, torch_to_ours
 
     if preset is not None:
         if preset not in clipiqa.PRESETS:
@@ -203,4 +204,4 @@ def convert_clipiqa_state_dict(sd: Mapping[str, np.ndarray], source: str = "weig
     for name, pairs in clipiqa.PROMPT_SETS.items():
         flat[f"text_features.{name}"] = f[start:start + 2 * len(pairs)].reshape(len(pairs), 2, -1)
         start += 2 * len(pairs)
-    return {"visual": config_dict(vcfg)}, flat
+    return {"visual": to_dict(vcfg)}, flat

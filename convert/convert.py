@@ -33,6 +33,7 @@ import numpy as np
 from fluxir_jax import checkpoint_writer as writer
 from fluxir_jax.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 from fluxir_jax.errors import UserError
+from fluxir_jax.fileio import format_size
 
 from . import flux_map, formats, vae_map
 
@@ -305,8 +306,8 @@ def convert(sources: Sequence[str | os.PathLike], out: str | os.PathLike, *, fmt
     defaulted = []
     for name, p in plans.items():
         s = found[name]
-        log(f"{name}: {s.layout} layout, {len(s.tensors.files)} file(s), {s.tensors.nbytes / 2**30:.2f} GiB -> "
-            f"{p.nbytes / 2**30:.2f} GiB {'/'.join(sorted(p.dtypes))}")
+        log(f"{name}: {s.layout} layout, {len(s.tensors.files)} file(s), {format_size(s.tensors.nbytes)} -> "
+            f"{format_size(p.nbytes)} {'/'.join(sorted(p.dtypes))}")
         for key, st in p.settings.items():
             if st["from"].startswith("default"):
                 value = tuple(st["value"]) if isinstance(st["value"], list) else st["value"]
@@ -343,7 +344,7 @@ def convert(sources: Sequence[str | os.PathLike], out: str | os.PathLike, *, fmt
         text = dict(txt=txt_arr, y=y_arr, computed=np.array(text_meta["computed"]))
     total, dt = writer.write_checkpoint(out, {n: p.tree for n, p in plans.items()}, config, text,
                                        progress=progress, desc="convert")
-    line = f"wrote {out} ({total / 2**30:.2f} GiB in {dt:.1f} s, {total / 2**20 / max(dt, 1e-9):.0f} MiB/s)"
+    line = f"wrote {out} ({format_size(total)} in {dt:.1f} s, {total / 2**20 / max(dt, 1e-9):.0f} MiB/s)"
     if defaulted:
         line += f"; defaulted (see above and config.json 'settings'): {', '.join(defaulted)}"
     if txt_arr is not None and not text_meta["computed"]:

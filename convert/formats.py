@@ -577,7 +577,3 @@ def infer_ae_config(v: BflView, *, norm_groups: int | None = None, origins: dict
     except ValueError as e:
         hint = " (pass --vae-norm-groups N)" if "norm_groups" in str(e) else ""
         raise UserError(f"{v.source.path}: {e}{hint}") from None
-
-
-def dtype_name(dtype) -> str:
-    return np.dtype(dtype).name

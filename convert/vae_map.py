@@ -138,11 +138,3 @@ def nnx_to_bfl(path: tuple[str | int, ...], array: np.ndarray) -> tuple[str, np.
     """Inverse of `bfl_to_nnx`: NNX param path and array -> BFL key and tensor (HWIO -> OIHW)."""
     key = nnx_path_to_bfl_key(path)
     return key, (np.transpose(array, (3, 2, 0, 1)) if path[-1] == "kernel" else array)
-
-
-def nnx_vae_to_bfl(model) -> dict[str, np.ndarray]:
-    """The model's params as a BFL-keyed state dict (numpy, param dtype)."""
-    from flax import nnx
-
-    return dict(nnx_to_bfl(p, np.asarray(v.get_value()))
-                for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))

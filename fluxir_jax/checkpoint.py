@@ -37,6 +37,7 @@ from typing import Any, Callable, Union
 import numpy as np
 
 from fluxir_jax.errors import UserError
+from fluxir_jax.treeutil import flatten, unflatten
 
 ShardingRule = Union[None, Any, Callable[[tuple, tuple], Any]]
 
@@ -147,8 +148,8 @@ def restore_params(directory, item: str, model, *, mesh=None, sharding: Sharding
         node[str(path[-1])] = jax.ShapeDtypeStruct(var.shape, var.dtype,
                                                    sharding=_sharding_for(tuple(path), tuple(var.shape), mesh, sharding))
     with quiet_orbax():
-        stored = dict(_flat_items(ocp.PyTreeCheckpointHandler().metadata(directory / item).tree))
-    wanted = dict(_flat_items(target))
+        stored = {tuple(map(str, k)): v for k, v in flatten(ocp.PyTreeCheckpointHandler().metadata(directory / item).tree)}
+    wanted = dict(flatten(target))
     for key in sorted(set(stored) - set(wanted)):
         raise UserError(f"{directory}/{item}: unexpected parameter {'/'.join(key)} (checkpoint and model config disagree)")
     truncate = set()
@@ -162,7 +163,7 @@ def restore_params(directory, item: str, model, *, mesh=None, sharding: Sharding
                             f"the model expects {list(need)}")
         if got != need:
             truncate.add(key)
-    restore_args = _unflatten({
+    restore_args = unflatten({
         key: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype, strict=key not in truncate)
         for key, s in wanted.items()})
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
@@ -181,24 +182,6 @@ def restore_params(directory, item: str, model, *, mesh=None, sharding: Sharding
 
 
 _STACKED = ("double_blocks", "single_blocks")
-
-
-def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
-    tree: dict = {}
-    for key, leaf in flat.items():
-        node = tree
-        for k in key[:-1]:
-            node = node.setdefault(k, {})
-        node[key[-1]] = leaf
-    return tree
-
-
-def _flat_items(tree, prefix=()):
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _flat_items(v, prefix + (str(k),))
-    else:
-        yield prefix, tree
 
 
 def load_flux(directory, *, mesh=None, sharding: ShardingRule = None, **overrides):

@@ -38,7 +38,12 @@ def command_entry_points() -> list[importlib.metadata.EntryPoint]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fluxir", description="FluxGen + FluxIR image restoration on FLUX.1 (JAX/Flax).")
+    from fluxir_jax import __version__
+
+    parser = argparse.ArgumentParser(prog="fluxir", description="FluxGen + FluxIR image restoration on FLUX.1 (JAX/Flax).",
+                                     epilog="`fluxir COMMAND --help` describes each command.")
+    parser.add_argument("--version", action="version", version=f"fluxir-jax {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for ep in command_entry_points():
         ep.load()(sub)
@@ -49,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
+        parser.print_usage(sys.stderr)
+        print("fluxir: error: a command is required (see fluxir --help)", file=sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     except UserError as e:

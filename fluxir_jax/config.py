@@ -124,12 +124,16 @@ def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
         node = data
-        for i, p in enumerate(parts[:-1]):
-            if not isinstance(node, dict) or p not in node:
-                raise UserError(f"unknown config key {'.'.join(parts[: i + 1])} in override {item!r}")
-            node = node[p]
-        if not isinstance(node, dict) or parts[-1] not in node:
-            raise UserError(f"unknown config key {key} in override {item!r}")
+        for i, p in enumerate(parts):
+            if not isinstance(node, dict):
+                raise UserError(f"unknown config key {'.'.join(parts[: i + 1])} in override {item!r} "
+                                f"({'.'.join(parts[:i])} is a value, not a section)")
+            if p not in node:
+                where = "known keys" if i == 0 else f"known keys of {'.'.join(parts[:i])}"
+                raise UserError(f"unknown config key {'.'.join(parts[: i + 1])} in override {item!r} "
+                                f"({where}: {', '.join(sorted(node))})")
+            if i < len(parts) - 1:
+                node = node[p]
         node[parts[-1]] = yaml.safe_load(raw)
     return from_dict(type(cfg), data)
 

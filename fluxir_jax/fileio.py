@@ -113,6 +113,13 @@ def atomic_dir(path: PathLike, overwrite: bool = False) -> Iterator[pathlib.Path
             shutil.rmtree(tmp)
 
 
+def format_size(nbytes: int | float) -> str:
+    """A byte count for people: MiB below 1 GiB (`512.0 MiB`), else GiB (`23.80 GiB`)."""
+    if nbytes < 2**30:
+        return f"{nbytes / 2**20:.1f} MiB"
+    return f"{nbytes / 2**30:.2f} GiB"
+
+
 # ----------------------------------------------------------------------------- images
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 

@@ -65,3 +65,35 @@ def test_unknown_preset_is_exit_2(capsys):
 def test_short_and_long_out_parse_the_same(argv):
     args = cli.build_parser().parse_args(argv)
     assert args.out == "x.safetensors"
+
+
+def test_no_command_prints_usage_and_exits_2(capsys):
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: fluxir") and "a command is required" in err
+
+
+def test_version(capsys):
+    import fluxir_jax
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"fluxir-jax {fluxir_jax.__version__}"
+
+
+def test_every_subcommand_and_option_has_help():
+    parser = cli.build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {c.dest: c.help for c in action._choices_actions}
+    missing = [name for name in action.choices if not helps.get(name)]
+    for name, p in action.choices.items():
+        missing += [f"{name} {a.option_strings or a.dest}" for a in p._actions
+                    if not isinstance(a, argparse._HelpAction) and not a.help]
+    assert not missing, missing
+
+
+def test_sizes_below_a_gib_are_mib():
+    from fluxir_jax.fileio import format_size
+
+    assert format_size(5 * 2**20) == "5.0 MiB" and format_size(2**30 - 2**20) == "1023.0 MiB"
+    assert format_size(2**30) == "1.00 GiB" and format_size(23.8 * 2**30) == "23.80 GiB"

@@ -1,13 +1,14 @@
 """`fluxir degrade --input DIR --out DIR [key=value ...]`: a paired dataset from your own HQ images.
 
 Every png/jpg/jpeg/webp/tif/tiff file under `--input` (recursive, case-insensitive extension) is
-read, converted to 8-bit RGB (grayscale, palette, RGBA/LA (alpha composited on white), 16-bit,
-CMYK; EXIF orientation applied), reflect-padded (reflect-101, bottom/right, as BasicSR) when a
-side is shorter than the GT crop (`gt.crop_size`), cropped to a multiple of the scale, degraded with the
+read with `fluxir_jax.fileio.read_image` (8-bit RGB; 16-bit, gray, palette, CMYK converted, alpha
+composited on white, EXIF orientation applied), cropped to a multiple of the scale, degraded with the
 Real-ESRGAN second-order model (`fluxir_jax.data.degrade`) with a per-image seed derived from
 `(seed, relative path)`, and stored as one example of a paired dataset
-(`fluxir_jax.data.dataset`). Files that cannot be decoded (empty, truncated, not an image) are
-skipped and listed with the reason; the summary is printed and written as
+(`fluxir_jax.data.dataset`). An image with a side shorter than the GT crop (`gt.crop_size`) is
+skipped with the reason (`small_images=skip`, the default) or upscaled (Lanczos, aspect kept)
+until its shorter side is the crop size (`small_images=upscale`); it is never padded. Files that
+cannot be decoded (empty, truncated, not an image) are skipped and listed with the reason; the summary is printed and written as
 `degrade_summary.json` inside the dataset.
 
 Output: the dataset appears atomically at `--out` when the run completes; until then it is
@@ -15,9 +16,11 @@ built in `<out>.partial/`, and re-running the same command after an interruption
 (finished shards are kept, images already stored are not processed again). An `--out` that
 already holds a finished dataset is an error.
 
-Overrides: `seed=1 store_lq=false workers=8 shard_size=128 max_side=2048 ...` set fields of
-`DegradeFolderConfig`; degradation keys (`gt.crop_size=512`, `scale=4`,
-`stage1.noise.gray_prob=0.4`, ..., optionally prefixed `degradation.`) set `DegradationConfig`.
+Settings: `configs/degrade/default.yaml` lists every key with its default and meaning. The same
+keys work in a `--config` YAML file and as `key=value` overrides: `seed=1 store_lq=false
+small_images=upscale ...` set `DegradeFolderConfig`; degradation keys (`gt.crop_size=512`,
+`scale=4`, `stage1.noise.gray_prob=0.4`, ..., optionally under `degradation:` / prefixed
+`degradation.`) set `DegradationConfig`.
 """
 from __future__ import annotations
 
@@ -36,7 +39,6 @@ import numpy as np
 
 from fluxir_jax import config as config_lib
 from fluxir_jax import fileio
-from fluxir_jax.data.image_ops import reflect_pad_to
 from fluxir_jax.errors import UserError
 
 IMAGE_EXTENSIONS = fileio.IMAGE_SUFFIXES
@@ -50,6 +52,7 @@ class DegradeFolderConfig:
     seed: int = 0  # base seed; each image's seed is derived from (seed, its relative path)
     store_lq: bool = True  # false: store HQ only and degrade on the fly in training
     max_side: int = 0  # >0: downscale (Lanczos) images whose longer side exceeds this
+    small_images: str = "skip"  # a side < gt.crop_size: "skip" (with the reason) or "upscale" (Lanczos)
     shard_size: int = 128  # examples per ArrayRecord shard
     workers: int = 0  # worker processes; 0 = all cores available to this process
     png_compress_level: int = 1  # 0..9, zlib level of the stored PNGs
@@ -76,20 +79,37 @@ def find_images(root: pathlib.Path) -> tuple[list[pathlib.Path], int]:
     return images, others
 
 
+SMALL_IMAGES = ("skip", "upscale")
+
+
+class SmallImage(Exception):
+    """The image is smaller than the GT crop and `small_images=skip`; the message is the reason."""
+
+
+def _lanczos(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(img).resize((w, h), Image.Resampling.LANCZOS))
+
+
 def prepare_hq(img: np.ndarray, cfg: DegradeFolderConfig, crop_size: int, scale: int, notes: list[str]) -> np.ndarray:
-    """Downscale (max_side), reflect-pad to `crop_size`, crop to a multiple of `scale`."""
+    """Downscale (max_side), settle a side shorter than `crop_size` (`small_images`), crop to a
+    multiple of `scale`. Raises SmallImage for a small image with `small_images=skip`."""
     h, w = img.shape[:2]
     if cfg.max_side > 0 and max(h, w) > cfg.max_side:
-        from PIL import Image
-
         r = cfg.max_side / max(h, w)
         nw, nh = max(1, round(w * r)), max(1, round(h * r))
-        img = np.asarray(Image.fromarray(img).resize((nw, nh), Image.Resampling.LANCZOS))
+        img = _lanczos(img, nh, nw)
         notes.append(f"downscaled {h}x{w} -> {nh}x{nw}")
         h, w = nh, nw
     if h < crop_size or w < crop_size:
-        img = reflect_pad_to(img, crop_size, crop_size)
-        notes.append(f"reflect-padded {h}x{w} -> {img.shape[0]}x{img.shape[1]}")
+        if cfg.small_images == "skip":
+            raise SmallImage(f"{h}x{w} is smaller than the GT crop {crop_size}x{crop_size} (gt.crop_size); "
+                             f"small_images=upscale would upscale it")
+        r = crop_size / min(h, w)
+        nh, nw = max(crop_size, round(h * r)), max(crop_size, round(w * r))
+        img = _lanczos(img, nh, nw)
+        notes.append(f"upscaled {h}x{w} -> {nh}x{nw} (smaller than the GT crop {crop_size})")
     h2, w2 = img.shape[0] - img.shape[0] % scale, img.shape[1] - img.shape[1] % scale
     if (h2, w2) != img.shape[:2]:
         notes.append(f"cropped {img.shape[0]}x{img.shape[1]} -> {h2}x{w2} (multiple of {scale})")
@@ -109,7 +129,10 @@ def process_image(task: tuple[str, str, dict, Any]) -> dict:
     except fileio.ImageReadError as e:
         return {"rel": rel, "example": None, "reason": str(e).removeprefix(f"{path}: "), "notes": []}
     src_hw = list(img.shape[:2])
-    hq = prepare_hq(img, cfg, deg_cfg.gt.crop_size, deg_cfg.scale, notes)
+    try:
+        hq = prepare_hq(img, cfg, deg_cfg.gt.crop_size, deg_cfg.scale, notes)
+    except SmallImage as e:
+        return {"rel": rel, "example": None, "reason": str(e), "notes": []}
     seed = image_seed(cfg.seed, rel)
     lq_png, params = None, {}
     if cfg.store_lq:
@@ -184,8 +207,9 @@ def load_configs(config_path: str | None, overrides: Sequence[str]):
     """(`DegradeFolderConfig`, `DegradationConfig`) from an optional YAML file plus overrides.
 
     The YAML file holds `DegradeFolderConfig` keys at the top level and the degradation keys
-    under `degradation:`. The GT crop size (`gt.crop_size`, the size small images are padded
-    to) and `scale` are the degradation's.
+    under `degradation:` (or, as on the command line, at the top level). The GT crop size
+    (`gt.crop_size`, the smallest usable side)
+    and `scale` are the degradation's.
     """
     from fluxir_jax.data.degrade import DegradationConfig
 
@@ -193,11 +217,26 @@ def load_configs(config_path: str | None, overrides: Sequence[str]):
     deg_data = data.pop("degradation", None) or {}
     if not isinstance(deg_data, dict):
         raise UserError("config key degradation must be a mapping")
+    # the command line's rule in the file too: degradation keys may sit at the top level
+    deg_fields, mine_fields = _field_names(DegradationConfig), _field_names(DegradeFolderConfig)
+    for key in [k for k in data if k in deg_fields and k not in mine_fields]:
+        if key in deg_data:
+            raise UserError(f"config key {key} is given both at the top level and under degradation:")
+        deg_data[key] = data.pop(key)
+    unknown = sorted(k for k in data if k not in mine_fields)
+    if unknown:
+        raise UserError(f"unknown config key {unknown[0]} in {config_path} (known keys: "
+                        f"{', '.join(sorted(mine_fields | deg_fields | {'degradation'}))})")
     mine, deg = split_overrides(overrides)
     cfg = config_lib.apply_overrides(config_lib.from_dict(DegradeFolderConfig, data), mine)
     deg_cfg = config_lib.apply_overrides(config_lib.from_dict(DegradationConfig, deg_data), deg)
     if cfg.shard_size < 1 or cfg.workers < 0 or not 0 <= cfg.png_compress_level <= 9 or cfg.max_side < 0:
         raise UserError("shard_size must be >= 1, workers >= 0, png_compress_level in 0..9, max_side >= 0")
+    if cfg.small_images not in SMALL_IMAGES:
+        raise UserError(f"small_images must be one of {', '.join(SMALL_IMAGES)}, got {cfg.small_images!r}")
+    if 0 < cfg.max_side < deg_cfg.gt.crop_size:
+        raise UserError(f"max_side {cfg.max_side} is below gt.crop_size {deg_cfg.gt.crop_size}: every image would be "
+                        f"too small")
     return cfg, deg_cfg
 
 

@@ -59,7 +59,8 @@ class PipelineConfig:
     drop_remainder: bool = True  # drop a last incomplete batch (finite epochs only)
 
 
-def _check(cfg: PipelineConfig, process_count: int) -> int:
+def _validated_host_batch_size(cfg: PipelineConfig, process_count: int) -> int:
+    """`cfg.batch_size / process_count`, after checking every setting (UserError naming the bad one)."""
     if cfg.crop_size < 1 or cfg.scale < 1 or cfg.crop_size % cfg.scale:
         raise UserError(f"crop_size ({cfg.crop_size}) must be a positive multiple of scale ({cfg.scale})")
     if cfg.batch_size < 1 or cfg.batch_size % process_count:
@@ -77,7 +78,7 @@ def per_host_batch_size(cfg: PipelineConfig, process_count: int | None = None) -
         import jax
 
         process_count = jax.process_count()
-    return _check(cfg, process_count)
+    return _validated_host_batch_size(cfg, process_count)
 
 
 def bicubic_upsample(img: np.ndarray, scale: int) -> np.ndarray:
@@ -177,7 +178,7 @@ def build_dataset(
         process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
         raise UserError(f"process_index {process_index} is not in [0, {process_count})")
-    local_bs = _check(cfg, process_count)
+    local_bs = _validated_host_batch_size(cfg, process_count)
     if len(source) == 0:
         raise UserError("the dataset is empty")
     info = getattr(source, "info", None)

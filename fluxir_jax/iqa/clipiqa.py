@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fluxir_jax import config as config_io
 from fluxir_jax.errors import UserError
 
 Array = jax.Array
@@ -96,15 +97,6 @@ class CLIPIQAConfig:
     def num_pairs(self) -> int:
         return len(PROMPT_SETS[self.prompts])
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CLIPIQAConfig":
-        v = dict(d["visual"])
-        v["layers"] = tuple(v["layers"])
-        return cls(visual=CLIPResNetConfig(**v), prompts=d.get("prompts", "ensemble"),
-                   pos_embedding=bool(d.get("pos_embedding", False)))
 
 
 class Constant(nnx.Variable):
@@ -281,7 +273,7 @@ def load_clipiqa(weights: str, prompts: str = "ensemble", pos_embedding: bool = 
         raise UserError(f"{source}: not a converted CLIP-IQA file; {weights_io.convert_hint('clipiqa')}")
 
     cfg_dict, flat = weights_io.load_flat("clipiqa", weights, published)
-    cfg = CLIPIQAConfig.from_dict({**cfg_dict, "prompts": prompts, "pos_embedding": pos_embedding})
+    cfg = config_io.from_dict(CLIPIQAConfig, {**cfg_dict, "prompts": prompts, "pos_embedding": pos_embedding})
     flat = dict(flat)
     key = f"text_features.{prompts}"
     if key not in flat:

@@ -1,15 +1,23 @@
 """`fluxir eval`: image-quality metrics over a folder of results (and optionally references).
 
     fluxir eval --pred OUT_DIR [--gt HR_DIR] --metrics psnr,ssim,lpips,dists,niqe \
-        [--convention basicsr|pyiqa] [--crop-border N] \
-        [--weights lpips=alex.pth --weights lpips=alexnet-owt.pth ...] [--out scores.csv|scores.json]
+        [--match name|suffix=S|prefix=P|regex=R] [--convention basicsr|pyiqa] [--crop-border N] \
+        [--weights lpips=lpips_alex.safetensors ...] [-o scores.csv|scores.json]
 
 Prints mean and standard deviation (population, ddof 0) per metric; `--out` writes per-image scores
-(CSV: one row per image; JSON: per-image rows plus the summary, unavailable metrics and skipped
-images). Predictions are paired with references by file name, else by stem (`0801.png` with
-`0801.jpg`). Full-reference metrics need `--gt`; metrics whose weights were not given are listed as
-unavailable. A prediction and reference of different sizes is an error naming the pair; unreadable
-images and predictions without a reference are skipped and reported.
+(CSV: one row per image; JSON: per-image rows plus the summary and skipped images).
+
+Pairing (`--match`): a prediction's reference is the file of the same name, else of the same stem
+(`0801.png` with `0801.jpg`) -- `name`, the default; `suffix=_out` first strips `_out` from the
+prediction's stem (`x_out.png` -> `x.png`), `prefix=sr_` strips a prefix, and `regex=R` takes the
+first group of R (or its whole match) in the prediction's stem as the reference stem.
+
+No-reference metrics score every readable prediction; full-reference metrics score the matched
+pairs. A prediction and reference of different sizes is an error naming the pair; unreadable
+images and predictions without a reference are skipped and listed. The command fails (exit 2,
+one line) rather than report work it did not do: a requested metric that cannot run (weights not
+given, a full-reference metric without `--gt`), full-reference metrics with no prediction matched
+to a reference, or a metric that scored no image.
 """
 from __future__ import annotations
 
@@ -20,7 +28,9 @@ import json
 import math
 import os
 import pathlib
+import re
 from collections import OrderedDict
+from typing import Callable
 
 import numpy as np
 
@@ -51,24 +61,52 @@ def _why(e: Exception) -> str:
     return f"cannot read image ({type(e).__name__}{': ' + msg if msg else ''})"
 
 
-def _pair(preds: list[pathlib.Path], gts: list[pathlib.Path], skipped: list):
+MATCH_KINDS = ("name", "suffix", "prefix", "regex")
+
+
+def reference_stem(match: str) -> Callable[[str], str | None]:
+    """`--match` -> f(prediction stem) = the reference stem to look for (None: no candidate)."""
+    kind, _, arg = match.partition("=")
+    if kind not in MATCH_KINDS or (kind == "name") == bool(arg):
+        raise UserError(f"--match takes name, suffix=S, prefix=P or regex=R, got {match!r}")
+    if kind == "name":
+        return lambda stem: stem
+    if kind == "suffix":
+        return lambda stem: stem[: -len(arg)] if stem.endswith(arg) and stem != arg else None
+    if kind == "prefix":
+        return lambda stem: stem[len(arg):] if stem.startswith(arg) and stem != arg else None
+    try:
+        pattern = re.compile(arg)
+    except re.error as e:
+        raise UserError(f"--match regex={arg!r}: not a regular expression ({e})") from None
+
+    def by_regex(stem: str) -> str | None:
+        m = pattern.search(stem)
+        return None if m is None else (m.group(1) if pattern.groups else m.group(0))
+    return by_regex
+
+
+def _pair(preds: list[pathlib.Path], gts: list[pathlib.Path], match: str = "name"):
+    """[(prediction, reference or None, why not)] for every prediction."""
+    ref_stem = reference_stem(match)
     by_name = {p.name: p for p in gts}
     by_stem: dict[str, list[pathlib.Path]] = {}
     for p in gts:
         by_stem.setdefault(p.stem, []).append(p)
-    pairs = []
+    out = []
     for p in preds:
-        g = by_name.get(p.name)
+        g = by_name.get(p.name) if match == "name" else None
         if g is None:
-            cands = by_stem.get(p.stem, [])
-            if len(cands) == 1:
-                g = cands[0]
-            else:
-                skipped.append((str(p), "no reference image with this name" if not cands
-                                else "several reference images share this name: " + ", ".join(c.name for c in cands)))
+            stem = ref_stem(p.stem)
+            cands = by_stem.get(stem, []) if stem is not None else []
+            if len(cands) != 1:
+                want = f"{stem}.*" if stem is not None else f"(nothing: --match {match} does not apply to {p.stem!r})"
+                out.append((p, None, f"no reference image {want}" if not cands else
+                            "several reference images share this name: " + ", ".join(c.name for c in cands)))
                 continue
-        pairs.append((p, g))
-    return pairs
+            g = cands[0]
+        out.append((p, g, None))
+    return out
 
 
 # ------------------------------------------------------------------ evaluation
@@ -83,14 +121,17 @@ def parse_weights(items: list[str] | None) -> dict[str, list[str]]:
 
 
 def evaluate(pred_dir, gt_dir=None, metrics: list[str] | tuple = ("psnr", "ssim"), *, convention: str = "basicsr",
-             crop_border: int = 0, weights: dict[str, list[str]] | None = None, batch_size: int = 8) -> dict:
-    """Score a folder. Returns {"summary", "per_image", "unavailable", "skipped", "notes", "options"}."""
+             crop_border: int = 0, weights: dict[str, list[str]] | None = None, batch_size: int = 8,
+             match: str = "name") -> dict:
+    """Score a folder. Returns {"summary", "per_image", "skipped", "notes", "options"}; raises
+    UserError instead of returning a result with a metric that did not run (module docstring)."""
     from fluxir_jax.iqa import registry
     from fluxir_jax.iqa.psnr_ssim import check_convention
 
     check_convention(convention)
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    reference_stem(match)
     names = list(OrderedDict.fromkeys(m.strip().lower() for m in metrics if m.strip()))
     if not names:
         raise UserError("no metrics requested (--metrics psnr,ssim,...)")
@@ -104,7 +145,7 @@ def evaluate(pred_dir, gt_dir=None, metrics: list[str] | tuple = ("psnr", "ssim"
     scorers: dict[str, registry.Metric] = {}
     for n, spec in specs.items():
         if spec.kind == "fr" and gt_dir is None:
-            unavailable[n] = "full-reference metric: needs --gt"
+            unavailable[n] = "a full-reference metric: pass the reference folder with --gt"
             continue
         opts = {k: v for k, v in (("convention", convention), ("crop_border", crop_border)) if spec.accepts(k)}
         w = weights.get(n)
@@ -112,98 +153,115 @@ def evaluate(pred_dir, gt_dir=None, metrics: list[str] | tuple = ("psnr", "ssim"
             scorers[n] = registry.get_metric(n, weights=(w[0] if w and len(w) == 1 else w), **opts)
         except registry.MetricUnavailable as e:
             unavailable[n] = str(e)
-    if not scorers:
-        raise UserError("none of the requested metrics can run: "
-                        + "; ".join(f"{n}: {why}" for n, why in unavailable.items()))
+    if unavailable:
+        raise UserError("cannot run " + "; ".join(f"{n}: {why}" for n, why in unavailable.items()))
 
     skipped: list[tuple[str, str]] = []
     preds = list_images(pred_dir, "--pred")
     if not preds:
         raise UserError(f"no images in {pred_dir} (looked for {', '.join(sorted(IMAGE_EXTS))})")
-    need_gt = any(s.kind == "fr" for s in scorers.values())
-    if need_gt:
-        pairs = _pair(preds, list_images(gt_dir, "--gt"), skipped)
+    fr = [n for n, m in scorers.items() if m.kind == "fr"]
+    if gt_dir is not None:
+        gts = list_images(gt_dir, "--gt")
+        items = _pair(preds, gts, match)
+        if fr and not any(g is not None for _, g, _ in items):
+            raise UserError(f"no prediction in {pred_dir} has a reference in {gt_dir} (e.g. {preds[0].name}: "
+                            f"{items[0][2]}); pair differently named files with --match suffix=S, prefix=P "
+                            f"or regex=R")
+        for p, g, why in items:
+            if g is None and fr:
+                skipped.append((str(p), why + (" (no-reference metrics still scored)" if len(fr) < len(scorers) else "")))
+        if len(fr) == len(scorers):          # nothing to do for a prediction without a reference
+            items = [it for it in items if it[1] is not None]
     else:
-        pairs = [(p, None) for p in preds]
+        items = [(p, None, None) for p in preds]
 
     # Sizes from the headers first: a size mismatch is an error before any work is done.
     groups: dict[tuple[int, int], list] = {}
-    for p, g in pairs:
+    for p, g, _ in items:
         try:
             size = _probe(p)
         except Exception as e:  # noqa: BLE001
             skipped.append((str(p), _why(e)))
             continue
-        if g is not None:
+        if g is not None and fr:
             try:
                 gsize = _probe(g)
             except Exception as e:  # noqa: BLE001
-                skipped.append((str(g), _why(e)))
-                continue
-            if gsize != size:
-                raise UserError(f"size mismatch: {p} is {size[1]}x{size[0]} but {g} is {gsize[1]}x{gsize[0]}")
+                skipped.append((str(g), _why(e) + " (the reference)"))
+                g = None
+            else:
+                if gsize != size:
+                    raise UserError(f"size mismatch: {p} is {size[1]}x{size[0]} but {g} is {gsize[1]}x{gsize[0]}")
         groups.setdefault(size, []).append((p, g))
 
     rows: dict[str, dict] = {}
     notes: dict[str, str] = {}
-    for size, items in groups.items():
-        for start in range(0, len(items), batch_size):
+    for size, group in groups.items():
+        width = min(batch_size, len(group))   # one batch shape per image size: short batches are padded
+        for start in range(0, len(group), batch_size):
             batch, xs, ys = [], [], []
-            for p, g in items[start:start + batch_size]:
+            for p, g in group[start:start + batch_size]:
                 try:
                     x = fileio.read_image_float(p)
                 except Exception as e:  # noqa: BLE001
                     skipped.append((str(p), _why(e)))
                     continue
                 y = None
-                if g is not None:
+                if g is not None and fr:
                     try:
                         y = fileio.read_image_float(g)
                     except Exception as e:  # noqa: BLE001
-                        skipped.append((str(g), _why(e)))
-                        continue
-                batch.append((p, g))
+                        skipped.append((str(g), _why(e) + " (the reference)"))
+                batch.append((p, g if y is not None else None))
                 xs.append(x)
                 ys.append(y)
             if not batch:
                 continue
-            # pad a short last batch with copies so each image size compiles one batch shape
-            pad = min(batch_size, len(items)) - len(batch)
-            x = np.stack(xs + xs[-1:] * pad)
-            y = np.stack(ys + ys[-1:] * pad) if need_gt else None
             for p, g in batch:
                 rows[p.name] = {"image": p.name, "reference": g.name if g is not None else None}
+            paired = [i for i, y in enumerate(ys) if y is not None]
             for n, m in scorers.items():
+                idx = paired if m.kind == "fr" else list(range(len(batch)))
+                if not idx:
+                    continue
+                x = np.stack([xs[i] for i in idx] + [xs[idx[-1]]] * (width - len(idx)))
                 try:
-                    vals = m(x, y) if m.kind == "fr" else m(x)
+                    if m.kind == "fr":
+                        vals = m(x, np.stack([ys[i] for i in idx] + [ys[idx[-1]]] * (width - len(idx))))
+                    else:
+                        vals = m(x)
                 except UserError as e:     # e.g. NIQE on an image smaller than two blocks
                     notes.setdefault(n, str(e))
-                    vals = np.full(len(batch), np.nan)
-                for (p, _), v in zip(batch, vals):
-                    rows[p.name][n] = float(v)
+                    vals = np.full(len(idx), np.nan)
+                for i, v in zip(idx, vals):
+                    rows[batch[i][0].name][n] = float(v)
 
     per_image = [rows[k] for k in sorted(rows)]
+    for r in per_image:
+        for n in scorers:
+            r.setdefault(n, math.nan)
     summary = {}
     for n, m in scorers.items():
         v = np.asarray([r[n] for r in per_image], np.float64)
         v = v[~np.isnan(v)]
-        summary[n] = {"mean": float(np.mean(v)) if v.size else math.nan,
-                      "std": float(np.std(v)) if v.size else math.nan,
-                      "n": int(v.size), "lower_better": m.lower_better}
-    return {"summary": summary, "per_image": per_image, "unavailable": unavailable,
+        if not v.size:
+            why = notes.get(n) or "no image could be read"
+            raise UserError(f"{n} scored no image: {why}")
+        summary[n] = {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": int(v.size),
+                      "lower_better": m.lower_better}
+    return {"summary": summary, "per_image": per_image,
             "skipped": [{"file": f, "reason": r} for f, r in skipped], "notes": notes,
             "options": {"pred": str(pred_dir), "gt": str(gt_dir) if gt_dir is not None else None,
-                        "metrics": names, "convention": convention, "crop_border": crop_border}}
+                        "metrics": names, "match": match, "convention": convention, "crop_border": crop_border}}
 
 
 # ------------------------------------------------------------------ output
 def format_table(result: dict) -> str:
-    w = max([12] + [len(n) + 2 for n in list(result["summary"]) + list(result["unavailable"])])
+    w = max([12] + [len(n) + 2 for n in result["summary"]])
     lines = [f"{'metric':<{w}}{'mean':>12}{'std':>12}{'n':>7}  better"]
     for n, s in result["summary"].items():
         lines.append(f"{n:<{w}}{s['mean']:>12.4f}{s['std']:>12.4f}{s['n']:>7}  {'lower' if s['lower_better'] else 'higher'}")
-    for n, why in result["unavailable"].items():
-        lines.append(f"{n:<{w}}{'unavailable':>12}  {why}")
     for n, why in result["notes"].items():
         lines.append(f"note: {n}: some images not scored: {why}")
     if result["skipped"]:
@@ -234,7 +292,7 @@ def render(result: dict, fmt: str) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["image", "reference"] + names)
     for r in result["per_image"]:
-        w.writerow([r["image"], r["reference"] or ""] + [format(r[n], ".10g") for n in names])
+        w.writerow([r["image"], r["reference"] or ""] + ["" if math.isnan(r[n]) else format(r[n], ".10g") for n in names])
     return buf.getvalue()
 
 
@@ -258,7 +316,8 @@ def run(args: argparse.Namespace) -> int:
         if fmt is None:
             raise UserError(f"--out must end in .csv or .json, got {args.out}")
     result = evaluate(args.pred, args.gt, args.metrics.split(","), convention=args.convention,
-                      crop_border=args.crop_border, weights=parse_weights(args.weights), batch_size=args.batch_size)
+                      crop_border=args.crop_border, weights=parse_weights(args.weights), batch_size=args.batch_size,
+                      match=args.match)
     print(format_table(result))
     if args.out:
         fileio.write_text(args.out, render(result, fmt))
@@ -272,7 +331,10 @@ def register(subparsers) -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pred", help="folder of images to score")
     p.add_argument("--gt", help="folder of reference images (full-reference metrics)")
-    p.add_argument("--metrics", default="psnr,ssim", help="comma-separated metric names (default psnr,ssim)")
+    p.add_argument("--metrics", default="psnr,ssim", help="comma-separated metric names (default psnr,ssim; see --list)")
+    p.add_argument("--match", default="name", metavar="RULE",
+                   help="how predictions find their reference: name (same name, else same stem; default), "
+                        "suffix=S (x_out.png -> x.png with S=_out), prefix=P, or regex=R (its first group)")
     p.add_argument("--convention", choices=("basicsr", "pyiqa"), default="basicsr",
                    help="PSNR/SSIM/NIQE convention (default basicsr)")
     p.add_argument("--crop-border", type=int, default=0, help="pixels cropped from each side (PSNR/SSIM/NIQE)")

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fluxir_jax import config as config_io
 from fluxir_jax.errors import UserError
 
 Array = jax.Array
@@ -68,16 +69,6 @@ class MANIQAConfig:
     def vit_depth_used(self) -> int:
         return max(self.feature_blocks) + 1
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MANIQAConfig":
-        d = dict(d)
-        for k in ("feature_blocks", "depths", "num_heads"):
-            if k in d:
-                d[k] = tuple(int(v) for v in d[k])
-        return cls(**d)
 
 
 PRESETS: dict[str, MANIQAConfig] = {
@@ -400,7 +391,7 @@ def params_from_published(sd: Mapping[str, np.ndarray], source: str = "weights",
         return re.sub(r"^(fc_score|fc_weight)\.fc(\d+)\.", r"\1.\2.", k)
 
     ours = weights_io.abstract_shapes(abstract_model(cfg))
-    return cfg.to_dict(), weights_io.torch_to_ours(sd, ours, source, rename=rename, ignore=ignore)
+    return config_io.to_dict(cfg), weights_io.torch_to_ours(sd, ours, source, rename=rename, ignore=ignore)
 
 
 def load_maniqa(weights: str, preset: str = "koniq") -> tuple[nnx.GraphDef, nnx.State]:
@@ -409,7 +400,7 @@ def load_maniqa(weights: str, preset: str = "koniq") -> tuple[nnx.GraphDef, nnx.
     from fluxir_jax.iqa import weights as weights_io
 
     cfg_dict, flat = weights_io.load_flat("maniqa", weights, lambda sd, src: params_from_published(sd, src, preset))
-    return weights_io.build_state(abstract_model(MANIQAConfig.from_dict(cfg_dict)), flat, source=str(weights))
+    return weights_io.build_state(abstract_model(config_io.from_dict(MANIQAConfig, cfg_dict)), flat, source=str(weights))
 
 
 def make_maniqa(weights: str, preset: str = "koniq") -> Callable[[Array], Array]:

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fluxir_jax import config as config_io
 from fluxir_jax.errors import UserError
 
 Array = jax.Array
@@ -71,15 +72,6 @@ class MUSIQConfig:
     def num_scales(self) -> int:
         return len(self.longer_side_lengths) + int(self.use_original_resolution)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MUSIQConfig":
-        d = dict(d)
-        if "longer_side_lengths" in d:
-            d["longer_side_lengths"] = tuple(int(v) for v in d["longer_side_lengths"])
-        return cls(**d)
 
 
 PRESETS: dict[str, MUSIQConfig] = {
@@ -404,7 +396,7 @@ def params_from_published(tensors: Mapping[str, np.ndarray], source: str = "weig
     for k, (key, _) in wanted.items():
         if key not in out:
             raise UserError(f"{source}: missing key {k!r} (not a MUSIQ {preset} checkpoint?)")
-    return cfg.to_dict(), {k: out[k] for k in ours}
+    return config_io.to_dict(cfg), {k: out[k] for k in ours}
 
 
 def load_musiq(weights: str, preset: str = "koniq") -> tuple[nnx.GraphDef, nnx.State]:
@@ -412,7 +404,7 @@ def load_musiq(weights: str, preset: str = "koniq") -> tuple[nnx.GraphDef, nnx.S
     from fluxir_jax.iqa import weights as weights_io
 
     cfg_dict, flat = weights_io.load_flat("musiq", weights, lambda t, src: params_from_published(t, src, preset))
-    return weights_io.build_state(abstract_model(MUSIQConfig.from_dict(cfg_dict)), flat, source=str(weights))
+    return weights_io.build_state(abstract_model(config_io.from_dict(MUSIQConfig, cfg_dict)), flat, source=str(weights))
 
 
 def make_musiq(weights: str, preset: str = "koniq") -> Callable[[Array], Array]:

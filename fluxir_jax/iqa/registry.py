@@ -166,6 +166,10 @@ def get_metric(name: str, weights: WeightsArg = None, **options: Any) -> Metric:
     go to the metric's factory (e.g. convention="pyiqa", crop_border=4 for psnr/ssim/niqe)."""
     spec = metric_spec(name)
     if spec.needs_weights and not weights:
+        from fluxir_jax.iqa.weights import PUBLISHED, family, needs_weights_message
+
+        if family(name) in PUBLISHED:
+            raise MetricUnavailable(needs_weights_message(name))
         raise MetricUnavailable(f"{name} needs weights: pass them (fluxir eval --weights {name}=PATH)")
     for opt in options:
         if not spec.accepts(opt):

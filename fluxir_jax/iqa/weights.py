@@ -13,6 +13,7 @@ first bad key.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -25,26 +26,64 @@ from fluxir_jax.errors import UserError
 FORMAT_KEY = "fluxir_metric"
 NUMPY_SUFFIXES = (".safetensors", ".npz")
 
-# metric family -> (published files, the convert-iqa command line that converts them)
-CONVERT_COMMANDS = {
-    "lpips": ("the LPIPS v0.1 heads alex.pth and torchvision's alexnet-owt-7be5be79.pth",
-              "fluxir convert-iqa lpips alex.pth alexnet-owt-7be5be79.pth -o lpips_alex.safetensors"),
-    "lpips-vgg": ("the LPIPS v0.1 heads vgg.pth and torchvision's vgg16-397923af.pth",
-                  "fluxir convert-iqa lpips-vgg vgg.pth vgg16-397923af.pth -o lpips_vgg.safetensors"),
-    "dists": ("DISTS_pytorch's weights.pt and torchvision's vgg16-397923af.pth",
-              "fluxir convert-iqa dists weights.pt vgg16-397923af.pth -o dists.safetensors"),
-    "clipiqa": ("OpenAI CLIP RN50.pt (or an open_clip RN50 state dict)",
-                "fluxir convert-iqa clipiqa RN50.pt -o clipiqa_rn50.safetensors"),
-    "musiq": ("google-research/musiq koniq_ckpt.npz",
-              "fluxir convert-iqa musiq koniq_ckpt.npz -o musiq_koniq.safetensors"),
-    "maniqa": ("IIGROUP/MANIQA ckpt_koniq10k.pt",
-               "fluxir convert-iqa maniqa ckpt_koniq10k.pt -o maniqa_koniq.safetensors"),
+@dataclasses.dataclass(frozen=True)
+class PublishedWeights:
+    """What a metric family needs, where it is usually obtained, and the command that converts it."""
+
+    files: str        # the published file(s)
+    source: str       # where they are usually obtained
+    command: str      # the `fluxir convert-iqa` line (OUT is its -o)
+
+    @property
+    def out(self) -> str:
+        return self.command.rsplit(" ", 1)[-1]
+
+
+PUBLISHED = {
+    "lpips": PublishedWeights(
+        "the LPIPS v0.1 linear heads alex.pth and torchvision's AlexNet alexnet-owt-7be5be79.pth",
+        "alex.pth: the lpips package, lpips/weights/v0.1/ (github.com/richzhang/PerceptualSimilarity); "
+        "alexnet-owt-7be5be79.pth: download.pytorch.org/models/",
+        "fluxir convert-iqa lpips alex.pth alexnet-owt-7be5be79.pth -o lpips_alex.safetensors"),
+    "lpips-vgg": PublishedWeights(
+        "the LPIPS v0.1 linear heads vgg.pth and torchvision's VGG16 vgg16-397923af.pth",
+        "vgg.pth: the lpips package, lpips/weights/v0.1/ (github.com/richzhang/PerceptualSimilarity); "
+        "vgg16-397923af.pth: download.pytorch.org/models/",
+        "fluxir convert-iqa lpips-vgg vgg.pth vgg16-397923af.pth -o lpips_vgg.safetensors"),
+    "dists": PublishedWeights(
+        "DISTS' alpha/beta weights.pt and torchvision's VGG16 vgg16-397923af.pth",
+        "weights.pt: DISTS_pytorch/ in github.com/dingkeyan93/DISTS; vgg16-397923af.pth: download.pytorch.org/models/",
+        "fluxir convert-iqa dists weights.pt vgg16-397923af.pth -o dists.safetensors"),
+    "clipiqa": PublishedWeights(
+        "OpenAI CLIP's RN50.pt (or an open_clip RN50 state dict)",
+        "the RN50 URL listed in clip/clip.py of github.com/openai/CLIP",
+        "fluxir convert-iqa clipiqa RN50.pt -o clipiqa_rn50.safetensors"),
+    "musiq": PublishedWeights(
+        "the MUSIQ Flax checkpoint koniq_ckpt.npz (spaq_ckpt.npz, ava_ckpt.npz for the other presets)",
+        "the checkpoints listed in musiq/README.md of github.com/google-research/google-research",
+        "fluxir convert-iqa musiq koniq_ckpt.npz -o musiq_koniq.safetensors"),
+    "maniqa": PublishedWeights(
+        "the MANIQA state dict ckpt_koniq10k.pt (the matching release file for the kadid and pipal presets)",
+        "the releases of github.com/IIGROUP/MANIQA",
+        "fluxir convert-iqa maniqa ckpt_koniq10k.pt -o maniqa_koniq.safetensors"),
 }
 
 
+def family(metric: str) -> str:
+    """The PUBLISHED entry of a registry name (`musiq-spaq` -> `musiq`, `lpips-vgg` stays)."""
+    return metric if metric in PUBLISHED else metric.split("-")[0]
+
+
 def convert_hint(metric: str) -> str:
-    files, command = CONVERT_COMMANDS[metric]
-    return f"convert {files} once with `{command}`"
+    w = PUBLISHED[family(metric)]
+    return f"convert {w.files} once with `{w.command}`"
+
+
+def needs_weights_message(metric: str) -> str:
+    """The one line for a metric asked for without weights: every file, where it comes from, the command."""
+    w = PUBLISHED[family(metric)]
+    return (f"{metric} needs weights: {w.files} (usually from {w.source}); convert them once with "
+            f"`{w.command}` and pass --weights {metric}={w.out}")
 
 
 def _as_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[pathlib.Path]:
@@ -196,13 +235,6 @@ def torch_to_ours(sd: Mapping[str, np.ndarray], ours: Mapping[str, tuple[tuple[A
         if key not in out:
             raise UserError(f"{source}: missing key {tkey!r} (wrong architecture?)")
     return {k: out[k] for k in ours}
-
-
-def config_dict(x: Any) -> dict[str, Any]:
-    """A config dataclass as a JSON-ready dict (tuples as lists)."""
-    import dataclasses
-
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(x).items()}
 
 
 def flat_params(params: Mapping) -> dict[str, np.ndarray]:

@@ -24,16 +24,12 @@ import numpy as np
 from flax import nnx
 
 from fluxir_jax import config as config_io
-from fluxir_jax import fileio
+from fluxir_jax import fileio, treeutil
 from fluxir_jax.errors import UserError
 from fluxir_jax.models.adapter import FluxIR, FluxIRConfig, check_compatible
 from fluxir_jax.models.flux import FluxConfig
 
 FORMAT = "fluxir-adapter/1"
-
-
-def _dims(cfg: FluxConfig) -> dict:
-    return config_io.to_dict(cfg)
 
 
 def _flat(adapter: FluxIR) -> dict[tuple, np.ndarray]:
@@ -75,8 +71,8 @@ def from_named_tensors(adapter: FluxIR, tensors: dict[str, np.ndarray]) -> None:
             raise UserError(f"adapter tensor {k} has shape {list(v.shape)}, expected {list(expected[k].shape)}")
     d_idx, s_idx = adapter.config.controlled(adapter.base_config)
     rows = [("double_blocks", k) for k in d_idx] + [("single_blocks", k) for k in s_idx]
-    state = nnx.state(adapter, nnx.Param)
-    for path, var in nnx.to_flat_state(state):
+    flat = {}
+    for path, _ in nnx.to_flat_state(nnx.state(adapter, nnx.Param)):
         head, leaf = path[0], path[-1]
         if head in ("se_img", "se_txt"):
             if leaf == "gamma":
@@ -92,24 +88,34 @@ def from_named_tensors(adapter: FluxIR, tensors: dict[str, np.ndarray]) -> None:
                 names[-1] = "weight"
             value = tensors[".".join(names)]
             value = value.T if leaf == "kernel" else value
-        var.set_value(jax.numpy.asarray(value, var.dtype))
-    nnx.update(adapter, state)
+        flat[path] = value
+    _, params, _ = treeutil.fill_state(adapter, flat, "adapter file", var_filter=nnx.Param)
+    nnx.update(adapter, params)
 
 
-def _metadata(adapter: FluxIR) -> dict[str, str]:
+def _metadata(adapter: FluxIR) -> dict:
+    """What an adapter file records about itself: `adapter.json` holds it as is; the safetensors
+    header (string values only) holds the two configs as JSON text."""
     return {
         "format": FORMAT,
-        "fluxir_config": json.dumps(config_io.to_dict(adapter.config)),
-        "base_config": json.dumps(_dims(adapter.base_config)),
+        "fluxir_config": config_io.to_dict(adapter.config),
+        "base_config": config_io.to_dict(adapter.base_config),
     }
+
+
+def _header(adapter: FluxIR) -> dict[str, str]:
+    return {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in _metadata(adapter).items()}
 
 
 def _configs_from(meta: dict, where: str) -> tuple[FluxIRConfig, FluxConfig]:
     if meta.get("format") != FORMAT:
         raise UserError(f"{where} is not a FluxIR adapter (format {meta.get('format')!r}, expected {FORMAT!r})")
+    def obj(key):
+        v = meta[key]
+        return json.loads(v) if isinstance(v, str) else v   # JSON text in a safetensors header
+
     try:
-        return (config_io.from_dict(FluxIRConfig, json.loads(meta["fluxir_config"])),
-                config_io.from_dict(FluxConfig, json.loads(meta["base_config"])))
+        return (config_io.from_dict(FluxIRConfig, obj("fluxir_config")), config_io.from_dict(FluxConfig, obj("base_config")))
     except (KeyError, json.JSONDecodeError) as e:
         raise UserError(f"{where}: damaged adapter metadata ({e})") from None
 
@@ -119,7 +125,7 @@ def export_safetensors(adapter: FluxIR, path: str | pathlib.Path) -> None:
     from safetensors.numpy import save_file
 
     with fileio.atomic_file(path) as tmp:
-        save_file(to_named_tensors(adapter), str(tmp), metadata=_metadata(adapter))
+        save_file(to_named_tensors(adapter), str(tmp), metadata=_header(adapter))
 
 
 def import_safetensors(path: str | pathlib.Path, base_config: FluxConfig | None = None) -> FluxIR:

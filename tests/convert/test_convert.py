@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from fluxir_jax import checkpoint, cli
+from fluxir_jax import checkpoint, cli, treeutil
 from tests.models import flux_reference as fr
 
 TINY_VAE = dict(
@@ -142,7 +142,7 @@ def raw_item(ckpt: pathlib.Path, item: str) -> dict[str, np.ndarray]:
     import orbax.checkpoint as ocp
 
     tree = ocp.PyTreeCheckpointer().restore(ckpt / item)
-    return {"/".join(k): np.asarray(v) for k, v in checkpoint._flat_items(tree)}
+    return {"/".join(map(str, k)): np.asarray(v) for k, v in treeutil.flatten(tree)}
 
 
 def vae_outputs(vae, ae, seed=3):

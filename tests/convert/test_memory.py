@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 
 from bench.convert_memory import bfl_specs, measure_convert, write_synthetic
 from fluxir_jax.models.flux import FluxConfig
@@ -20,6 +21,7 @@ MID = dict(in_channels=64, out_channels=64, vec_in_dim=768, context_in_dim=4096,
            dtype="bfloat16", param_dtype="bfloat16")
 
 
+@pytest.mark.slow   # writes and converts a 1.3 GB file
 def test_peak_memory_is_bounded(tmp_path):
     src = tmp_path / "mid.safetensors"
     out = tmp_path / "ckpt"

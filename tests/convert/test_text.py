@@ -68,10 +68,10 @@ def encoders(tmp_path_factory):
     return dict(root=root, t5=t5, clip=clip, t5_tok=t5_tok, clip_tok=clip_tok)
 
 
-def direct(enc, prompts, t5_len):
+def direct(enc, prompts, text_len):
     """The reference computation, straight from the in-memory models and tokenizers (BFL HFEmbedder)."""
     with torch.no_grad():
-        ids = enc["t5_tok"](prompts, max_length=t5_len, padding="max_length", truncation=True, return_tensors="pt")
+        ids = enc["t5_tok"](prompts, max_length=text_len, padding="max_length", truncation=True, return_tensors="pt")
         t5 = enc["t5"](input_ids=ids["input_ids"]).last_hidden_state.numpy()
         ids = enc["clip_tok"](prompts, max_length=77, padding="max_length", truncation=True, return_tensors="pt")
         clip = enc["clip"](input_ids=ids["input_ids"]).pooler_output.numpy()

@@ -60,7 +60,8 @@ def inputs(tmp_path_factory):
     assert Image.open(root / "odd" / "cmyk.jpg").mode == "CMYK"
     tiny = photo("coffee", 20)[:, :30]
     _save(root / "odd" / "tiny.png", Image.fromarray(np.ascontiguousarray(tiny)))
-    expect["odd/tiny.png"] = np.pad(tiny, ((0, CROP - 20), (0, CROP - 30), (0, 0)), mode="reflect")
+    expect["odd/tiny.png"] = np.asarray(Image.fromarray(np.ascontiguousarray(tiny)).resize(
+        (96, 64), Image.Resampling.LANCZOS))                       # small_images=upscale: 20x30 -> 64x96
     buf = io.BytesIO()
     Image.fromarray(photo("rocket", 90)).save(buf, format="JPEG", quality=90)
     (root / "bad").mkdir()
@@ -72,8 +73,9 @@ def inputs(tmp_path_factory):
 
 
 GOOD = ["ROCKET.TIF", "astronaut.png", "odd/cmyk.jpg", "odd/deep16.png", "odd/gray.png", "odd/logo_rgba.png",
-        "odd/tiny.png", "sub/coffee.jpg", "sub/deeper/chelsea.webp"]
-BAD = {"bad/empty.jpg": "empty file", "bad/notes.png": "not a recognised image", "bad/truncated.jpg": "truncated"}
+        "sub/coffee.jpg", "sub/deeper/chelsea.webp"]
+BAD = {"bad/empty.jpg": "empty file", "bad/notes.png": "not a recognised image", "bad/truncated.jpg": "truncated",
+       "odd/tiny.png": f"20x30 is smaller than the GT crop {CROP}x{CROP} (gt.crop_size); small_images=upscale"}
 
 
 def _decode(png):
@@ -89,7 +91,7 @@ def test_degrade_folder_with_odd_and_bad_files(tmp_path, inputs, fluxir, capsys)
     assert rc == 0, captured.err
     assert not (tmp_path / "pairs.partial").exists()
     summary = json.loads((out / dfm.SUMMARY_NAME).read_text())
-    assert summary["found"] == 12 and summary["written"] == 9 and summary["already_present"] == 0
+    assert summary["found"] == 12 and summary["written"] == 8 and summary["already_present"] == 0
     assert summary["ignored_other_files"] == 1 and summary["workers"] == 2
     assert {s["file"]: s["reason"] for s in summary["skipped"]}.keys() == BAD.keys()
     for s in summary["skipped"]:
@@ -98,12 +100,12 @@ def test_degrade_folder_with_odd_and_bad_files(tmp_path, inputs, fluxir, capsys)
     assert "grayscale (L) -> RGB" in notes["odd/gray.png"]
     assert "alpha composited on white" in notes["odd/logo_rgba.png"]
     assert "16-bit" in notes["odd/deep16.png"] and "CMYK -> RGB" in notes["odd/cmyk.jpg"]
-    assert f"reflect-padded 20x30 -> {CROP}x{CROP}" in notes["odd/tiny.png"]
     assert "astronaut.png" not in notes and "sub/coffee.jpg" not in notes
-    assert "wrote 9 pairs" in captured.out and "bad/truncated.jpg: truncated" in captured.out
+    assert "wrote 8 pairs" in captured.out and "bad/truncated.jpg: truncated" in captured.out
+    assert "odd/tiny.png: 20x30 is smaller than the GT crop" in captured.out
 
     info = json.loads((out / INFO_NAME).read_text())
-    assert info["complete"] and info["num_examples"] == 9 and info["has_lq"]
+    assert info["complete"] and info["num_examples"] == 8 and info["has_lq"]
     assert info["config"]["degradation"]["gt"]["crop_size"] == CROP and info["config"]["degrade_folder"]["seed"] == 5
     src = PairedSource(out)
     recs = sorted(src, key=lambda r: r["id"])
@@ -158,7 +160,7 @@ def test_interrupted_run_resumes(tmp_path, inputs, fluxir, monkeypatch, capsys):
     # 8 files processed before the interrupt: 5 good ones stored (2 shards + the flushed buffer)
     good_done = [f for f in done if f in GOOD]
     assert summary["already_present"] == len(good_done) == 5
-    assert summary["written"] == 4 and summary["num_examples"] == 9 and len(summary["skipped"]) == 3
+    assert summary["written"] == 3 and summary["num_examples"] == 8 and len(summary["skipped"]) == 4
     assert sorted(r["id"] for r in PairedSource(out)) == GOOD
 
 
@@ -177,3 +179,73 @@ def test_user_mistakes_exit_2(tmp_path, inputs, fluxir, capsys):
     assert fluxir("degrade", "--input", tmp_path / "empty_in", "--out", tmp_path / "o") == 2
     assert "no images" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_small_images_upscaled_on_request(tmp_path, inputs, fluxir, capsys):
+    """small_images=upscale: Lanczos, aspect kept, shorter side to gt.crop_size; never padded."""
+    root, expect = inputs
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "tiny.png").write_bytes((root / "odd" / "tiny.png").read_bytes())
+    out = tmp_path / "pairs"
+    assert fluxir("degrade", "--input", only, "-o", out, "--no-progress", f"gt.crop_size={CROP}", "workers=1",
+                  "small_images=upscale") == 0
+    assert "upscaled 20x30 -> 64x96" in capsys.readouterr().out
+    rec = next(iter(PairedSource(out)))
+    np.testing.assert_array_equal(_decode(rec["hq_png"]), expect["odd/tiny.png"])
+    # the default skips it, and a folder of only small images is an error naming the reason
+    assert fluxir("degrade", "--input", only, "-o", tmp_path / "p2", "--no-progress", f"gt.crop_size={CROP}") == 2
+    assert "smaller than the GT crop" in capsys.readouterr().err
+    assert fluxir("degrade", "--input", only, "-o", tmp_path / "p3", "small_images=pad") == 2
+    assert "small_images must be one of skip, upscale" in capsys.readouterr().err
+
+
+def test_default_yaml_lists_every_setting_with_comments():
+    """configs/degrade/default.yaml: every key of both configs, each commented or in a commented
+    section, and loading it gives exactly the defaults."""
+    import pathlib
+
+    import yaml
+
+    from fluxir_jax import config as config_lib
+    from fluxir_jax.data.degrade import DegradationConfig
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "configs" / "degrade" / "default.yaml"
+    cfg, deg = dfm.load_configs(str(path), [])
+    assert cfg == dfm.DegradeFolderConfig() and deg == DegradationConfig()
+    data = yaml.safe_load(path.read_text())
+    want = {**config_lib.to_dict(dfm.DegradeFolderConfig()), **config_lib.to_dict(DegradationConfig())}
+
+    def keys(d, prefix=""):
+        return {prefix + k for k in d} | {x for k, v in d.items() if isinstance(v, dict) for x in keys(v, f"{prefix}{k}.")}
+    assert keys(data) == keys(want)
+    lines = path.read_text().splitlines()
+    top = [ln for ln in lines if ln and not ln.startswith((" ", "#"))]
+    assert all("#" in ln for ln in top), [ln for ln in top if "#" not in ln]   # every top-level key explained
+
+
+def test_same_keys_in_yaml_and_on_the_command_line(tmp_path):
+    (tmp_path / "a.yaml").write_text("seed: 3\nsmall_images: upscale\ngt:\n  crop_size: 128\nstage1:\n  noise:\n    gray_prob: 0.2\n")
+    (tmp_path / "b.yaml").write_text("seed: 3\nsmall_images: upscale\ndegradation:\n  gt:\n    crop_size: 128\n"
+                                     "  stage1:\n    noise:\n      gray_prob: 0.2\n")
+    cli_cfg = dfm.load_configs(None, ["seed=3", "small_images=upscale", "gt.crop_size=128", "stage1.noise.gray_prob=0.2"])
+    assert dfm.load_configs(str(tmp_path / "a.yaml"), []) == cli_cfg == dfm.load_configs(str(tmp_path / "b.yaml"), [])
+    assert cli_cfg == dfm.load_configs(None, ["seed=3", "small_images=upscale", "degradation.gt.crop_size=128",
+                                              "degradation.stage1.noise.gray_prob=0.2"])
+
+
+def test_unknown_keys_list_the_valid_keys_at_their_level(tmp_path, inputs, fluxir, capsys):
+    root, _ = inputs
+    assert fluxir("degrade", "--input", root, "-o", tmp_path / "o", "stage1.noise.grey_prob=0.3") == 2
+    err = capsys.readouterr().err
+    assert "unknown config key stage1.noise.grey_prob" in err
+    assert "known keys of stage1.noise: gaussian_prob, gray_prob, poisson_scale_range, sigma_range" in err
+    assert len(err.strip().splitlines()) == 1
+    (tmp_path / "bad.yaml").write_text("gt:\n  crop: 64\n")
+    assert fluxir("degrade", "--input", root, "-o", tmp_path / "o", "--config", tmp_path / "bad.yaml") == 2
+    err = capsys.readouterr().err
+    assert "unknown config key gt.crop" in err and "crop_size, hflip_prob" in err
+    (tmp_path / "bad2.yaml").write_text("sed: 1\n")
+    assert fluxir("degrade", "--input", root, "-o", tmp_path / "o", "--config", tmp_path / "bad2.yaml") == 2
+    err = capsys.readouterr().err
+    assert "unknown config key sed" in err and "seed" in err and "small_images" in err and "stage1" in err

@@ -382,3 +382,22 @@ def test_refuses_arbitrary_pickles(tmp_path):
         torch_read.read_tensors(bad)
     with pytest.raises(UserError, match="not found"):
         torch_read.read_tensors(tmp_path / "absent.pth")
+
+
+@pytest.mark.parametrize("metric,files_,source,command", [
+    ("lpips", ("alex.pth", "alexnet-owt-7be5be79.pth"), "download.pytorch.org/models/",
+     "fluxir convert-iqa lpips alex.pth alexnet-owt-7be5be79.pth -o lpips_alex.safetensors"),
+    ("lpips-vgg", ("vgg.pth", "vgg16-397923af.pth"), "github.com/richzhang/PerceptualSimilarity",
+     "fluxir convert-iqa lpips-vgg vgg.pth vgg16-397923af.pth -o lpips_vgg.safetensors"),
+    ("dists", ("weights.pt", "vgg16-397923af.pth"), "github.com/dingkeyan93/DISTS",
+     "fluxir convert-iqa dists weights.pt vgg16-397923af.pth -o dists.safetensors"),
+    ("clipiqa-original", ("RN50.pt",), "github.com/openai/CLIP", "fluxir convert-iqa clipiqa RN50.pt -o"),
+    ("musiq-spaq", ("koniq_ckpt.npz", "spaq_ckpt.npz"), "google-research", "fluxir convert-iqa musiq"),
+    ("maniqa", ("ckpt_koniq10k.pt",), "github.com/IIGROUP/MANIQA", "fluxir convert-iqa maniqa"),
+])
+def test_missing_weights_message_names_every_file_its_source_and_the_command(metric, files_, source, command):
+    with pytest.raises(MetricUnavailable) as e:
+        get_metric(metric)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{metric} needs weights: "), msg
+    assert all(f in msg for f in files_) and source in msg and command in msg and f"--weights {metric}=" in msg, msg

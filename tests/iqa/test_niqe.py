@@ -12,7 +12,7 @@ from fluxir_jax.iqa import niqe as niqe_mod
 from fluxir_jax.iqa.registry import MetricUnavailable, get_metric
 
 PARAMS = niqe_mod.PACKAGE_DEFAULT          # shipped in the package (BasicSR's niqe_pris_params.npz)
-BABOON = pathlib.Path(__file__).parents[1] / "data" / "baboon.png"   # Set14 baboon, 500x480 RGB
+BABOON = pathlib.Path(__file__).parents[1] / "data" / "baboon.png"   # Set14 baboon, 492x480 RGB
 MATLAB_BABOON = 5.72957338     # MATLAB R2021a niqe() on the Y channel, crop border 0
 
 

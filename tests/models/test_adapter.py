@@ -20,20 +20,20 @@ B, H, W, T = 2, 4, 6, 5  # latent 4x6 -> 6 image tokens, 5 text tokens
 def make(cfg=FluxIRConfig(text_len=T), seed=0, randomize=False):
     base = Flux(BASE, rngs=nnx.Rngs(seed))
     rng = np.random.default_rng(seed)
-    empty_txt = rng.standard_normal((T, BASE.context_in_dim)).astype(np.float32)
-    empty_y = rng.standard_normal((BASE.vec_in_dim,)).astype(np.float32)
+    txt = rng.standard_normal((T, BASE.context_in_dim)).astype(np.float32)   # the empty prompt's embeddings
+    y = rng.standard_normal((BASE.vec_in_dim,)).astype(np.float32)
     adapter = FluxIR(cfg, BASE, rngs=nnx.Rngs(seed + 1))
-    adapter.init_from_base(base, jnp.asarray(empty_txt), jnp.asarray(empty_y))
+    adapter.init_from_base(base, jnp.asarray(txt), jnp.asarray(y))
     if randomize:
         randomize_zero_inits(adapter, seed)
     x = dict(
         img=jnp.asarray(rng.standard_normal((B, H * W // 4, 64)), jnp.float32),
         lq=jnp.asarray(rng.standard_normal((B, H * W // 4, 64)), jnp.float32),
         img_ids=sampling.img_ids(B, H, W),
-        txt=jnp.broadcast_to(jnp.asarray(empty_txt), (B, T, BASE.context_in_dim)),
+        txt=jnp.broadcast_to(jnp.asarray(txt), (B, T, BASE.context_in_dim)),
         txt_ids=sampling.txt_ids(B, T),
         t=jnp.array([0.3, 0.8], jnp.float32),
-        y=jnp.broadcast_to(jnp.asarray(empty_y), (B, BASE.vec_in_dim)),
+        y=jnp.broadcast_to(jnp.asarray(y), (B, BASE.vec_in_dim)),
         guidance=jnp.array([3.5, 2.0], jnp.float32),
     )
     return base, adapter, x
@@ -57,9 +57,119 @@ def run_base(base, x):
     return base(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["t"], x["y"], x["guidance"])
 
 
-def test_parameter_count_flux_dev_in_band():
+def _adapter_params_by_hand(c: int, mlp: int, head_dim: int, context: int, vec: int, in_ch: int, text_len: int,
+                            n_controlled: int, reduction: int, streams: int) -> int:
+    """The adapter's size from its definition: M_i, one double block, theta_p/theta_y, SE layers."""
+    per_stream = (c * 6 * c + 6 * c) + (c * 3 * c + 3 * c) + 2 * head_dim + (c * c + c) + (c * mlp + mlp) + (mlp * c + c)
+    r = c // reduction
+    se = n_controlled * ((c * r + r) + (r * c + c) + c)      # down, up, gamma per controlled block
+    return (in_ch * c + c) + 2 * per_stream + text_len * context + vec + streams * se
+
+
+def test_parameter_count_flux_dev_exact():
+    """0.35-0.45 B is the acceptance band; the exact count follows from the definition."""
     n = count_params(FluxIRConfig(), "flux-dev")
-    assert 0.35e9 <= n <= 0.45e9, n
+    assert n == 410_080_192 == _adapter_params_by_hand(3072, 12288, 128, 4096, 768, 64, 512, 57, 32, 2)
+    assert 0.35e9 <= n <= 0.45e9
+    # schnell: text length 256; double-only control; image-only control (no SE_p)
+    assert count_params(FluxIRConfig(text_len=256), "flux-schnell") == 409_031_616
+    assert count_params(FluxIRConfig(control_blocks="double"), "flux-dev") == \
+        _adapter_params_by_hand(3072, 12288, 128, 4096, 768, 64, 512, 19, 32, 2)
+    assert count_params(FluxIRConfig(image_only=True), "flux-dev") == \
+        _adapter_params_by_hand(3072, 12288, 128, 4096, 768, 64, 512, 57, 32, 1)
+
+
+def test_flux_parameter_counts_exact():
+    """BFL's flux1-dev.safetensors holds 11,901,408,320 parameters; schnell lacks guidance_in."""
+    from fluxir_jax.info import count_flux_params
+
+    dev, schnell = count_flux_params(presets.get("flux-dev")), count_flux_params(presets.get("flux-schnell"))
+    assert dev == 11_901_408_320
+    guidance_in = (256 * 3072 + 3072) + (3072 * 3072 + 3072)   # MLPEmbedder(256, 3072)
+    assert dev - schnell == guidance_in
+
+
+def _np_sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _np_se_gates(se, c):
+    """numpy re-statement of SqueezeExcite: gamma_k * sigmoid(up_k(silu(down_k(mean_tokens(c)))))."""
+    p = {k: np.asarray(v, np.float64) for k, v in (("wd", se.down.kernel[...]), ("bd", se.down.bias[...]),
+                                                   ("wu", se.up.kernel[...]), ("bu", se.up.bias[...]),
+                                                   ("g", se.gamma[...]))}
+    sq = np.asarray(c, np.float64).mean(axis=1)                        # [B, D]
+    out = []
+    for k in range(p["g"].shape[0]):
+        h = sq @ p["wd"][k] + p["bd"][k]
+        h = h * _np_sigmoid(h)                                          # silu
+        out.append(p["g"][k] * _np_sigmoid(h @ p["wu"][k] + p["bu"][k]))
+    return np.stack(out)                                                # [n, B, D]
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(control_blocks="every_n", control_every=2, control_scale=0.7),
+                                  dict(control_blocks="double"), dict(image_only=True)])
+def test_se_gates_and_control_assembly_match_numpy(opts):
+    """Every SE weight random (gamma included): gates and the assembled Control equal a numpy
+    re-statement; block k's residual is features * gate_k, zero for blocks without control."""
+    cfg = FluxIRConfig(text_len=T, **opts)
+    base, adapter, x = make(cfg, seed=5)
+    rng = np.random.default_rng(7)
+    for se in (adapter.se_img, adapter.se_txt):
+        if se is not None:
+            se.gamma.set_value(jnp.asarray(rng.standard_normal(se.gamma.shape), jnp.float32))
+            se.up.bias.set_value(jnp.asarray(rng.standard_normal(se.up.bias.shape), jnp.float32))
+    c_img = rng.standard_normal((B, H * W // 4, BASE.hidden_size)).astype(np.float32)
+    c_txt = rng.standard_normal((B, T, BASE.hidden_size)).astype(np.float32)
+    with jax.default_matmul_precision("highest"):
+        control = adapter._control(jnp.asarray(c_img), jnp.asarray(c_txt))
+    d_idx, s_idx = cfg.controlled(BASE)
+    scale = cfg.control_scale
+    for stream, se, feats in (("img", adapter.se_img, c_img), ("txt", adapter.se_txt, c_txt)):
+        if se is None:
+            assert getattr(control.double, stream) is None and getattr(control.double, f"{stream}_gate") is None
+            continue
+        rows = _np_se_gates(se, feats)                                   # one row per controlled block
+        assert rows.shape[0] == len(d_idx) + len(s_idx)
+        want_d = np.zeros((BASE.depth, B, BASE.hidden_size))
+        want_d[list(d_idx)] = rows[: len(d_idx)]
+        got_d = np.asarray(getattr(control.double, f"{stream}_gate"), np.float64)
+        assert rel_err(got_d, want_d) <= 1e-5, rel_err(got_d, want_d)   # float32 vs float64 reference
+        np.testing.assert_allclose(np.asarray(getattr(control.double, stream)), feats * scale, rtol=1e-6)
+        if s_idx:
+            want_s = np.zeros((BASE.depth_single_blocks, B, BASE.hidden_size))
+            want_s[list(s_idx)] = rows[len(d_idx):]
+            got_s = np.asarray(getattr(control.single, f"{stream}_gate"), np.float64)
+            assert rel_err(got_s, want_s) <= 1e-5
+            np.testing.assert_array_equal(got_s[[k for k in range(BASE.depth_single_blocks) if k not in s_idx]], 0)
+        else:
+            assert control.single is None
+        # the residual of double block k as the base applies it: features * gate_k, per token
+        k = d_idx[-1]
+        residual = np.asarray(getattr(control.double, stream))[:, :, :] * np.asarray(got_d[k])[:, None, :]
+        np.testing.assert_allclose(residual, feats * scale * want_d[k][:, None, :], rtol=1e-4, atol=1e-6)
+    assert np.abs(rows).max() > 0.05                                    # non-trivial gates were compared
+
+
+def test_adapter_input_is_base_img_in_plus_lq_in_numpy():
+    """x = img_in(z_t) + M_i(z_lq) with M_i randomized: the control equals the control block applied
+    to that x (numpy-built) and to p = txt_in(theta_p)."""
+    base, adapter, x = make(randomize=True)
+    np64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    xi = np64(x["img"]) @ np64(base.img_in.kernel[...]) + np64(base.img_in.bias[...]) \
+        + np64(x["lq"]) @ np64(adapter.lq_in.kernel[...]) + np64(adapter.lq_in.bias[...])
+    p = np64(adapter.theta_p[...]) @ np64(base.txt_in.kernel[...]) + np64(base.txt_in.bias[...])
+    with jax.default_matmul_precision("highest"):
+        control = adapter(base, x["img"], x["lq"], x["img_ids"], x["t"], x["guidance"])
+        theta_y = jnp.broadcast_to(adapter.theta_y[...], (B, BASE.vec_in_dim))
+        vec = base.embed_vec(x["t"], theta_y, x["guidance"])
+        txt_ids = jnp.zeros((B, T, 3), jnp.float32)
+        c_img, c_txt = adapter.block(jnp.asarray(xi, jnp.float32), jnp.broadcast_to(jnp.asarray(p, jnp.float32), (B, T, BASE.hidden_size)),
+                                     vec, base.pos_embed(txt_ids, x["img_ids"]))
+        want = adapter._control(c_img, c_txt)
+    assert rel_err(control.double.img, want.double.img) <= 1e-5
+    assert rel_err(control.double.txt_gate, want.double.txt_gate) <= 1e-5
+    assert rel_err(xi, np64(base.img_in(x["img"]))) > 1e-3            # M_i(z_lq) really contributed
 
 
 def test_info_prints_adapter_count(capsys):
@@ -230,3 +340,48 @@ def test_cli_refuses_a_mismatched_base_with_exit_2(tmp_path, capsys):
     assert cli.main(["export-adapter", str(tmp_path / "ckpt"), "--out", str(out), "--base", str(config_file), "--text-len", "7"]) == 2
     assert "text length 5" in capsys.readouterr().err
     assert cli.main(["export-adapter", str(tmp_path / "ckpt"), "--out", str(out), "--base", str(config_file), "--text-len", "5"]) == 0
+
+
+def _converted_checkpoint_dir(path, base_cfg, text_len):
+    """A converted checkpoint's config.json (what `--base DIR` reads; no weights needed)."""
+    import json
+
+    from fluxir_jax import checkpoint
+    from fluxir_jax import config as config_io
+
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({
+        "format": checkpoint.CHECKPOINT_FORMAT, "format_version": checkpoint.CHECKPOINT_VERSION,
+        "items": ["transformer"], "transformer": config_io.to_dict(base_cfg), "vae": None,
+        "text": {"empty": {"computed": True, "text_len": text_len}}}))
+    return path
+
+
+def test_export_base_may_be_a_converted_checkpoint(tmp_path, capsys):
+    _, adapter, _ = make()
+    adapter_io.save_adapter(adapter, tmp_path / "ckpt")
+    out = tmp_path / "a.safetensors"
+    good = _converted_checkpoint_dir(tmp_path / "base_ok", BASE, T)
+    assert cli.main(["export-adapter", str(tmp_path / "ckpt"), "-o", str(out), "--base", str(good)]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "MiB" in printed and "GiB" not in printed
+    other_len = _converted_checkpoint_dir(tmp_path / "base_len", BASE, T + 3)
+    assert cli.main(["export-adapter", str(tmp_path / "ckpt"), "-o", str(tmp_path / "b.safetensors"),
+                     "--base", str(other_len)]) == 2
+    assert f"text length {T}, the base's text embeddings have length {T + 3}" in capsys.readouterr().err
+    wider = _converted_checkpoint_dir(tmp_path / "base_wide", presets.get("tiny", depth=3, depth_single_blocks=3), T)
+    assert cli.main(["export-adapter", str(tmp_path / "ckpt"), "-o", str(tmp_path / "c.safetensors"),
+                     "--base", str(wider)]) == 2
+    assert "adapter was built for base depth=2, the loaded base has depth=3" in capsys.readouterr().err
+
+
+def test_adapter_json_holds_configs_as_objects(tmp_path):
+    import json
+
+    _, adapter, _ = make(FluxIRConfig(text_len=T, se_reduction=8))
+    adapter_io.save_adapter(adapter, tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / "adapter.json").read_text())
+    assert meta["format"] == adapter_io.FORMAT
+    assert meta["fluxir_config"]["se_reduction"] == 8 and meta["fluxir_config"]["text_len"] == T
+    assert meta["base_config"]["hidden_size"] == BASE.hidden_size and meta["base_config"]["axes_dim"] == list(BASE.axes_dim)
+    assert adapter_io.load_adapter(tmp_path / "ckpt").config == adapter.config

@@ -192,6 +192,7 @@ def test_presets():
     assert presets.get("flux-schnell").guidance_embed is False
 
 
+@pytest.mark.slow   # compiles the full 12B-parameter graph
 def test_full_flux_dev_compiles_from_abstract_shapes():
     """AOT lower + compile of one 1024x1024 flux-dev step (batch 1) with no weights allocated."""
     cfg = presets.get("flux-dev")
