@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fluxir_jax.models.attention import AttentionSpec
 from fluxir_jax.models.layers import (
     Array,
     BlockDims,
@@ -47,6 +48,13 @@ class FluxConfig:
                    "save_qkv_attention" (keep qkv projections and attention outputs)
     scan_layers    True: lax.scan over the stacked blocks; False: an unrolled Python loop
                    over the same stacked parameters (for debugging; compile grows with depth)
+    attention      the attention kernel (`models/attention.py`): "xla" (runs everywhere),
+                   "splash" (Pallas splash attention on TPU, sharded over the mesh's batch and
+                   heads axes; interpret mode on CPU), "cudnn" (NVIDIA GPU, bf16/fp16) or "auto"
+                   (splash on TPU, cudnn on GPU with bf16/fp16, xla otherwise)
+    splash_block_q, splash_block_kv, splash_block_kv_compute
+                   splash tile sizes (multiples of 128; forward and backward); each is lowered
+                   to the largest multiple of 128 dividing the 128-padded sequence length
     """
 
     in_channels: int = 64
@@ -66,6 +74,10 @@ class FluxConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"
     scan_layers: bool = True
+    attention: str = "xla"
+    splash_block_q: int = 512
+    splash_block_kv: int = 512
+    splash_block_kv_compute: int = 512
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -77,14 +89,19 @@ class FluxConfig:
             raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
         for name in ("dtype", "param_dtype"):
             jnp.dtype(getattr(self, name))  # raises TypeError on an unknown dtype
+        self.attention_spec  # raises ValueError on an unknown kernel or bad block sizes
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
     @property
+    def attention_spec(self) -> AttentionSpec:
+        return AttentionSpec(self.attention, self.splash_block_q, self.splash_block_kv, self.splash_block_kv_compute)
+
+    @property
     def block_dims(self) -> BlockDims:
-        return BlockDims(self.hidden_size, self.num_heads, self.mlp_ratio, self.qkv_bias)
+        return BlockDims(self.hidden_size, self.num_heads, self.mlp_ratio, self.qkv_bias, self.attention_spec)
 
 
 @jax.tree_util.register_dataclass
