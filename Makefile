@@ -12,7 +12,8 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt "jax[cpu]" -e ".[test]"
+	# tpu-compile = libtpu: tests compile for TPU topologies (compile-only devices) on this CPU machine.
+	$(BIN)/pip install -q -c constraints.txt "jax[cpu]" -e ".[test,tpu-compile]"
 	# open_clip: its CLIP BPE vocabulary (CLIP-IQA conversion) and its ModifiedResNet (test
 	# reference). --no-deps: its declared deps pull torchvision, i.e. a CUDA torch build.
 	$(BIN)/pip install -q --no-deps -c constraints.txt open-clip-torch
