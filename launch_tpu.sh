@@ -171,7 +171,9 @@ cmd_setup() {
     --exclude='__pycache__' --exclude='*.egg-info' --exclude=./out .
   run_cmd "${GCLOUD_TPU[@]}" scp "$archive" "$NAME:fluxir-jax.tgz" "${COMMON[@]}" --node=all --worker=all
   local remote="set -e; mkdir -p $REMOTE_DIR && tar -xzf ~/fluxir-jax.tgz -C $REMOTE_DIR && cd $REMOTE_DIR"
-  remote+=" && python3 -m pip install --user -q uv && ~/.local/bin/uv venv -q --python $PYTHON_VERSION .venv"
+  # uv brings its own Python (Ubuntu 22.04 TPU VM images ship 3.10; the package needs >= 3.11).
+  remote+=" && (python3 -m pip install --user -q uv || curl -LsSf https://astral.sh/uv/install.sh | sh)"
+  remote+=" && ~/.local/bin/uv venv -q --python $PYTHON_VERSION .venv"
   remote+=" && ~/.local/bin/uv pip install -q --python .venv/bin/python -c constraints.txt '.[tpu]'"
   remote+=" && .venv/bin/python -c 'import jax; print(jax.process_index(), jax.local_device_count(), jax.device_count())'"
   on_workers all all "$remote"
