@@ -12,7 +12,8 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[cpu,test]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[cpu,test,tpu-compile]"
+	# tpu-compile = libtpu: tests compile for TPU topologies (compile-only devices) on this CPU machine.
 	# The `clip` extra (open-clip-torch: CLIP's BPE vocabulary and the test reference ResNet),
 	# without its declared deps, which pull torchvision, i.e. a CUDA torch build.
 	$(BIN)/pip install -q --no-deps -c constraints.txt "open-clip-torch>=3"

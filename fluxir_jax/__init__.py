@@ -1,2 +1,6 @@
 """fluxir-jax: FluxGen + FluxIR real-world image restoration on FLUX.1 in JAX/Flax."""
+from fluxir_jax.libtpu_env import quiet_libtpu_without_tpu as _quiet_libtpu_without_tpu
+
+_quiet_libtpu_without_tpu()  # before JAX starts: libtpu's start-up warnings on machines without TPU chips
+
 __version__ = "0.1.0"

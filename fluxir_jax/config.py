@@ -96,7 +96,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], _prefix: str = "") -> T:
     kwargs = {k: _coerce(hints[k], v, f"{_prefix}{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # ValueError: the dataclass's own validation (__post_init__)
         raise UserError(f"config {cls.__name__}: {e}") from None
 
 

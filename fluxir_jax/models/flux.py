@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fluxir_jax.models.attention import AttentionSpec
 from fluxir_jax.models.layers import (
     Array,
     BlockDims,
@@ -32,7 +33,13 @@ from fluxir_jax.models.layers import (
     timestep_embedding,
 )
 
-REMAT_POLICIES = ("none", "full", "save_attention", "save_qkv_attention")
+REMAT_POLICIES = (
+    "none", "full", "save_dots_no_batch", "save_attention", "save_qkv_attention",
+    "offload_dots_no_batch", "offload_attention", "offload_qkv_attention",
+)
+# checkpoint_name tags inside the blocks (models/layers.py)
+_ATTENTION_NAMES = ("attn_output",)
+_QKV_ATTENTION_NAMES = ("attn_output", "img_qkv_proj", "txt_qkv_proj", "lin1_norm_hidden_states")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,12 +48,33 @@ class FluxConfig:
 
     dtype          activation / compute dtype ("bfloat16" on accelerators, "float32" for parity)
     param_dtype    storage dtype of the parameters
-    remat_policy   what a backward pass keeps from the forward pass, per block:
-                   "none" (keep everything), "full" (recompute everything),
-                   "save_attention" (keep attention outputs, recompute the rest),
-                   "save_qkv_attention" (keep qkv projections and attention outputs)
+    remat_policy   what a backward pass keeps from the forward pass of each scanned block
+                   (everything else is recomputed in the backward pass):
+                   "none"                  keep everything (most memory, no recompute)
+                   "full"                  keep nothing: recompute the whole block
+                   "save_dots_no_batch"    keep matmul outputs whose operands have no batch
+                                           dimension (the Linear layers; jax's
+                                           dots_with_no_batch_dims_saveable), recompute
+                                           attention, norms and elementwise ops
+                   "save_attention"        FLUX-tuned: keep only the attention outputs
+                                           (`attn_output`; attention is the costliest op to
+                                           recompute at FLUX's sequence lengths)
+                   "save_qkv_attention"    keep the attention outputs and the qkv / linear1
+                                           inputs (`img_qkv_proj`, `txt_qkv_proj`,
+                                           `lin1_norm_hidden_states`)
+                   "offload_dots_no_batch", "offload_attention", "offload_qkv_attention"
+                                           the same tensors, kept in pinned host memory instead
+                                           of HBM (copied out in the forward, back in the
+                                           backward: trades PCIe/DMA time for HBM)
     scan_layers    True: lax.scan over the stacked blocks; False: an unrolled Python loop
                    over the same stacked parameters (for debugging; compile grows with depth)
+    attention      the attention kernel (`models/attention.py`): "xla" (runs everywhere),
+                   "splash" (Pallas splash attention on TPU, sharded over the mesh's batch and
+                   heads axes; interpret mode on CPU), "cudnn" (NVIDIA GPU, bf16/fp16) or "auto"
+                   (splash on TPU, cudnn on GPU with bf16/fp16, xla otherwise)
+    splash_block_q, splash_block_kv, splash_block_kv_compute
+                   splash tile sizes (multiples of 128; forward and backward); each is lowered
+                   to the largest multiple of 128 dividing the 128-padded sequence length
     """
 
     in_channels: int = 64  # channels of a packed latent token (16 latent channels x 2 x 2)
@@ -66,6 +94,10 @@ class FluxConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"
     scan_layers: bool = True
+    attention: str = "xla"
+    splash_block_q: int = 512
+    splash_block_kv: int = 512
+    splash_block_kv_compute: int = 512
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -77,14 +109,19 @@ class FluxConfig:
             raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
         for name in ("dtype", "param_dtype"):
             jnp.dtype(getattr(self, name))  # raises TypeError on an unknown dtype
+        self.attention_spec  # raises ValueError on an unknown kernel or bad block sizes
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
     @property
+    def attention_spec(self) -> AttentionSpec:
+        return AttentionSpec(self.attention, self.splash_block_q, self.splash_block_kv, self.splash_block_kv_compute)
+
+    @property
     def block_dims(self) -> BlockDims:
-        return BlockDims(self.hidden_size, self.num_heads, self.mlp_ratio, self.qkv_bias)
+        return BlockDims(self.hidden_size, self.num_heads, self.mlp_ratio, self.qkv_bias, self.attention_spec)
 
 
 @jax.tree_util.register_dataclass
@@ -115,17 +152,29 @@ class Control:
     single: Optional[ControlStream] = None
 
 
+def remat_policy(policy: str):
+    """The `jax.checkpoint` policy for a `FluxConfig.remat_policy` name (None for "none")."""
+    cp = jax.checkpoint_policies
+    offload = dict(offload_src="device", offload_dst="pinned_host")
+    table = {
+        "none": lambda: None,
+        "full": lambda: cp.nothing_saveable,
+        "save_dots_no_batch": lambda: cp.dots_with_no_batch_dims_saveable,
+        "save_attention": lambda: cp.save_only_these_names(*_ATTENTION_NAMES),
+        "save_qkv_attention": lambda: cp.save_only_these_names(*_QKV_ATTENTION_NAMES),
+        "offload_dots_no_batch": lambda: cp.offload_dot_with_no_batch_dims(**offload),
+        "offload_attention": lambda: cp.save_and_offload_only_these_names(
+            names_which_can_be_saved=[], names_which_can_be_offloaded=list(_ATTENTION_NAMES), **offload),
+        "offload_qkv_attention": lambda: cp.save_and_offload_only_these_names(
+            names_which_can_be_saved=[], names_which_can_be_offloaded=list(_QKV_ATTENTION_NAMES), **offload),
+    }
+    return table[policy]()
+
+
 def _remat(fn: Callable, policy: str) -> Callable:
     if policy == "none":
         return fn
-    saveable = {
-        "full": jax.checkpoint_policies.nothing_saveable,
-        "save_attention": jax.checkpoint_policies.save_only_these_names("attn_output"),
-        "save_qkv_attention": jax.checkpoint_policies.save_only_these_names(
-            "attn_output", "img_qkv_proj", "txt_qkv_proj", "lin1_norm_hidden_states"
-        ),
-    }[policy]
-    return jax.checkpoint(fn, policy=saveable, prevent_cse=False)
+    return jax.checkpoint(fn, policy=remat_policy(policy), prevent_cse=False)
 
 
 def _split_control(stream: ControlStream | None, n: int):

@@ -23,6 +23,8 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from fluxir_jax.models.attention import AttentionSpec, dot_product_attention
+
 Array = jax.Array
 NORM_EPS = 1e-6
 
@@ -94,10 +96,13 @@ def apply_rope(xq: Array, xk: Array, pe: Array) -> tuple[Array, Array]:
     return rotate(xq), rotate(xk)
 
 
-def attention(q: Array, k: Array, v: Array, pe: Array) -> Array:
-    """Rope then softmax attention over the whole sequence (no mask): [B, L, H, D] -> [B, L, H*D]."""
+def attention(q: Array, k: Array, v: Array, pe: Array, spec: AttentionSpec | None = None) -> Array:
+    """Rope then softmax attention over the whole sequence (no mask): [B, L, H, D] -> [B, L, H*D].
+
+    `spec` picks the kernel (xla, splash, cudnn, auto; see `models/attention.py`).
+    """
     q, k = apply_rope(q, k, pe)
-    out = jax.nn.dot_product_attention(q, k, v)
+    out = dot_product_attention(q, k, v, spec)
     return out.reshape(*out.shape[:2], -1)
 
 
@@ -229,6 +234,7 @@ class BlockDims:
     num_heads: int
     mlp_ratio: float
     qkv_bias: bool = True
+    attention: AttentionSpec = AttentionSpec()
 
     @property
     def mlp_hidden(self) -> int:
@@ -242,6 +248,7 @@ class DoubleStreamBlock(nnx.Module):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         c = dims.hidden_size
         self.num_heads = dims.num_heads
+        self.attention_spec = dims.attention
         self.img_mod = Modulation(c, True, **kw)
         self.img_attn = SelfAttention(c, dims.num_heads, dims.qkv_bias, **kw)
         self.img_mlp = _mlp(c, dims.mlp_hidden, **kw)
@@ -260,7 +267,7 @@ class DoubleStreamBlock(nnx.Module):
 
         t = txt.shape[1]
         q, k, v = (jnp.concatenate(p, axis=1) for p in ((tq, iq), (tk, ik), (tv, iv)))
-        attn = checkpoint_name(attention(q, k, v, pe), "attn_output")
+        attn = checkpoint_name(attention(q, k, v, pe, self.attention_spec), "attn_output")
         txt_attn, img_attn = attn[:, :t], attn[:, t:]
 
         img = img + img_mod1.gate * self.img_attn.proj(img_attn)
@@ -277,6 +284,7 @@ class SingleStreamBlock(nnx.Module):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         c = dims.hidden_size
         self.num_heads = dims.num_heads
+        self.attention_spec = dims.attention
         self.hidden_size = c
         self.mlp_hidden = dims.mlp_hidden
         self.linear1 = linear(c, 3 * c + self.mlp_hidden, **kw)
@@ -291,7 +299,7 @@ class SingleStreamBlock(nnx.Module):
         qkv, mlp = h[..., : 3 * self.hidden_size], h[..., 3 * self.hidden_size :]
         q, k, v = jnp.split(qkv.reshape(*qkv.shape[:2], 3, self.num_heads, -1), 3, axis=2)
         q, k = self.norm(q[:, :, 0], k[:, :, 0], v[:, :, 0])
-        attn = checkpoint_name(attention(q, k, v[:, :, 0], pe), "attn_output")
+        attn = checkpoint_name(attention(q, k, v[:, :, 0], pe, self.attention_spec), "attn_output")
         out = self.linear2(jnp.concatenate([attn, gelu_tanh(mlp)], axis=-1))
         return x + mod.gate * out
 

@@ -1,0 +1,106 @@
+"""Attention kernels: splash (Pallas, interpret mode on CPU) equals the XLA path; kernel selection and errors."""
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AxisType, Mesh
+
+from fluxir_jax import config
+from fluxir_jax.errors import UserError
+from fluxir_jax.models import attention
+from fluxir_jax.models.attention import AttentionSpec
+from fluxir_jax.models.flux import FluxConfig
+from tests.models import tiny_flux
+
+TOL = 1e-5  # ||splash - xla|| / ||xla||, float32, highest matmul precision, forward and every gradient leaf
+
+
+def _compare(batch: int, mesh=None):
+    # 3x5 image tokens + 7 text tokens = 22: padded to one 128 block, the padding masked out.
+    x = tiny_flux.inputs(batch=batch, h=3, w=5, t=7)
+    state = tiny_flux.random_state(tiny_flux.config())
+    with jax.default_matmul_precision("highest"):
+        ref = tiny_flux.forward_and_grads(tiny_flux.graphdef(tiny_flux.config()), state, x)
+        gdef = tiny_flux.graphdef(tiny_flux.config(attention="splash"))
+        if mesh is None:
+            out = tiny_flux.forward_and_grads(gdef, state, x)
+        else:
+            with jax.set_mesh(mesh):
+                out = tiny_flux.forward_and_grads(gdef, state, x)
+    names = ("forward", "param grads", "img grad")
+    errs = {n: tiny_flux.worst_leaf_err(o, r) for n, o, r in zip(names, out, ref)}
+    print("splash vs xla:", {n: f"{e:.1e}" for n, e in errs.items()})
+    assert max(errs.values()) <= TOL, errs
+    assert tiny_flux.rel_err(out[0], ref[0] * 1.01) > TOL  # the comparison can fail
+
+
+def test_splash_equals_xla_unsharded():
+    _compare(batch=2)
+
+
+def test_splash_equals_xla_on_8_device_mesh():
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    _compare(batch=4, mesh=mesh)
+
+
+def test_splash_runs_under_shard_map_over_batch_and_heads():
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+    q = k = v = jax.ShapeDtypeStruct((4, 22, 4, 16), np.float32)
+    spec = AttentionSpec("splash")
+    with jax.set_mesh(mesh):
+        jaxpr = jax.make_jaxpr(lambda q, k, v: attention.dot_product_attention(q, k, v, spec))(q, k, v)
+    text = str(jaxpr)
+    assert "shard_map" in text
+    assert "('data', 'fsdp')" in text and "tensor" in text
+    unsharded = str(jax.make_jaxpr(lambda q, k, v: attention.dot_product_attention(q, k, v, spec))(q, k, v))
+    assert "shard_map" not in unsharded
+
+
+def test_splash_mesh_divisibility_is_a_user_error():
+    mesh = jax.make_mesh((2, 1, 4), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    q = jax.ShapeDtypeStruct((2, 22, 2, 16), np.float32)  # 2 heads over tensor=4
+    with jax.set_mesh(mesh), pytest.raises(UserError, match="heads"):
+        jax.eval_shape(lambda q: attention.dot_product_attention(q, q, q, AttentionSpec("splash")), q)
+
+
+@pytest.mark.parametrize(
+    "padded, blocks, want",
+    [(128, 512, 128), (1536, 512, 512), (4608, 512, 512), (4352, 512, 256), (4608, 1024, 768), (640, 512, 128)],
+)
+def test_splash_blocks_divide_the_padded_length(padded, blocks, want):
+    sizes = attention.splash_block_sizes(AttentionSpec("splash", blocks, blocks, blocks), padded)
+    assert sizes.block_q == sizes.block_kv == sizes.block_q_dkv == sizes.block_kv_dq == want
+    assert padded % sizes.block_q == 0 and sizes.block_kv % sizes.block_kv_compute == 0
+
+
+def test_kernel_choice_by_backend():
+    assert attention.resolve_kind("auto", "tpu", "bfloat16") == "splash"
+    assert attention.resolve_kind("auto", "gpu", "bfloat16") == "cudnn"
+    assert attention.resolve_kind("auto", "gpu", "float32") == "xla"
+    assert attention.resolve_kind("auto", "cpu", "bfloat16") == "xla"
+    assert attention.resolve_kind("splash", "cpu", "float32") == "splash"  # interpret mode
+    with pytest.raises(UserError, match="splash is a TPU kernel"):
+        attention.resolve_kind("splash", "gpu", "bfloat16")
+    with pytest.raises(UserError, match="bfloat16 or float16"):
+        attention.resolve_kind("cudnn", "gpu", "float32")
+
+
+def test_cudnn_on_cpu_is_one_line_user_error():
+    x = tiny_flux.inputs(batch=1, h=2, w=2, t=3)
+    cfg = tiny_flux.config(attention="cudnn", dtype="bfloat16")
+    with pytest.raises(UserError) as err:
+        tiny_flux.forward(tiny_flux.graphdef(cfg), tiny_flux.random_state(cfg), x)
+    assert "attention=cudnn needs an NVIDIA GPU" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_auto_on_cpu_is_the_xla_path():
+    x = tiny_flux.inputs(batch=1, h=2, w=2, t=3)
+    state = tiny_flux.random_state(tiny_flux.config())
+    a = tiny_flux.forward(tiny_flux.graphdef(tiny_flux.config(attention="auto")), state, x)
+    b = tiny_flux.forward(tiny_flux.graphdef(tiny_flux.config()), state, x)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("override, match", [("attention=flash", "attention 'flash'"), ("splash_block_q=100", "multiple of 128")])
+def test_bad_attention_config_is_user_error(override, match):
+    with pytest.raises(UserError, match=match):
+        config.load(FluxConfig, None, overrides=[override], base=FluxConfig())

@@ -1,0 +1,147 @@
+"""Compiling for TPU slices on this CPU machine (libtpu's compiler, compile-only devices)."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from fluxir_jax import libtpu_env, tpu_topology
+from fluxir_jax.errors import UserError
+from fluxir_jax.models.flux import Flux
+from tests.models import tiny_flux
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("name, chips, topology", [
+    ("v4-8", 4, "v4:2x2x1"), ("v4-32", 16, "v4:2x2x4"),
+    ("v5p-8", 4, "v5p:2x2x1"), ("v5p-16", 8, "v5p:2x2x2"), ("v5p-32", 16, "v5p:2x2x4"), ("v5p-128", 64, "v5p:4x4x4"),
+    ("v5litepod-8", 8, "v5e:2x4"), ("v5e-4", 4, "v5e:2x2"), ("v5litepod-16", 16, "v5e:4x4"),
+    ("v6e-8", 8, "v6e:2x4"), ("v6e-64", 64, "v6e:8x8"), ("v6e-1", 1, "v6e:1x1"),
+    ("v5p:2x2x3", 12, "v5p:2x2x3"),
+])
+def test_accelerator_names(name, chips, topology):
+    acc = tpu_topology.parse_accelerator(name)
+    assert (acc.chips, acc.topology) == (chips, topology)
+
+
+def test_hbm_and_peak_tables():
+    gib = 1024**3
+    table = {g: (s.hbm_bytes / gib, s.peak_bf16_flops / 1e12) for g, s in tpu_topology.GENERATIONS.items()}
+    assert table == {"v4": (32, 275), "v5p": (95, 459), "v5litepod": (16, 197), "v6e": (32, 918)}
+
+
+@pytest.mark.parametrize("name", ["v7-8", "v5p-6", "v5p-7", "v6e-3", "tpu", "v5p-0", "v5p:2x2", "v6e:2x2x1", ""])
+def test_unknown_accelerator_is_user_error_listing_known_forms(name):
+    with pytest.raises(UserError, match="known forms: v4-<TensorCores>") as err:
+        tpu_topology.parse_accelerator(name)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name, n, kind", [("v5p-8", 4, "TPU v5"), ("v4-8", 4, "TPU v4"), ("v6e-8", 8, "TPU v6 lite"),
+                                           ("v5litepod-4", 4, "TPU v5 lite")])
+def test_topology_devices(name, n, kind):
+    devices = tpu_topology.topology_devices(name)
+    assert len(devices) == n and {d.platform for d in devices} == {"tpu"} and devices[0].device_kind == kind
+
+
+def test_multislice_devices_span_slices():
+    devices = tpu_topology.topology_devices("v5p-8", num_slices=2)
+    assert len(devices) == 8 and {d.slice_index for d in devices} == {0, 1}
+    mesh = tpu_topology.topology_mesh("v5p-8", (2, 4, 1), num_slices=2)
+    assert {d.slice_index for d in mesh.devices[0].flat} == {0} and {d.slice_index for d in mesh.devices[1].flat} == {1}
+
+
+def test_mesh_shape_errors():
+    with pytest.raises(UserError, match="has 8 devices, the slice has 4"):
+        tpu_topology.topology_mesh("v5p-8", (2, 2, 2))
+    with pytest.raises(UserError, match="at most one axis"):
+        tpu_topology.topology_mesh("v5p-8", (-1, -1, 1))
+
+
+def _step(cfg, batch=4, train=True):
+    """(fn, abstract args, in_shardings) of the tiny Flux forward or gradient step, batch over `data`."""
+    gdef = tiny_flux.graphdef(cfg)
+    state = tpu_topology.abstract(nnx.state(nnx.eval_shape(lambda: Flux(cfg, rngs=nnx.Rngs(0))), nnx.Param))
+    x = tpu_topology.abstract(tiny_flux.inputs(batch=batch))
+    if train:
+        fn = lambda s, x: jax.grad(lambda s: tiny_flux.loss(gdef, s, x))(s)  # noqa: E731
+    else:
+        fn = lambda s, x: tiny_flux.forward(gdef, s, x)  # noqa: E731
+    return fn, (state, x), (None, jax.tree.map(lambda _: P("data"), x))
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["forward", "fwd+bwd"])
+def test_compile_tiny_flux_for_v5p_8(train):
+    fn, args, shardings = _step(tiny_flux.config(), train=train)
+    record, compiled = tpu_topology.compile_for_topology(fn, args, "v5p-8", (4, 1, 1), in_shardings=shardings)
+    print(json.dumps(record.to_json()))
+    assert record.device_kind == "TPU v5" and record.chips == 4 and record.mesh == {"data": 4, "fsdp": 1, "tensor": 1}
+    mem = record.per_chip_bytes
+    assert mem["total"] > 0 and mem["arguments"] > 0 and mem["temporaries"] > 0 and mem["code"] > 0
+    assert mem["total"] == mem["arguments"] + mem["outputs"] + mem["temporaries"] + mem["code"] - mem["aliased"]
+    assert record.hbm_bytes == 95 * 1024**3 and record.fits
+    assert record.flops > 0 and record.xla_seconds is not None and record.xla_seconds > 0
+    assert json.loads(json.dumps(record.to_json()))["per_chip_bytes"] == mem
+
+
+def test_flops_are_per_chip():
+    """The batch sharded over 4 chips costs each chip about a quarter of the replicated program."""
+    fn, args, shardings = _step(tiny_flux.config(), train=False)
+    sharded = tpu_topology.compile_for_topology(fn, args, "v5p-8", (4, 1, 1), in_shardings=shardings)[0].flops
+    replicated = tpu_topology.compile_for_topology(fn, args, "v5p-8", (4, 1, 1))[0].flops
+    assert 3.5 < replicated / sharded < 4.5
+
+
+@pytest.mark.slow
+def test_scanned_blocks_are_undercounted_and_extrapolation_corrects_it():
+    cfg = tiny_flux.config(depth=3, depth_single_blocks=4)
+
+    def step_for(c):  # the forward: the same loop undercount as fwd+bwd, quicker to compile
+        fn, args, _ = _step(c, train=False)
+        return fn, args
+
+    kw = dict(in_shardings=_step(cfg, train=False)[2])
+    scanned = tpu_topology.compile_for_topology(*step_for(cfg), "v5p-8", (4, 1, 1), **kw)[0].flops
+    unrolled = tpu_topology.compile_for_topology(*step_for(tiny_flux.config(depth=3, depth_single_blocks=4, scan_layers=False)),
+                                                 "v5p-8", (4, 1, 1), **kw)[0].flops
+    est = tpu_topology.flux_step_flops(step_for, cfg, "v5p-8", (4, 1, 1), **kw)
+    print(f"scanned {scanned:.4g}, unrolled {unrolled:.4g}, extrapolated {est}")
+    assert scanned < 0.5 * unrolled  # XLA counts each scan body once
+    assert abs(est["total"] - unrolled) / unrolled < 0.01
+    assert set(est) == {"per_double", "per_single", "total"}
+
+
+def test_unknown_accelerator_in_compile_is_user_error():
+    fn, args, _ = _step(tiny_flux.config(), train=False)
+    with pytest.raises(UserError, match="unknown TPU accelerator 'v9x-8'"):
+        tpu_topology.compile_for_topology(fn, args, "v9x-8")
+
+
+def test_libtpu_is_quiet_on_a_machine_without_tpu():
+    assert not libtpu_env.has_tpu_chips()  # this test is about CPU machines
+    env = {k: v for k, v in os.environ.items() if k not in (*libtpu_env.QUIET_DEFAULTS, "JAX_PLATFORMS")}
+    code = "import fluxir_jax, jax; from fluxir_jax import tpu_topology; jax.devices(); tpu_topology.topology_devices('v5p-8')"
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.strip() == ""
+    loud = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert "TPU_WORKER_HOSTNAMES" in loud.stderr  # what fluxir_jax keeps quiet (libtpu installed, no TPU here)
+
+
+@pytest.mark.slow
+def test_splash_fwd_bwd_compiles_for_v6e_8():
+    """attention=splash: the real Mosaic kernel (not interpret mode) inside the v6e program, sharded 2 x 4."""
+    fn, args, shardings = _step(tiny_flux.config(attention="splash"), batch=2)
+    record, compiled = tpu_topology.compile_for_topology(fn, args, "v6e-8", (2, 1, 4), in_shardings=shardings)
+    assert record.device_kind == "TPU v6 lite" and record.chips == 8 and record.per_chip_bytes["total"] > 0
+    hlo = compiled.as_text()
+    assert "tpu_custom_call" in hlo  # Pallas kernels lower to TPU custom calls
+    xla_hlo = tpu_topology.compile_for_topology(*_step(tiny_flux.config(), batch=2, train=False)[:2], "v6e-8", (2, 1, 4),
+                                                in_shardings=shardings)[1].as_text()
+    assert "tpu_custom_call" not in xla_hlo
