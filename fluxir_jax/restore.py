@@ -30,7 +30,7 @@ OUTPUT_FORMATS = ("png", "jpeg")
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
     size: int = 1024  # output pixels per tile side; larger images use latent + VAE tiling (multiple of 16)
-    overlap: int = 256  # minimum overlap of neighbouring tiles, pixels (multiple of 16, < size / 2)
+    overlap: float = 0.25  # minimum overlap of neighbouring tiles, as a fraction of size (in [0, 0.5))
     sigma: float = 0.25  # Gaussian blending weight std, as a fraction of the tile side
     force: bool = False  # tile even when the image fits in one tile (debugging, tests)
 
@@ -66,8 +66,7 @@ class RestoreConfig:
             (self.target_size >= 0, f"target_size={self.target_size} must be >= 0 (0: use scale)"),
             (self.color_fix in COLOR_FIXES, f"color_fix={self.color_fix!r} is not one of {', '.join(COLOR_FIXES)}"),
             (self.tile.size >= 16 and self.tile.size % 16 == 0, f"tile.size={self.tile.size} must be a positive multiple of 16"),
-            (self.tile.overlap >= 0 and self.tile.overlap % 16 == 0 and 2 * self.tile.overlap < self.tile.size,
-             f"tile.overlap={self.tile.overlap} must be a multiple of 16 below tile.size / 2"),
+            (0 <= self.tile.overlap < 0.5, f"tile.overlap={self.tile.overlap} must be in [0, 0.5) (a fraction of tile.size)"),
             (self.tile.sigma > 0, f"tile.sigma={self.tile.sigma} must be > 0"),
             (self.format in OUTPUT_FORMATS, f"format={self.format!r} is not one of {', '.join(OUTPUT_FORMATS)}"),
             (1 <= self.jpeg_quality <= 100, f"jpeg_quality={self.jpeg_quality} must be in 1..100"),
@@ -179,7 +178,7 @@ class Restorer:
         self.config = cfg
         dtype = {"dtype": cfg.dtype} if cfg.dtype else {}
         base = ckpt.load_flux(checkpoint, **dtype)
-        vae = ckpt.load_autoencoder(checkpoint, tile_size=cfg.tile.size, tile_overlap=cfg.tile.overlap / cfg.tile.size, **dtype)
+        vae = ckpt.load_autoencoder(checkpoint, tile_size=cfg.tile.size, tile_overlap=cfg.tile.overlap, **dtype)
         text = ckpt.load_text_embeddings(checkpoint)
         if not text["computed"] and not cfg.allow_zero_text:
             raise UserError(f"{checkpoint}: the empty-prompt embeddings were not computed (zeros); "
@@ -264,7 +263,7 @@ def _make_program(restorer: Restorer, bucket: tuple[int, int], tiled: bool):
     shift = base_cfg.guidance_embed  # dev: resolution-shifted schedule; schnell: plain
     if tiled:
         tile = max(2, cfg.tile.size // f // 2 * 2)
-        tiles = latent_tiling.plan_latent_tiles(lh, lw, tile, cfg.tile.overlap // f)
+        tiles = latent_tiling.plan_latent_tiles(lh, lw, tile, round(cfg.tile.overlap * tile))
         seq = (tiles.size[0] // 2) * (tiles.size[1] // 2)
     else:
         tiles, seq = None, (lh // 2) * (lw // 2)

@@ -38,6 +38,8 @@ def _random_state(abstract, seed: int, stacked: tuple[str, ...] = ()) -> object:
         if name == "kernel":
             fan_in = int(np.prod(shape[:-1])) if len(shape) == 4 else shape[-2]
             x = rng.standard_normal(shape) / np.sqrt(fan_in)
+            if path[:2] == ("decoder", "conv_out"):
+                x = x * 0.25  # keep the random decoder's images mostly inside [-1, 1] (little clipping)
         elif name == "scale":
             x = 1.0 + 0.05 * rng.standard_normal(shape)
         else:
