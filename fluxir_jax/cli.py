@@ -15,6 +15,7 @@ from fluxir_jax.errors import UserError
 # (module exposing register(subparsers), or None with a placeholder help text)
 _COMMANDS: list[tuple[str, str, str | None]] = [
     ("info", "fluxir_jax.info", None),
+    ("init", "fluxir_jax.init_checkpoint", None),
     ("convert", "convert.cli", None),
     ("compare", "convert.compare", None),
     ("encode-prompts", "convert.text", None),

@@ -147,13 +147,14 @@ def empty_conditioning(checkpoint_dir, batch: int, height: int, width: int, guid
     """The default conditioning: the empty prompt's embeddings stored by `fluxir convert --t5 --clip`.
 
     A checkpoint converted without text encoders stores zeros; sampling from those is refused
-    (UserError naming the fix) unless `allow_zeros` (tests, tiny models).
+    (UserError naming the fix) unless `allow_zeros` (tests, tiny models). A `fluxir init`
+    checkpoint's random embeddings are accepted (the loader notes that they are random).
     """
     from fluxir_jax import checkpoint
     from fluxir_jax.errors import UserError
 
     text = checkpoint.load_text_embeddings(checkpoint_dir)
-    if not text["computed"] and not allow_zeros:
+    if not text["computed"] and not text["random"] and not allow_zeros:
         raise UserError(f"{checkpoint_dir}: the empty-prompt embeddings were not computed (zeros); "
                         "reconvert with --t5 DIR --clip DIR")
     return text_conditioning(text["t5"], text["clip"], batch, height, width, guidance)
