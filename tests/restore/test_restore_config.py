@@ -47,7 +47,7 @@ def test_fsdp_rule_shards_the_largest_dimension_never_the_layer_axis():
     P = infer.PartitionSpec
     assert infer.fsdp_spec("img_in/kernel", (64, 256), 8, 1) == P(None, "fsdp")
     assert infer.fsdp_spec("double_blocks/img_mlp/0/kernel", (19, 3072, 12288), 8, 2) == P(None, "tensor", "fsdp")
-    assert infer.fsdp_spec("double_blocks/img_attn/norm/scale", (64, 16), 8, 1) == P(None, None)  # 16 < layer axis kept
+    assert infer.fsdp_spec("double_blocks/img_attn/norm/scale", (16, 4), 8, 1) == P(None, None)  # layer axis never
     assert infer.fsdp_spec("final_layer/linear/bias", (64,), 8, 1) == P()
     assert infer.fsdp_spec("txt", (5, 7), 8, 1) == P(None, None)  # nothing divisible: replicated
     assert infer.MeshShape(data=2).resolve(8) == (2, 4, 1)
