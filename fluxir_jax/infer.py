@@ -114,7 +114,14 @@ def _path_str(path) -> str:
 
 
 class Engine:
-    """Holds the parameters placed for one parallel mode and runs programs over batches."""
+    """Holds the parameters placed for one parallel mode and runs programs over batches.
+
+    `params` may be concrete (placed at once) or abstract (`jax.ShapeDtypeStruct` leaves, e.g.
+    from `nnx.eval_shape`): then the mode and shardings are decided from shapes alone, loaders
+    read each parameter straight to where `load_sharding` says (a host buffer for pmap, its
+    shard of the mesh for sharded), and `place` finishes the placement. This keeps a large
+    model from ever being staged whole on one device.
+    """
 
     def __init__(self, params, *, parallel: str = "auto", devices: int = 0, batch_per_device: int = 1,
                  mesh: MeshShape = MeshShape(), replica_fraction: float = 0.6):
@@ -133,19 +140,40 @@ class Engine:
             parallel = "pmap" if limit is None or self.replica_bytes <= replica_fraction * limit else "sharded"
         self.mode = parallel
         n = len(self.devices)
+        self.params = None
         if self.mode == "pmap":
             self._mesh = Mesh(np.array(self.devices), ("replica",))
-            self.params = jax.tree.map(self._replicate, params)
             self.global_batch = n * batch_per_device
         else:
-            sizes = mesh.resolve(n)
-            self._mesh = Mesh(np.array(self.devices).reshape(sizes), MESH_AXES)
+            self._sizes = mesh.resolve(n)
+            self._mesh = Mesh(np.array(self.devices).reshape(self._sizes), MESH_AXES)
             self._param_shardings = jax.tree_util.tree_map_with_path(
-                lambda p, x: NamedSharding(self._mesh, fsdp_spec(_path_str(p), tuple(x.shape), sizes[1], sizes[2])), params)
-            self.params = jax.device_put(params, self._param_shardings)
+                lambda p, x: self._named(_path_str(p), tuple(x.shape)), params)
             self._batch_sharding = NamedSharding(self._mesh, PartitionSpec(("data", "fsdp")))
-            self.global_batch = sizes[0] * sizes[1] * batch_per_device
+            self.global_batch = self._sizes[0] * self._sizes[1] * batch_per_device
         self._compiled: dict[Callable, Callable] = {}
+        if not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+            self.place(params)
+
+    def _named(self, path: str, shape: tuple[int, ...]) -> NamedSharding:
+        return NamedSharding(self._mesh, fsdp_spec(path, shape, self._sizes[1], self._sizes[2]))
+
+    def load_sharding(self, prefix: str) -> Callable[[tuple, tuple], Any]:
+        """Where a checkpoint loader should put each parameter of `params[prefix]`: `(path, shape) -> Sharding`.
+
+        pmap: host memory (replicated onto the devices by `place`); sharded: its final shard.
+        """
+        if self.mode == "pmap":
+            host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+            return lambda path, shape: host
+        return lambda path, shape: self._named("/".join([prefix, *map(str, path)]), tuple(shape))
+
+    def place(self, params) -> None:
+        """Put concrete `params` (same structure as at construction) where the mode needs them."""
+        if self.mode == "pmap":
+            self.params = jax.tree.map(self._replicate, params)
+        else:
+            self.params = jax.device_put(params, self._param_shardings)
 
     def _replicate(self, x):
         """A [devices, ...] array holding one copy of `x` per device (no host-side stacking)."""
@@ -166,6 +194,11 @@ class Engine:
         return fn
 
     def run(self, program: Callable, batch) -> Any:
+        if self.params is None:
+            raise RuntimeError("Engine.run before Engine.place")
+        return self._run(program, batch)
+
+    def _run(self, program: Callable, batch) -> Any:
         """Run `program` over `batch` (numpy pytree, leading axis N >= 1) in global batches; numpy out."""
         leaves = jax.tree.leaves(batch)
         n = leaves[0].shape[0]

@@ -166,6 +166,7 @@ class Restorer:
     def __init__(self, checkpoint: str, adapter: str, config: RestoreConfig | None = None, **options):
         import dataclasses as dc
 
+        import jax
         import jax.numpy as jnp
         from flax import nnx
 
@@ -173,28 +174,38 @@ class Restorer:
         from fluxir_jax.infer import Engine
         from fluxir_jax.models import adapter_io
         from fluxir_jax.models.adapter import check_compatible
+        from fluxir_jax.models.autoencoder import AutoEncoder
+        from fluxir_jax.models.flux import Flux
 
         cfg = with_options(config if config is not None else RestoreConfig(), **options)
         self.config = cfg
         dtype = {"dtype": cfg.dtype} if cfg.dtype else {}
-        base = ckpt.load_flux(checkpoint, **dtype)
-        vae = ckpt.load_autoencoder(checkpoint, tile_size=cfg.tile.size, tile_overlap=cfg.tile.overlap, **dtype)
+        vae_opts = dict(tile_size=cfg.tile.size, tile_overlap=cfg.tile.overlap, **dtype)
+        base_cfg = ckpt.flux_config(checkpoint, **dtype)
+        vae_cfg = ckpt.autoencoder_config(checkpoint, **vae_opts)
         text = ckpt.load_text_embeddings(checkpoint)
         if not text["computed"] and not cfg.allow_zero_text:
             raise UserError(f"{checkpoint}: the empty-prompt embeddings were not computed (zeros); "
                             "reconvert with --t5 DIR --clip DIR")
-        fluxir = adapter_io.load_adapter(adapter, base_config=base.config)
-        check_compatible(fluxir, base.config, int(text["t5"].shape[0]))
+        fluxir = adapter_io.load_adapter(adapter, base_config=base_cfg)
+        check_compatible(fluxir, base_cfg, int(text["t5"].shape[0]))
         fluxir.config = dc.replace(fluxir.config, control_scale=cfg.control_scale)
-        self.base_config, self.vae_config = base.config, vae.config
+        self.base_config, self.vae_config = base_cfg, vae_cfg
+        # decide the parallel mode and shardings from shapes, then read each model straight into place
         self._graphdefs = {}
-        params = {}
-        for name, module in (("base", base), ("adapter", fluxir), ("vae", vae)):
-            self._graphdefs[name], params[name] = nnx.split(module)
-        params["txt"] = jnp.asarray(text["t5"], jnp.float32)
-        params["y"] = jnp.asarray(text["clip"], jnp.float32)
-        self.engine = Engine(params, parallel=cfg.parallel, devices=cfg.devices, batch_per_device=cfg.batch_size,
-                             mesh=cfg.mesh)
+        abstract = {}
+        for name, make in (("base", lambda: Flux(base_cfg, rngs=nnx.Rngs(0))),
+                           ("vae", lambda: AutoEncoder(vae_cfg, rngs=nnx.Rngs(0)))):
+            self._graphdefs[name], abstract[name] = nnx.split(nnx.eval_shape(make))
+        self._graphdefs["adapter"], adapter_state = nnx.split(fluxir)
+        abstract["adapter"] = adapter_state
+        params = {"txt": jnp.asarray(text["t5"], jnp.float32), "y": jnp.asarray(text["clip"], jnp.float32)}
+        self.engine = Engine({**abstract, **jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)},
+                             parallel=cfg.parallel, devices=cfg.devices, batch_per_device=cfg.batch_size, mesh=cfg.mesh)
+        params["base"] = nnx.split(ckpt.load_flux(checkpoint, sharding=self.engine.load_sharding("base"), **dtype))[1]
+        params["vae"] = nnx.split(ckpt.load_autoencoder(checkpoint, sharding=self.engine.load_sharding("vae"), **vae_opts))[1]
+        params["adapter"] = adapter_state
+        self.engine.place(params)
         self._programs: dict[tuple, Any] = {}
 
     @property

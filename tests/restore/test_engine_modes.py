@@ -23,6 +23,11 @@ def test_pmap_sharded_and_one_device_agree_on_an_uneven_batch(tiny_models):
                        "one": dict(parallel="pmap", devices=1)}.items():
         r = Restorer(ckpt, adapter, steps=2, **opts)
         assert r.engine.mode == opts["parallel"]
+        qkv = r.engine.params["base"]["double_blocks"]["img_attn"]["qkv"]["kernel"][...]
+        if name == "sharded":  # read straight into FSDP shards: each device holds 1/8 of the weight
+            assert "fsdp" in qkv.sharding.spec and qkv.addressable_shards[0].data.size * 8 == qkv.size
+        else:  # one full replica per device
+            assert len(qkv.addressable_shards) == len(r.engine.devices) and qkv.addressable_shards[0].data.shape[1:] == qkv.shape[1:]
         results[name] = r.restore_float(lq_f, seeds)
     assert results["pmap"][0].shape == (64, 64, 3)
     for name in ("sharded", "one"):
