@@ -58,8 +58,11 @@ def save_image(img: np.ndarray, path: pathlib.Path, cfg: RestoreConfig) -> None:
     _write_atomic(path, write)
 
 
-def list_inputs(input_path: pathlib.Path) -> tuple[pathlib.Path, list[str]]:
-    """(root, sorted relative paths of the image files) for a folder or a single file."""
+def list_inputs(input_path: pathlib.Path, out_dir: pathlib.Path | None = None) -> tuple[pathlib.Path, list[str]]:
+    """(root, sorted relative paths of the image files) for a folder or a single file.
+
+    Files under `out_dir` (when the output folder lies inside the input folder) are not inputs.
+    """
     from fluxir_jax.data.degrade_folder import IMAGE_EXTENSIONS, find_images
 
     if input_path.is_file():
@@ -69,6 +72,9 @@ def list_inputs(input_path: pathlib.Path) -> tuple[pathlib.Path, list[str]]:
     if not input_path.is_dir():
         raise UserError(f"--input {input_path}: no such file or folder")
     files, _ = find_images(input_path)
+    if out_dir is not None:
+        out_abs = out_dir.resolve()
+        files = [f for f in files if out_abs not in f.resolve().parents]
     if not files:
         raise UserError(f"--input {input_path}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return input_path, [f.relative_to(input_path).as_posix() for f in files]
@@ -105,9 +111,9 @@ def restore_folder(checkpoint: str, adapter: str, input_path: str, out: str, cfg
 
     import jax
 
-    root, rels = list_inputs(pathlib.Path(input_path))
-    rels = host_slice(rels)
     out_dir = pathlib.Path(out)
+    root, rels = list_inputs(pathlib.Path(input_path), out_dir)
+    rels = host_slice(rels)
     suffix = ".jpg" if cfg.format == "jpeg" else ".png"
     skipped: list[dict] = []
     notes: dict[str, list[str]] = {}

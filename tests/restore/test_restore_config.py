@@ -53,3 +53,23 @@ def test_fsdp_rule_shards_the_largest_dimension_never_the_layer_axis():
     assert infer.MeshShape(data=2).resolve(8) == (2, 4, 1)
     with pytest.raises(UserError):
         infer.MeshShape(data=3).resolve(8)
+
+
+def test_save_image_formats_and_inputs_exclude_the_output_folder(tmp_path):
+    from PIL import Image
+
+    from fluxir_jax.restore_folder import list_inputs, save_image
+
+    img = np.random.default_rng(0).integers(0, 256, (8, 12, 3), dtype=np.uint8)
+    save_image(img, tmp_path / "in" / "a.png", RestoreConfig())
+    save_image(img, tmp_path / "in" / "out" / "b.jpg", RestoreConfig(format="jpeg", jpeg_quality=90))
+    with Image.open(tmp_path / "in" / "a.png") as im:
+        assert im.format == "PNG" and np.array_equal(np.asarray(im), img)
+    with Image.open(tmp_path / "in" / "out" / "b.jpg") as im:
+        assert im.format == "JPEG" and im.size == (12, 8)
+    assert not list((tmp_path / "in").rglob("*.tmp"))
+    root, rels = list_inputs(tmp_path / "in", tmp_path / "in" / "out")
+    assert rels == ["a.png"]
+    assert list_inputs(tmp_path / "in")[1] == ["a.png", "out/b.jpg"]
+    with pytest.raises(UserError, match="no such file"):
+        list_inputs(tmp_path / "missing")
