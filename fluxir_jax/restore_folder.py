@@ -222,7 +222,9 @@ def run(args) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("restore", help="restore low-quality images with a FluxIR adapter",
-                              description=__doc__.split("\n\n")[0])
+                              description="Restore every image under --input into --out (relative paths kept) with the "
+                                          "FLUX.1 base and a FluxIR adapter; bad files are skipped and listed in "
+                                          "restore_summary.json. key=value fields: configs/restore/default.yaml.")
     p.add_argument("--checkpoint", required=True, help="converted FLUX checkpoint folder (fluxir convert)")
     p.add_argument("--adapter", required=True, help="FluxIR adapter checkpoint folder (adapter.json + params/)")
     p.add_argument("--input", required=True, help="LQ image file or folder (searched recursively)")
