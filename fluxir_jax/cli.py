@@ -23,7 +23,7 @@ _COMMANDS: list[tuple[str, str, str | None]] = [
     ("eval", "fluxir_jax.iqa.eval_cli", None),
     ("convert-iqa", "convert.iqa", None),
     ("gen", None, "FluxGen: generate, select and degrade training pairs (later issue)"),
-    ("train", None, "train the FluxIR adapter (later issue)"),
+    ("train", "fluxir_jax.train_loop", None),
     ("restore", None, "restore low-quality images (later issue)"),
 ]
 
