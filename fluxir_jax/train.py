@@ -245,7 +245,7 @@ def make_step_fn(spec: StepSpec, tx: optax.GradientTransformation, mesh):
                                                  (jnp.arange(accum), micros))
             grads = jax.tree.map(lambda g: g / accum, grads)
             loss, aux = loss / accum, jax.tree.map(lambda v: v / accum, aux)
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
