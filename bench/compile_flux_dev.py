@@ -20,7 +20,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench.common import append_record, cpu_name  # noqa: E402
-from fluxir_jax.models import configs  # noqa: E402
+from fluxir_jax.models import presets  # noqa: E402
 from fluxir_jax.models.flux import Flux  # noqa: E402
 
 
@@ -34,7 +34,7 @@ def main():
     args = ap.parse_args()
     jax.config.update("jax_enable_compilation_cache", False)
 
-    cfg = configs.get(args.model, remat_policy=args.remat)
+    cfg = presets.get(args.model, remat_policy=args.remat)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Flux(cfg, rngs=nnx.Rngs(0))))
     b, L, T = args.batch, (args.res // 16) ** 2, 512
     S, bf, f32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32

@@ -41,7 +41,7 @@ def bfl_specs(config) -> list[tuple[str, tuple[int, ...]]]:
     """(BFL key, BFL shape) of every tensor of a FluxConfig, from the Flax model's abstract params."""
     from flax import nnx
 
-    from convert import flux_map, formats
+    from fluxir_convert import flux_map, formats
     from fluxir_jax.models.flux import Flux
 
     model = nnx.eval_shape(lambda: Flux(config, rngs=nnx.Rngs(0)))
@@ -113,7 +113,7 @@ _CHILD = r"""
 import gc, json, os, sys, threading, time
 sys.path.insert(0, {root!r})
 import numpy, jax, flax, tensorstore, orbax.checkpoint, psutil  # noqa: F401  (imports before the baseline)
-from convert.convert import convert
+from fluxir_convert.convert import convert
 from fluxir_jax.models.flux import Flux  # noqa: F401
 gc.collect()
 proc = psutil.Process()

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench.common import append_record, cpu_name, timed  # noqa: E402
-from fluxir_jax.models import configs  # noqa: E402
+from fluxir_jax.models import presets  # noqa: E402
 from fluxir_jax.models.flux import Flux  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def main():
     ap.add_argument("--no-torch", action="store_true")
     args = ap.parse_args()
 
-    cfg = configs.get(args.model, dtype=args.dtype, param_dtype=args.dtype)
+    cfg = presets.get(args.model, dtype=args.dtype, param_dtype=args.dtype)
     h = w = args.res // 16
     b, L, T = args.batch, h * w, args.txt
     rng = np.random.default_rng(0)
@@ -72,7 +72,7 @@ def main():
         import torch
         from diffusers import FluxTransformer2DModel
 
-        from convert.flux_map import bfl_to_diffusers, flax_to_bfl
+        from fluxir_convert.flux_map import bfl_to_diffusers, flax_to_bfl
 
         torch.set_num_threads(os.cpu_count())
         dm = FluxTransformer2DModel(

@@ -1,18 +1,21 @@
 """Command lines: `fluxir convert`, `fluxir compare`, `fluxir encode-prompts`.
 
-`register(sub)` adds `convert`; `register_compare(sub)` / `register_encode_prompts(sub)` add
-the other two (`convert.compare.register` and `convert.text.register` delegate here, so each
-subcommand has a module exposing `register`, as `fluxir_jax.cli` expects). Heavy libraries are
-imported only when a command runs.
+`register_convert`, `register_compare` and `register_encode_prompts` each add one subcommand
+(entry points of the `fluxir.commands` group in setup.cfg). Heavy libraries are imported only
+when a command runs.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
-import uuid
 
 from fluxir_jax.errors import UserError
+
+
+def _add_text_len(p: argparse.ArgumentParser, default: int | None, help: str) -> None:
+    """`--text-len L` (and the former spelling `--t5-len`, accepted but not listed)."""
+    p.add_argument("--text-len", type=int, default=default, metavar="L", dest="text_len", help=help)
+    p.add_argument("--t5-len", type=int, dest="text_len", help=argparse.SUPPRESS)
 
 
 def _axes(text: str) -> tuple[int, ...]:
@@ -27,17 +30,17 @@ def _axes(text: str) -> tuple[int, ...]:
 
 
 def run_convert(args) -> int:
-    from convert.convert import convert
+    from .convert import convert
 
     convert(
         args.sources, args.out, fmt=args.format, dtype=args.dtype, overwrite=args.overwrite,
         axes_dim=args.axes_dim, vae_norm_groups=args.vae_norm_groups, t5=args.t5, clip=args.clip,
-        t5_len=args.t5_len, text_dtype=args.text_dtype, progress=not args.no_progress,
+        text_len=args.text_len, text_dtype=args.text_dtype, progress=not args.no_progress,
     )
     return 0
 
 
-def register(sub) -> None:
+def register_convert(sub) -> None:
     p = sub.add_parser(
         "convert", help="convert FLUX.1 PyTorch checkpoints (BFL files, diffusers folders) to Orbax",
         description="Convert FLUX.1 checkpoints to one Orbax checkpoint directory (transformer + vae + "
@@ -55,7 +58,7 @@ def register(sub) -> None:
                    help="VAE GroupNorm groups (default: config.json norm_num_groups, else 32)")
     p.add_argument("--t5", default=None, metavar="DIR", help="local T5 encoder folder (transformers, safetensors)")
     p.add_argument("--clip", default=None, metavar="DIR", help="local CLIP text encoder folder")
-    p.add_argument("--t5-len", type=int, default=None, metavar="L", help="T5 tokens (default 512 dev / 256 schnell)")
+    _add_text_len(p, None, "text length: T5 tokens of the empty prompt (default 512 dev / 256 schnell)")
     p.add_argument("--text-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype the text encoders run in")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -66,7 +69,7 @@ def register(sub) -> None:
 
 
 def run_compare(args) -> int:
-    from convert.compare import compare
+    from .compare import compare
 
     if len(args.paths) < 2:
         raise UserError("compare needs SOURCE... CKPT: at least one source and the converted checkpoint")
@@ -84,10 +87,11 @@ def register_compare(sub) -> None:
     p.add_argument("paths", nargs="+", metavar="SOURCE... CKPT", help="source file(s)/folder(s), then the checkpoint")
     p.add_argument("--tol", type=float, default=1e-4, help="largest acceptable relative error (default 1e-4)")
     p.add_argument("--layers", type=int, default=None, metavar="N", help="compare only the first N double and N single blocks")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--format", default="auto", choices=("auto", "bfl", "diffusers"))
-    p.add_argument("--axes-dim", type=_axes, default=None, metavar="A,B,C")
-    p.add_argument("--vae-norm-groups", type=int, default=None, metavar="N")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    p.add_argument("--format", default="auto", choices=("auto", "bfl", "diffusers"), help="force the source layout")
+    p.add_argument("--axes-dim", type=_axes, default=None, metavar="A,B,C", help="RoPE axes, as given to convert")
+    p.add_argument("--vae-norm-groups", type=int, default=None, metavar="N",
+                   help="VAE GroupNorm groups, as given to convert")
     p.set_defaults(func=run_compare)
 
 
@@ -97,7 +101,9 @@ def register_compare(sub) -> None:
 def run_encode_prompts(args) -> int:
     import numpy as np
 
-    from convert import text
+    from fluxir_jax import fileio
+
+    from . import text
 
     path = pathlib.Path(args.prompts)
     if not path.is_file():
@@ -109,22 +115,14 @@ def run_encode_prompts(args) -> int:
     if not prompts:
         raise UserError(f"--prompts {path}: no prompts (one per line)")
     out = pathlib.Path(args.out).absolute()
-    if out.exists() and not args.overwrite:
-        raise UserError(f"output {out} already exists (pass --overwrite to replace it)")
-    if not out.parent.is_dir():
-        raise UserError(f"--out {out}: directory {out.parent} does not exist")
-    if args.t5_len <= 0:
-        raise UserError(f"--t5-len must be positive, got {args.t5_len}")
-    emb = text.encode(prompts, t5_dir=args.t5, clip_dir=args.clip, t5_len=args.t5_len, dtype=args.text_dtype)
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
+    fileio.check_output(out, args.overwrite)
+    if args.text_len <= 0:
+        raise UserError(f"--text-len must be positive, got {args.text_len}")
+    emb = text.encode(prompts, t5_dir=args.t5, clip_dir=args.clip, text_len=args.text_len, dtype=args.text_dtype)
+    with fileio.atomic_file(out, args.overwrite) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, t5=emb["t5"], clip=emb["clip"], prompts=np.array(prompts, dtype=str))
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    print(f"wrote {out}: {len(prompts)} prompts, t5 {list(emb['t5'].shape)}, clip {list(emb['clip'].shape)}")
+            np.savez(f, txt=emb["txt"], y=emb["y"], prompts=np.array(prompts, dtype=str))
+    print(f"wrote {out}: {len(prompts)} prompts, txt {list(emb['txt'].shape)}, y {list(emb['y'].shape)}")
     return 0
 
 
@@ -132,13 +130,14 @@ def register_encode_prompts(sub) -> None:
     p = sub.add_parser(
         "encode-prompts", help="encode prompts with local T5/CLIP folders to an .npz",
         description="Encode each line of --prompts with T5 (hidden states [L, d]) and CLIP (pooled [d]) as "
-                    "FLUX does; writes an .npz with arrays t5 [N, L, d], clip [N, d], prompts [N].",
+                    "FLUX does; writes an .npz with arrays txt [N, L, d] (T5), y [N, d] (CLIP pooled), prompts [N].",
     )
-    p.add_argument("--t5", required=True, metavar="DIR")
-    p.add_argument("--clip", required=True, metavar="DIR")
+    p.add_argument("--t5", required=True, metavar="DIR", help="local T5 encoder folder (transformers, safetensors)")
+    p.add_argument("--clip", required=True, metavar="DIR", help="local CLIP text encoder folder")
     p.add_argument("--prompts", required=True, metavar="FILE", help="UTF-8 text file, one prompt per line")
-    p.add_argument("--out", required=True, metavar="FILE", help="output .npz")
-    p.add_argument("--t5-len", type=int, default=512, metavar="L", help="T5 tokens (512 dev, 256 schnell)")
-    p.add_argument("--text-dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("-o", "--out", required=True, metavar="FILE", help="output .npz")
+    _add_text_len(p, 512, "text length: T5 tokens per prompt (512 dev, 256 schnell)")
+    p.add_argument("--text-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype the text encoders run in")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=run_encode_prompts)

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from convert import flux_map, formats, vae_map
+from . import flux_map, formats, vae_map
 from fluxir_jax import checkpoint
 from fluxir_jax.errors import UserError
 
@@ -270,9 +270,3 @@ def compare(sources: Sequence, ckpt, *, tol: float = 1e-4, layers: int | None = 
     out(f"max {worst:.3e} (tol {tol:g}): {verdict}")
     return 0 if not bad else 1
 
-
-def register(sub) -> None:
-    """`fluxir compare` (defined in convert.cli)."""
-    from convert import cli
-
-    cli.register_compare(sub)

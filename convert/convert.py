@@ -18,29 +18,26 @@ Before a byte is written, the whole conversion is planned from the safetensors h
 the model config is inferred from shapes, every expected tensor is matched to a source
 tensor (missing, unexpected and wrongly shaped tensors are user errors naming the key), and
 truncated files are caught by checking header offsets against file sizes. Writing then streams
-one tensor (one layer of a stacked parameter) at a time; see `convert.writer`.
+one tensor (one layer of a stacked parameter) at a time; see `fluxir_jax.checkpoint_writer`.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import pathlib
-import shutil
-import sys
-import time
-import uuid
 from typing import Callable, Sequence
 
 import numpy as np
 
-from convert import flux_map, formats, vae_map, writer
+from fluxir_jax import checkpoint_writer as writer
+from fluxir_jax.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 from fluxir_jax.errors import UserError
 
-FORMAT_VERSION = 1
+from . import flux_map, formats, vae_map
+
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
-TEXT_FILE = "text/empty.npz"
+TEXT_FILE = writer.TEXT_FILE
 
 
 # ----------------------------------------------------------------------------- array helpers
@@ -236,70 +233,45 @@ def plan(sources: dict[str, formats.Source], *, dtype: str | None = None, axes_d
 # ----------------------------------------------------------------------------- text
 
 
-def text_embeddings(flux_config, *, t5=None, clip=None, t5_len=None, text_dtype="float32", log=print):
-    """(t5 [L, d], clip [d], metadata) for the empty prompt; zeros of the model's shapes without encoders."""
-    from convert import text
+def text_embeddings(flux_config, *, t5=None, clip=None, text_len=None, text_dtype="float32", log=print):
+    """(txt [text_len, d], y [d], metadata) for the empty prompt; zeros of the model's shapes without encoders."""
+    from . import text
 
     if (t5 is None) != (clip is None):
         raise UserError("--t5 and --clip go together (FLUX needs both encodings)")
     guidance = flux_config.guidance_embed if flux_config is not None else True
-    length = int(t5_len) if t5_len else text.default_t5_len(guidance)
+    length = int(text_len) if text_len else text.default_text_len(guidance)
     if length <= 0:
-        raise UserError(f"--t5-len must be positive, got {length}")
+        raise UserError(f"--text-len must be positive, got {length}")
     if t5 is None:
         if flux_config is None:
             return None, None, {"computed": False, "note": "no transformer in this checkpoint: no text embeddings"}
-        t5_arr = np.zeros((length, flux_config.context_in_dim), np.float32)
-        clip_arr = np.zeros((flux_config.vec_in_dim,), np.float32)
+        txt_arr = np.zeros((length, flux_config.context_in_dim), np.float32)
+        y_arr = np.zeros((flux_config.vec_in_dim,), np.float32)
         note = "zeros: no --t5/--clip encoders were given; recompute with fluxir convert --t5 DIR --clip DIR"
         log(f"text embeddings: {note}")
         meta = {"computed": False, "note": note}
     else:
         log(f"text embeddings: encoding the empty prompt with T5 ({t5}, length {length}) and CLIP ({clip})")
-        t5_arr, clip_arr = text.empty(t5, clip, length, text_dtype)
+        txt_arr, y_arr = text.empty(t5, clip, length, text_dtype)
         if flux_config is not None:
-            if t5_arr.shape[-1] != flux_config.context_in_dim:
-                raise UserError(f"--t5 {t5}: d_model {t5_arr.shape[-1]} does not match the transformer's "
+            if txt_arr.shape[-1] != flux_config.context_in_dim:
+                raise UserError(f"--t5 {t5}: d_model {txt_arr.shape[-1]} does not match the transformer's "
                                 f"context_in_dim {flux_config.context_in_dim}")
-            if clip_arr.shape[-1] != flux_config.vec_in_dim:
-                raise UserError(f"--clip {clip}: pooled size {clip_arr.shape[-1]} does not match the transformer's "
+            if y_arr.shape[-1] != flux_config.vec_in_dim:
+                raise UserError(f"--clip {clip}: pooled size {y_arr.shape[-1]} does not match the transformer's "
                                 f"vec_in_dim {flux_config.vec_in_dim}")
         meta = {"computed": True, "t5": str(t5), "clip": str(clip), "dtype": text_dtype}
-    meta.update(file=TEXT_FILE, prompt="", t5_len=length, t5_shape=list(t5_arr.shape), clip_shape=list(clip_arr.shape))
-    return t5_arr, clip_arr, meta
+    meta.update(file=TEXT_FILE, prompt="", text_len=length, txt_shape=list(txt_arr.shape), y_shape=list(y_arr.shape))
+    return txt_arr, y_arr, meta
 
 
 # ----------------------------------------------------------------------------- convert
 
 
-class _Progress:
-    def __init__(self, total: int, enabled: bool):
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
-                            file=sys.stderr, smoothing=0.1)
-
-    def __call__(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _remove(path: pathlib.Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 def convert(sources: Sequence[str | os.PathLike], out: str | os.PathLike, *, fmt: str = "auto",
             dtype: str | None = None, overwrite: bool = False, axes_dim: Sequence[int] | None = None,
-            vae_norm_groups: int | None = None, t5=None, clip=None, t5_len: int | None = None,
+            vae_norm_groups: int | None = None, t5=None, clip=None, text_len: int | None = None,
             text_dtype: str = "float32", progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Convert `sources` (BFL files / diffusers folders) into an Orbax checkpoint at `out`.
 
@@ -319,7 +291,7 @@ def convert(sources: Sequence[str | os.PathLike], out: str | os.PathLike, *, fmt
         log(f"{name}: {s.layout} layout, {len(s.tensors.files)} file(s), {s.tensors.nbytes / 2**30:.2f} GiB -> "
             f"{p.nbytes / 2**30:.2f} GiB {'/'.join(sorted(p.dtypes))}")
     flux_cfg = plans["transformer"].config if "transformer" in plans else None
-    t5_arr, clip_arr, text_meta = text_embeddings(flux_cfg, t5=t5, clip=clip, t5_len=t5_len,
+    txt_arr, y_arr, text_meta = text_embeddings(flux_cfg, t5=t5, clip=clip, text_len=text_len,
                                                   text_dtype=text_dtype, log=log)
 
     from fluxir_jax.config import to_dict
@@ -327,8 +299,8 @@ def convert(sources: Sequence[str | os.PathLike], out: str | os.PathLike, *, fmt
     import fluxir_jax
 
     config = {
-        "format": "fluxir-checkpoint",
-        "format_version": FORMAT_VERSION,
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
         "items": sorted(plans),
         "transformer": to_dict(plans["transformer"].config) if "transformer" in plans else None,
         "vae": to_dict(plans["vae"].config) if "vae" in plans else None,
@@ -339,44 +311,10 @@ def convert(sources: Sequence[str | os.PathLike], out: str | os.PathLike, *, fmt
                       "dtype_option": dtype or "keep"},
     }
 
-    created: list[pathlib.Path] = []
-    parent = out.parent
-    while not parent.exists():
-        created.append(parent)
-        parent = parent.parent
-    tmp = out.parent / f".{out.name}.converting-{uuid.uuid4().hex[:8]}"
-    bar = None
-    ok = False
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        total = sum(p.nbytes for p in plans.values())
-        bar = _Progress(total, progress)
-        t0 = time.time()
-        writer.save(tmp, {n: p.tree for n, p in plans.items()}, progress=bar)
-        bar.close()
-        if t5_arr is not None:
-            (tmp / "text").mkdir()
-            with open(tmp / TEXT_FILE, "wb") as f:
-                np.savez(f, t5=t5_arr, clip=clip_arr, computed=np.array(text_meta["computed"]))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        writer.sync_tree(tmp)
-        if out.exists():  # --overwrite: swap, then delete the old one
-            old = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            _remove(old)
-        else:
-            os.rename(tmp, out)
-        ok = True
-        dt = time.time() - t0
-        log(f"wrote {out} ({total / 2**30:.2f} GiB in {dt:.1f} s, {total / 2**20 / max(dt, 1e-9):.0f} MiB/s)")
-    finally:
-        if bar is not None:
-            bar.close()
-        if not ok:
-            _remove(tmp)
-            for leftover in out.parent.glob(f"{tmp.name}*"):
-                _remove(leftover)
-            for d in created:
-                shutil.rmtree(d, ignore_errors=True)
+    text = None
+    if txt_arr is not None:
+        text = dict(txt=txt_arr, y=y_arr, computed=np.array(text_meta["computed"]))
+    total, dt = writer.write_checkpoint(out, {n: p.tree for n, p in plans.items()}, config, text,
+                                       progress=progress, desc="convert")
+    log(f"wrote {out} ({total / 2**30:.2f} GiB in {dt:.1f} s, {total / 2**20 / max(dt, 1e-9):.0f} MiB/s)")
     return config

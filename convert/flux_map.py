@@ -246,24 +246,3 @@ def bfl_to_flax_params(sd: Mapping[str, np.ndarray]) -> dict[tuple, np.ndarray]:
 
 def _bfl_name(path: tuple, layer: int) -> str:
     return flax_to_bfl(path, np.zeros((1, 1)), layer)[0]
-
-
-def load_flax_params(model, flat: Mapping[tuple, np.ndarray]) -> None:
-    """Strictly load {path: array} into an NNX model: missing, unexpected or mis-shaped -> ValueError."""
-    from flax import nnx
-    import jax.numpy as jnp
-
-    state = nnx.state(model, nnx.Param)
-    current = dict(nnx.to_flat_state(state))
-    unexpected = sorted(set(flat) - set(current), key=str)
-    if unexpected:
-        raise ValueError(f"unexpected parameter {'/'.join(map(str, unexpected[0]))}")
-    missing = sorted(set(current) - set(flat), key=str)
-    if missing:
-        raise ValueError(f"missing parameter {'/'.join(map(str, missing[0]))}")
-    for path, var in current.items():
-        want = tuple(var.shape)
-        if tuple(flat[path].shape) != want:
-            raise ValueError(f"parameter {'/'.join(map(str, path))} has shape {list(flat[path].shape)}, expected {list(want)}")
-        var.set_value(jnp.asarray(flat[path], dtype=var.dtype))
-    nnx.update(model, state)

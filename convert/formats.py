@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from convert import flux_map, vae_map
+from . import flux_map, vae_map
 from fluxir_jax.errors import UserError
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")

@@ -25,7 +25,7 @@ from fluxir_jax.errors import UserError
 CLIP_LEN = 77
 
 
-def default_t5_len(guidance_embed: bool) -> int:
+def default_text_len(guidance_embed: bool) -> int:
     """BFL's T5 length: 512 for flux-dev (guidance-distilled), 256 for flux-schnell."""
     return 512 if guidance_embed else 256
 
@@ -83,16 +83,16 @@ def _tokens(tokenizer, prompts: Sequence[str], length: int):
     )["input_ids"]
 
 
-def encode(prompts: Sequence[str], *, t5_dir, clip_dir, t5_len: int, dtype: str = "float32",
+def encode(prompts: Sequence[str], *, t5_dir, clip_dir, text_len: int, dtype: str = "float32",
            batch_size: int = 8) -> dict[str, np.ndarray]:
-    """{"t5": [N, t5_len, d_model], "clip": [N, hidden]} float32 numpy arrays."""
+    """{"txt": [N, text_len, d_model] (T5), "y": [N, hidden] (CLIP pooled)} float32 numpy arrays."""
     import torch
 
     prompts = list(prompts)
     out: dict[str, np.ndarray] = {}
     for kind, folder in (("t5", t5_dir), ("clip", clip_dir)):
         tokenizer, model = _load(kind, folder, dtype)
-        length = t5_len if kind == "t5" else min(CLIP_LEN, model.config.max_position_embeddings)
+        length = text_len if kind == "t5" else min(CLIP_LEN, model.config.max_position_embeddings)
         chunks = []
         with torch.no_grad():
             for i in range(0, len(prompts), batch_size):
@@ -100,19 +100,13 @@ def encode(prompts: Sequence[str], *, t5_dir, clip_dir, t5_len: int, dtype: str 
                 res = model(input_ids=ids, attention_mask=None, output_hidden_states=False)
                 value = res.last_hidden_state if kind == "t5" else res.pooler_output
                 chunks.append(value.float().numpy())
-        out[kind] = np.concatenate(chunks, axis=0).astype(np.float32)
+        out["txt" if kind == "t5" else "y"] = np.concatenate(chunks, axis=0).astype(np.float32)
         del model, tokenizer
     return out
 
 
-def empty(t5_dir, clip_dir, t5_len: int, dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
-    """Empty-prompt embeddings: T5 [t5_len, d_model] and CLIP pooled [hidden]."""
-    e = encode([""], t5_dir=t5_dir, clip_dir=clip_dir, t5_len=t5_len, dtype=dtype)
-    return e["t5"][0], e["clip"][0]
+def empty(t5_dir, clip_dir, text_len: int, dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+    """Empty-prompt embeddings: `txt` (T5) [text_len, d_model] and `y` (CLIP pooled) [hidden]."""
+    e = encode([""], t5_dir=t5_dir, clip_dir=clip_dir, text_len=text_len, dtype=dtype)
+    return e["txt"][0], e["y"][0]
 
-
-def register(sub) -> None:
-    """`fluxir encode-prompts` (defined in convert.cli)."""
-    from convert import cli
-
-    cli.register_encode_prompts(sub)

@@ -140,38 +140,6 @@ def nnx_to_bfl(path: tuple[str | int, ...], array: np.ndarray) -> tuple[str, np.
     return key, (np.transpose(array, (3, 2, 0, 1)) if path[-1] == "kernel" else array)
 
 
-def load_bfl_vae_into(model, state_dict: Mapping[str, np.ndarray]) -> None:
-    """Copy a BFL-keyed VAE state dict into `model`'s params, in place, cast to each param's dtype.
-
-    Strict: raises ValueError naming the key on an unexpected key, a shape mismatch, or a
-    model parameter the state dict does not provide. `model` may be abstract
-    (`nnx.eval_shape(lambda: AutoEncoder(cfg, rngs=nnx.Rngs(0)))`): every param is replaced.
-    """
-    import jax.numpy as jnp
-    from flax import nnx
-
-    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    updates = {}
-    for key, tensor in state_dict.items():
-        path, array = bfl_to_nnx(key, np.asarray(tensor))
-        if path not in params:
-            raise ValueError(f"VAE key {key!r} has no matching model parameter {'.'.join(map(str, path))}")
-        current = params[path].get_value()  # an array, or a ShapeDtypeStruct if abstract
-        if array.shape != current.shape:
-            raise ValueError(f"VAE key {key!r}: shape {tuple(np.shape(tensor))} maps to {array.shape}, "
-                             f"model parameter expects {tuple(current.shape)}")
-        updates[path] = jnp.asarray(array, dtype=current.dtype)
-    missing = [nnx_path_to_bfl_key(p) for p in params if p not in updates]
-    if missing:
-        raise ValueError(f"VAE state dict is missing {len(missing)} key(s), first {missing[0]!r}")
-    nnx.update(model, nnx.from_flat_state({p: nnx.Param(a) for p, a in updates.items()}))
-
-
-def load_diffusers_vae_into(model, state_dict: Mapping[str, np.ndarray]) -> None:
-    """Copy a diffusers `AutoencoderKL` state dict into `model` (via BFL keys), strictly."""
-    load_bfl_vae_into(model, diffusers_to_bfl_state_dict(state_dict))
-
-
 def nnx_vae_to_bfl(model) -> dict[str, np.ndarray]:
     """The model's params as a BFL-keyed state dict (numpy, param dtype)."""
     from flax import nnx

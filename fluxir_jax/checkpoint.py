@@ -2,12 +2,15 @@
 
 A converted checkpoint is an Orbax composite directory: items `transformer` and/or `vae`
 (PyTree items, OCDBT + zarr3, keys = NNX Param paths with digits as strings), a
-`config.json` holding the resolved model configs, and `text/empty.npz`.
+`config.json` holding the resolved model configs, and `text/empty.npz`. Both `fluxir convert`
+and `fluxir init` (random weights) write it through `fluxir_jax.checkpoint_writer`; a random
+one has `"random": {...}` in config.json, and reading it prints a notice on stderr, once per
+process and checkpoint.
 
     flux = load_flux(ckpt)                                   # default device, stored dtype
     flux = load_flux(ckpt, mesh=mesh, sharding=rule)         # restored straight into shardings
     ae = load_autoencoder(ckpt, dtype="float32")
-    t5, clip = load_text_embeddings(ckpt)["t5"], ...
+    text = load_text_embeddings(ckpt)    # {"txt": [text_len, 4096], "y": [768], "computed": bool}
 
 `sharding` may be a `jax.sharding.Sharding` for every parameter, or a callable
 `(path, shape) -> Sharding | PartitionSpec | None` (a PartitionSpec needs `mesh`; None means
@@ -28,6 +31,7 @@ import json
 import logging
 import os
 import pathlib
+import sys
 from typing import Any, Callable, Union
 
 import numpy as np
@@ -35,6 +39,28 @@ import numpy as np
 from fluxir_jax.errors import UserError
 
 ShardingRule = Union[None, Any, Callable[[tuple, tuple], Any]]
+
+# config.json's "format" and "format_version": written by `fluxir convert`, checked on every read.
+CHECKPOINT_FORMAT = "fluxir-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+_RANDOM_NOTICED: set[str] = set()
+
+
+def is_random(config: dict) -> bool:
+    """Whether a checkpoint's config.json describes random weights (`fluxir init`)."""
+    return bool((config.get("random") or {}).get("weights"))
+
+
+def _notice_random(directory, config: dict) -> None:
+    key = str(pathlib.Path(directory).resolve())
+    if not is_random(config) or key in _RANDOM_NOTICED:
+        return
+    _RANDOM_NOTICED.add(key)
+    how = config["random"].get("command", "fluxir init")
+    print(f"fluxir: note: {directory} holds RANDOM weights and text embeddings ({how}); "
+          "its outputs are noise, not images", file=sys.stderr)
 
 
 def read_config(directory: str | os.PathLike) -> dict:
@@ -46,8 +72,13 @@ def read_config(directory: str | os.PathLike) -> dict:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: invalid JSON ({e.msg})") from None
-    if cfg.get("format") != "fluxir-checkpoint":
-        raise UserError(f"{path}: not a fluxir checkpoint config")
+    if not isinstance(cfg, dict) or cfg.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a fluxir checkpoint config (no \"format\": \"{CHECKPOINT_FORMAT}\")")
+    version = cfg.get("format_version")
+    if version != CHECKPOINT_VERSION:
+        raise UserError(f"{path}: checkpoint format version {version!r} is not supported (this fluxir-jax reads "
+                        f"version {CHECKPOINT_VERSION}); convert the checkpoint again with this version")
+    _notice_random(directory, cfg)
     return cfg
 
 
@@ -205,10 +236,15 @@ def autoencoder_config(directory, **overrides):
 
 
 def load_text_embeddings(directory) -> dict[str, np.ndarray | bool]:
-    """{"t5": [L, d], "clip": [d], "computed": bool} for the empty prompt (zeros if not computed)."""
+    """{"txt": [text_len, d] (T5), "y": [d] (CLIP pooled), "computed": bool, "random": bool} for the
+    empty prompt. computed: encoded by T5/CLIP at conversion; otherwise zeros (converted without
+    encoders) or, with random, random values (`fluxir init`)."""
     meta = read_config(directory).get("text", {}).get("empty", {})
     path = pathlib.Path(directory) / meta.get("file", "text/empty.npz")
     if not path.is_file():
         raise UserError(f"{directory}: no text embeddings ({path.name} missing)")
     with np.load(path) as z:
-        return {"t5": z["t5"], "clip": z["clip"], "computed": bool(z["computed"])}
+        if "txt" not in z.files or "y" not in z.files:
+            raise UserError(f"{path}: expected arrays 'txt' and 'y', found {', '.join(z.files)}")
+        return {"txt": z["txt"], "y": z["y"], "computed": bool(z["computed"]),
+                "random": bool(z["random"]) if "random" in z.files else False}

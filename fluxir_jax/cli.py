@@ -1,50 +1,47 @@
 """`fluxir` command line.
 
-Each subcommand lives next to the code it drives and exposes `register(subparsers)`, which adds
-its parser and sets `func(args) -> int`. A `UserError` ends the command with its one-line
-message and exit code 2.
+Subcommands are the entry points of the `fluxir.commands` group (setup.cfg):
+`NAME = module:register`, where `register(subparsers)` adds the subcommand's parser and sets
+`func(args) -> int`. This module imports none of them by name, so the library does not depend
+on the converter package that provides some of them. `--help` lists them in `HELP_ORDER`
+(setuptools sorts entry points by name); commands not named there follow, sorted.
+
+A `UserError` ends the command with its one-line message and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
+import importlib.metadata
 import sys
 
 from fluxir_jax.errors import UserError
 
-# (module exposing register(subparsers), or None with a placeholder help text)
-_COMMANDS: list[tuple[str, str, str | None]] = [
-    ("info", "fluxir_jax.info", None),
-    ("convert", "convert.cli", None),
-    ("compare", "convert.compare", None),
-    ("encode-prompts", "convert.text", None),
-    ("export-adapter", "fluxir_jax.models.adapter_io", None),
-    ("degrade", "fluxir_jax.data.degrade_folder", None),
-    ("eval", "fluxir_jax.iqa.eval_cli", None),
-    ("convert-iqa", "convert.iqa", None),
-    ("gen", None, "FluxGen: generate, select and degrade training pairs (later issue)"),
-    ("train", "fluxir_jax.train_loop", None),
-    ("restore", None, "restore low-quality images (later issue)"),
-]
+COMMAND_GROUP = "fluxir.commands"
+HELP_ORDER = ("info", "init", "convert", "compare", "encode-prompts", "degrade", "eval", "convert-iqa", "export-adapter", "train")
 
 
-def _placeholder(name: str, text: str):
-    def run(args) -> int:
-        print(f"fluxir {name}: not available yet; {text}", file=sys.stderr)
-        return 2
+def command_entry_points() -> list[importlib.metadata.EntryPoint]:
+    """The registered subcommands in help order.
 
-    return run
+    Every installed distribution is read (not only the first of each name), so that a stale
+    `fluxir_jax.egg-info` left in a source checkout, which Python finds before the installed
+    metadata when run from that directory, cannot hide commands; the first declaration of a
+    name wins.
+    """
+    seen: dict[str, importlib.metadata.EntryPoint] = {}
+    for dist in importlib.metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group == COMMAND_GROUP:
+                seen.setdefault(ep.name, ep)
+    rank = {name: i for i, name in enumerate(HELP_ORDER)}
+    return sorted(seen.values(), key=lambda ep: (rank.get(ep.name, len(rank)), ep.name))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fluxir", description="FluxGen + FluxIR image restoration on FLUX.1 (JAX/Flax).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module, text in _COMMANDS:
-        if module is not None:
-            importlib.import_module(module).register(sub)
-        else:
-            p = sub.add_parser(name, help=text, description=text)
-            p.set_defaults(func=_placeholder(name, text))
+    for ep in command_entry_points():
+        ep.load()(sub)
     return parser
 
 

@@ -30,14 +30,13 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(a, value, where)
-            except (UserError, TypeError, ValueError) as e:
-                errors.append(str(e))
+            except (UserError, TypeError, ValueError):
+                continue
         raise UserError(f"config field {where}: {value!r} does not fit {tp}")
     if dataclasses.is_dataclass(tp):
         if dataclasses.is_dataclass(value):
@@ -162,7 +161,6 @@ def load(cls: type[T], path: str | pathlib.Path | None = None, overrides: Sequen
 
 def dump(cfg: Any, path: str | pathlib.Path) -> None:
     """Write the resolved config as YAML (atomically: temp file, then rename)."""
-    p = pathlib.Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(p)
+    from fluxir_jax import fileio
+
+    fileio.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -19,12 +19,12 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     import fluxir_jax
-    from fluxir_jax.models import configs
+    from fluxir_jax.models import presets
 
     print(f"fluxir-jax {fluxir_jax.__version__}  jax {jax.__version__}  backend {jax.default_backend()}  devices {jax.device_count()}")
-    names = [args.model] if args.model else configs.names()
+    names = [args.model] if args.model else presets.names()
     for name in names:
-        cfg = configs.get(name)
+        cfg = presets.get(name)
         n = count_flux_params(cfg)
         print(
             f"  {name:13s} {n / 1e6:10.1f} M params  hidden {cfg.hidden_size}, heads {cfg.num_heads}, "

@@ -122,23 +122,23 @@ class Conditioning:
     extra: Optional[dict] = None
 
 
-def text_conditioning(t5, clip, batch: int, height: int, width: int, guidance: float | None = None) -> Conditioning:
+def text_conditioning(txt, y, batch: int, height: int, width: int, guidance: float | None = None) -> Conditioning:
     """Conditioning for `batch` latents of height x width (latent pixels) from stored text embeddings.
 
-    t5: [T, context] (one prompt for every image) or [batch, T, context]; clip: [vec] or
+    txt: T5 embeddings [T, context] (one prompt for every image) or [batch, T, context]; y: CLIP pooled [vec] or
     [batch, vec] (`fluxir encode-prompts` rows, or the checkpoint's empty prompt). `guidance`
     (flux-dev's distilled guidance, e.g. 3.5) is None for schnell-style models.
     """
-    t5 = jnp.asarray(t5, jnp.float32)
-    clip = jnp.asarray(clip, jnp.float32)
-    if t5.ndim == 2:
-        t5 = jnp.broadcast_to(t5[None], (batch, *t5.shape))
-    if clip.ndim == 1:
-        clip = jnp.broadcast_to(clip[None], (batch, clip.shape[0]))
-    if t5.ndim != 3 or t5.shape[0] != batch or clip.shape != (batch, clip.shape[-1]):
-        raise ValueError(f"text_conditioning: t5 {tuple(t5.shape)} / clip {tuple(clip.shape)} do not fit batch {batch}")
+    txt = jnp.asarray(txt, jnp.float32)
+    y = jnp.asarray(y, jnp.float32)
+    if txt.ndim == 2:
+        txt = jnp.broadcast_to(txt[None], (batch, *txt.shape))
+    if y.ndim == 1:
+        y = jnp.broadcast_to(y[None], (batch, y.shape[0]))
+    if txt.ndim != 3 or txt.shape[0] != batch or y.shape != (batch, y.shape[-1]):
+        raise ValueError(f"text_conditioning: txt {tuple(txt.shape)} / y {tuple(y.shape)} do not fit batch {batch}")
     g = None if guidance is None else jnp.full((batch,), guidance, jnp.float32)
-    return Conditioning(img_ids=img_ids(batch, height, width), txt=t5, txt_ids=txt_ids(batch, t5.shape[1]), y=clip,
+    return Conditioning(img_ids=img_ids(batch, height, width), txt=txt, txt_ids=txt_ids(batch, txt.shape[1]), y=y,
                         guidance=g)
 
 
@@ -147,16 +147,17 @@ def empty_conditioning(checkpoint_dir, batch: int, height: int, width: int, guid
     """The default conditioning: the empty prompt's embeddings stored by `fluxir convert --t5 --clip`.
 
     A checkpoint converted without text encoders stores zeros; sampling from those is refused
-    (UserError naming the fix) unless `allow_zeros` (tests, tiny models).
+    (UserError naming the fix) unless `allow_zeros` (tests, tiny models). A `fluxir init`
+    checkpoint's random embeddings are accepted (the loader notes that they are random).
     """
     from fluxir_jax import checkpoint
     from fluxir_jax.errors import UserError
 
     text = checkpoint.load_text_embeddings(checkpoint_dir)
-    if not text["computed"] and not allow_zeros:
+    if not text["computed"] and not text["random"] and not allow_zeros:
         raise UserError(f"{checkpoint_dir}: the empty-prompt embeddings were not computed (zeros); "
                         "reconvert with --t5 DIR --clip DIR")
-    return text_conditioning(text["t5"], text["clip"], batch, height, width, guidance)
+    return text_conditioning(text["txt"], text["y"], batch, height, width, guidance)
 
 
 VelocityFn = Callable[[object, Array, Array, Conditioning], Array]

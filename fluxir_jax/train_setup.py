@@ -18,7 +18,7 @@ from flax import nnx
 
 from fluxir_jax import checkpoint, parallel
 from fluxir_jax.errors import UserError
-from fluxir_jax.models import configs as model_configs
+from fluxir_jax.models import presets as model_configs
 from fluxir_jax.models.adapter import FluxIR, check_compatible
 from fluxir_jax.models.autoencoder import AE_PRESETS, AutoEncoder, AutoEncoderConfig
 from fluxir_jax.models.flux import Flux, FluxConfig
@@ -76,7 +76,7 @@ def resolve_configs(cfg: TrainConfig) -> tuple[FluxConfig, AutoEncoderConfig, in
     if not text_file.is_file():
         raise UserError(f"base: {path} has no empty-prompt text embeddings ({text_file.name})")
     with np.load(text_file) as z:
-        text_len = int(z["t5"].shape[0])
+        text_len = int(z["txt"].shape[0])
     return base, vae, text_len, False
 
 
@@ -140,8 +140,8 @@ def build(cfg: TrainConfig, mesh, *, abstract: bool = False, log=print, base_con
         text = checkpoint.load_text_embeddings(cfg.base)
         if not text["computed"]:
             log(f"base: {cfg.base} stores no computed empty-prompt embeddings (zeros / random)")
-        txt = jax.device_put(jnp.asarray(text["t5"], jnp.float32), rep)
-        y = jax.device_put(jnp.asarray(text["clip"], jnp.float32), rep)
+        txt = jax.device_put(jnp.asarray(text["txt"], jnp.float32), rep)
+        y = jax.device_put(jnp.asarray(text["y"], jnp.float32), rep)
 
     from fluxir_jax.train import merge_pure
 

@@ -1,14 +1,51 @@
-"""The `fluxir` console script."""
+"""The `fluxir` console script: registered subcommands, uniform option names, exit codes."""
+import argparse
+import configparser
+import pathlib
 import subprocess
 import sys
+
+import pytest
 
 from fluxir_jax import cli
 
 
-def test_help_lists_subcommands():
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_help_lists_registered_subcommands_in_order():
     out = subprocess.run([sys.executable, "-m", "fluxir_jax.cli", "--help"], capture_output=True, text=True, check=True).stdout
-    for name in ("info", "convert", "compare", "encode-prompts", "export-adapter", "degrade", "eval", "convert-iqa", "gen", "train", "restore"):
-        assert name in out
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("    ") and not line.startswith("     ")]
+    assert listed == list(cli.HELP_ORDER), out
+    for placeholder in ("gen", "train", "restore"):        # not listed until they exist
+        assert placeholder not in listed
+
+
+def test_every_entry_point_is_ordered_and_loads():
+    """setup.cfg's fluxir.commands group and cli.HELP_ORDER name the same commands; each loads."""
+    cfg = configparser.ConfigParser()
+    cfg.read(pathlib.Path(__file__).resolve().parents[1] / "setup.cfg")
+    group = cfg["options.entry_points"][cli.COMMAND_GROUP]
+    declared = {line.split("=")[0].strip() for line in group.splitlines() if line.strip()}
+    assert declared == set(cli.HELP_ORDER)
+    assert [ep.name for ep in cli.command_entry_points()] == list(cli.HELP_ORDER)
+    assert set(_subparsers(cli.build_parser())) == declared
+
+
+def test_output_and_input_options_are_uniform():
+    """Every subcommand that writes a file or folder takes -o/--out; input folders are --input."""
+    for name, p in _subparsers(cli.build_parser()).items():
+        flags = {s for a in p._actions for s in a.option_strings}
+        outs = [a for a in p._actions if a.dest == "out"]
+        if outs:
+            assert {"-o", "--out"} <= set(outs[0].option_strings), name
+        assert not flags & {"--output", "--out-dir", "--output-dir", "--dst", "--in", "--input-dir", "--src"}, name
+    for name in ("convert", "encode-prompts", "degrade", "convert-iqa", "export-adapter"):
+        p = _subparsers(cli.build_parser())[name]
+        assert any(a.dest == "out" for a in p._actions), name
+    assert any("--input" in a.option_strings for a in _subparsers(cli.build_parser())["degrade"]._actions)
 
 
 def test_info_prints_parameter_counts(capsys):
@@ -21,3 +58,10 @@ def test_unknown_preset_is_exit_2(capsys):
     assert cli.main(["info", "--model", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and "unknown model preset" in err
+
+
+@pytest.mark.parametrize("argv", [["export-adapter", "CKPT", "-o", "x.safetensors"],
+                                  ["export-adapter", "CKPT", "--out", "x.safetensors"]])
+def test_short_and_long_out_parse_the_same(argv):
+    args = cli.build_parser().parse_args(argv)
+    assert args.out == "x.safetensors"

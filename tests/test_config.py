@@ -6,15 +6,15 @@ import pytest
 
 from fluxir_jax import config
 from fluxir_jax.errors import UserError
-from fluxir_jax.models import configs
+from fluxir_jax.models import presets
 from fluxir_jax.models.flux import FluxConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", configs.names())
+@pytest.mark.parametrize("name", presets.names())
 def test_yaml_presets_equal_python_presets(name):
-    assert config.load(FluxConfig, ROOT / "configs" / "models" / f"{name}.yaml") == configs.get(name)
+    assert config.load(FluxConfig, ROOT / "configs" / "models" / f"{name}.yaml") == presets.get(name)
 
 
 def test_overrides_coerce_types():
@@ -24,7 +24,7 @@ def test_overrides_coerce_types():
 
 
 def test_dump_and_reload(tmp_path):
-    cfg = configs.get("tiny", remat_policy="full")
+    cfg = presets.get("tiny", remat_policy="full")
     config.dump(cfg, tmp_path / "c.yaml")
     assert config.load(FluxConfig, tmp_path / "c.yaml") == cfg
 
@@ -70,4 +70,4 @@ def test_nested_dataclasses():
 
 def test_unknown_preset():
     with pytest.raises(UserError, match="unknown model preset"):
-        configs.get("flux-pro")
+        presets.get("flux-pro")

@@ -103,10 +103,10 @@ def test_denoise_matches_torch_euler_loop():
 
 def test_sample_is_batch_independent():
     """An image's latent depends on its seed only, not on its batch neighbours."""
-    from fluxir_jax.models import configs
+    from fluxir_jax.models import presets
     from fluxir_jax.models.flux import Flux
 
-    model = Flux(configs.get("tiny"), rngs=nnx.Rngs(0))
+    model = Flux(presets.get("tiny"), rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     v = sampling.FluxVelocity(graphdef)
     rng = np.random.default_rng(0)

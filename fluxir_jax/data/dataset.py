@@ -48,6 +48,7 @@ import subprocess
 import threading
 from typing import Any, Iterator, Mapping
 
+from fluxir_jax import fileio
 from fluxir_jax.errors import UserError
 
 MAGIC = b"FXPR"
@@ -58,7 +59,6 @@ SHARD_PREFIX = "pairs-"
 SHARD_SUFFIX = ".array_record"
 SIDECAR_SUFFIX = ".json"
 PARTIAL_SUFFIX = ".partial"
-_TMP_MARK = ".tmp-"
 _HEAD = struct.Struct("<4sBI")
 
 
@@ -144,12 +144,6 @@ def code_version() -> str:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}{_TMP_MARK}{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _plain(x: Any) -> Any:
@@ -252,7 +246,7 @@ class DatasetWriter:
         if not shard_dir.is_dir():
             return
         for p in shard_dir.iterdir():
-            if _TMP_MARK in p.name:
+            if fileio.is_temp(p.name):
                 p.unlink()
         for side in shard_dir.glob(f"{SHARD_PREFIX}*{SHARD_SUFFIX}{SIDECAR_SUFFIX}"):
             if not side.with_name(side.name[: -len(SIDECAR_SUFFIX)]).exists():
@@ -267,7 +261,7 @@ class DatasetWriter:
                     rows = None
             if rows is None:
                 rows = _read_shard_rows(shard)
-                _write_atomic(side, json.dumps({"rows": rows}))
+                fileio.write_text(side, json.dumps({"rows": rows}))
             self._shards.append({"file": f"{SHARD_DIR}/{shard.name}", "num_examples": len(rows), "bytes": shard.stat().st_size})
             self._rows.extend(rows)
             self._ids.update(r[0] for r in rows)
@@ -313,7 +307,7 @@ class DatasetWriter:
         shard_dir = self.work_dir / SHARD_DIR
         name = _shard_name(len(self._shards))
         final = shard_dir / name
-        tmp = shard_dir / f"{name}{_TMP_MARK}{os.getpid()}"
+        tmp = fileio.temp_path(final)
         writer = ArrayRecordWriter(str(tmp), "group_size:1")
         try:
             for rec, _ in self._buffer:
@@ -322,7 +316,7 @@ class DatasetWriter:
             writer.close()
         rows = [row for _, row in self._buffer]
         side = shard_dir / (name + SIDECAR_SUFFIX)
-        _write_atomic(side, json.dumps({"rows": rows}))  # sidecar first, then the shard
+        fileio.write_text(side, json.dumps({"rows": rows}))  # sidecar first, then the shard
         os.replace(tmp, final)
         self._shards.append({"file": f"{SHARD_DIR}/{name}", "num_examples": len(rows), "bytes": final.stat().st_size})
         self._rows.extend(rows)
@@ -359,7 +353,7 @@ class DatasetWriter:
             **self.info_extra,
             **_plain(dict(extra or {})),
         }
-        _write_atomic(self.work_dir / INFO_NAME, json.dumps(info, indent=1))
+        fileio.write_text(self.work_dir / INFO_NAME, json.dumps(info, indent=1))
 
     def close(self, extra_info: Mapping[str, Any] | None = None) -> pathlib.Path:
         """Flush, mark the dataset complete and rename `out.partial/` to `out/`. Returns `out`."""

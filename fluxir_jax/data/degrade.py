@@ -2,7 +2,7 @@
 
     lq, lq_up, params = degrade(hq, np.random.default_rng(seed), DegradationConfig())
 
-``hq`` is float32 HWC RGB in [0, 1]. The pipeline (parameters in ``shared/paper.md``):
+``hq`` is float32 HWC RGB in [0, 1]. The pipeline (Real-ESRGAN's, with the parameters of `DegradationConfig`):
 
     [USM sharpen] -> blur1 -> resize1 -> noise1 -> JPEG1
     -> [blur2] -> resize2 (relative to GT/scale) -> noise2
@@ -31,9 +31,11 @@ from fluxir_jax.data.image_ops import (  # noqa: F401  (public re-exports: the s
     RESIZE_MODES,
     _as_image,
     add_noise,
+    crop_flip,
     filter2d,
     jpeg,
     poisson_from_levels,
+    reflect_pad_to,
     resize_torch_like,
     standard_normal,
     to_uint8,
@@ -132,7 +134,7 @@ class FinalConfig:
 
 @dataclasses.dataclass
 class DegradationConfig:
-    """Every parameter of the FluxGen degradation (paper.md, "FluxGen, degradation")."""
+    """Every parameter of the FluxGen degradation (the paper's Real-ESRGAN-style settings)."""
 
     scale: int = 4
     gt: GTConfig = dataclasses.field(default_factory=GTConfig)
@@ -330,14 +332,11 @@ def prepare_gt(img: np.ndarray, rng: np.random.Generator, cfg: GTConfig | None =
     x = _as_image(img)
     c = cfg.crop_size
     ph, pw = max(0, c - x.shape[0]), max(0, c - x.shape[1])
-    if ph or pw:
-        x = cv2.copyMakeBorder(x, 0, ph, 0, pw, cv2.BORDER_REFLECT_101)
+    x = reflect_pad_to(x, c, c)
     top = int(rng.integers(x.shape[0] - c + 1))
     left = int(rng.integers(x.shape[1] - c + 1))
     flip = bool(rng.uniform() < cfg.hflip_prob)
-    x = x[top : top + c, left : left + c]
-    if flip:
-        x = x[:, ::-1]
+    x = crop_flip(x, top, left, c, c, flip)
     return np.ascontiguousarray(x), {"pad": [ph, pw], "top": top, "left": left, "hflip": flip}
 
 

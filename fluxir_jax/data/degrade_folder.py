@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import multiprocessing
 import os
@@ -31,15 +30,16 @@ import pathlib
 import shutil
 import sys
 import time
-import warnings
 from typing import Any, Sequence
 
 import numpy as np
 
 from fluxir_jax import config as config_lib
+from fluxir_jax import fileio
+from fluxir_jax.data.image_ops import reflect_pad_to
 from fluxir_jax.errors import UserError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = fileio.IMAGE_SUFFIXES
 SUMMARY_NAME = "degrade_summary.json"
 
 
@@ -76,94 +76,6 @@ def find_images(root: pathlib.Path) -> tuple[list[pathlib.Path], int]:
     return images, others
 
 
-class BadImage(Exception):
-    """The file cannot be used; the message is the reason shown in the summary."""
-
-
-def load_rgb8(path: pathlib.Path) -> tuple[np.ndarray, list[str]]:
-    """Decode any supported image to uint8 HWC RGB; returns (image, conversion notes)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise BadImage(f"cannot read file: {e.strerror or e}") from None
-    if size == 0:
-        raise BadImage("empty file (0 bytes)")
-    notes: list[str] = []
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.load()
-                if _orientation(im) not in (None, 1):
-                    notes.append("EXIF orientation applied")
-                    arr = _to_rgb8(ImageOps.exif_transpose(im), notes)
-                else:
-                    arr = _to_rgb8(im, notes)
-    except UnidentifiedImageError:
-        raise BadImage("not a recognised image file") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImage(f"image too large ({e})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        msg = str(e) or type(e).__name__
-        if "truncated" in msg:
-            raise BadImage(f"truncated image ({msg})") from None
-        raise BadImage(f"corrupt or unreadable image ({msg})") from None
-    if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise BadImage("image has no pixels")
-    return arr, notes
-
-
-def _orientation(im) -> int | None:
-    try:
-        return im.getexif().get(0x0112)
-    except Exception:  # noqa: BLE001 - broken EXIF is not our problem
-        return None
-
-
-def _to_rgb8(im, notes: list[str]) -> np.ndarray:
-    from PIL import Image
-
-    mode = im.mode
-    if mode == "RGB":
-        return np.asarray(im)
-    if mode.startswith("I;16") or mode == "I":
-        a = np.asarray(im).astype(np.float64)
-        a = np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8)
-        notes.append(f"16-bit ({mode}) -> 8-bit RGB")
-        return np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a[..., :3]
-    if mode == "F":
-        a = np.asarray(im).astype(np.float64)
-        a = a * 255.0 if a.size and np.nanmax(a) <= 1.0 else a
-        a = np.clip(np.round(np.nan_to_num(a)), 0, 255).astype(np.uint8)
-        notes.append("32-bit float (F) -> 8-bit RGB")
-        return np.repeat(a[..., None], 3, axis=2)
-    if mode == "P" and "transparency" in im.info:
-        im, mode = im.convert("RGBA"), "RGBA"
-        notes.append("palette with transparency -> RGBA")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = im.convert("RGBA")
-        if rgba.getextrema()[3][0] < 255:
-            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            rgba = Image.alpha_composite(bg, rgba)
-            notes.append(f"{mode} -> RGB (alpha composited on white)")
-        else:
-            notes.append(f"{mode} -> RGB (opaque alpha dropped)")
-        return np.asarray(rgba.convert("RGB"))
-    names = {"L": "grayscale (L)", "1": "bilevel (1)", "P": "palette (P)", "CMYK": "CMYK", "YCbCr": "YCbCr", "LAB": "LAB", "HSV": "HSV"}
-    notes.append(f"{names.get(mode, mode)} -> RGB")
-    return np.asarray(im.convert("RGB"))
-
-
-def _encode_png(arr: np.ndarray, level: int) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(arr, np.uint8), "RGB").save(buf, format="PNG", compress_level=int(level))
-    return buf.getvalue()
-
-
 def prepare_hq(img: np.ndarray, cfg: DegradeFolderConfig, crop_size: int, scale: int, notes: list[str]) -> np.ndarray:
     """Downscale (max_side), reflect-pad to `crop_size`, crop to a multiple of `scale`."""
     h, w = img.shape[:2]
@@ -175,9 +87,8 @@ def prepare_hq(img: np.ndarray, cfg: DegradeFolderConfig, crop_size: int, scale:
         img = np.asarray(Image.fromarray(img).resize((nw, nh), Image.Resampling.LANCZOS))
         notes.append(f"downscaled {h}x{w} -> {nh}x{nw}")
         h, w = nh, nw
-    ph, pw = max(0, crop_size - h), max(0, crop_size - w)
-    if ph or pw:
-        img = np.pad(img, ((0, ph), (0, pw), (0, 0)), mode="reflect")
+    if h < crop_size or w < crop_size:
+        img = reflect_pad_to(img, crop_size, crop_size)
         notes.append(f"reflect-padded {h}x{w} -> {img.shape[0]}x{img.shape[1]}")
     h2, w2 = img.shape[0] - img.shape[0] % scale, img.shape[1] - img.shape[1] % scale
     if (h2, w2) != img.shape[:2]:
@@ -193,9 +104,10 @@ def process_image(task: tuple[str, str, dict, Any]) -> dict:
     path, rel, cfg_dict, deg_cfg = task
     cfg = DegradeFolderConfig(**cfg_dict)
     try:
-        img, notes = load_rgb8(pathlib.Path(path))
-    except BadImage as e:
-        return {"rel": rel, "example": None, "reason": str(e), "notes": []}
+        notes: list[str] = []
+        img = fileio.read_image(path, notes)
+    except fileio.ImageReadError as e:
+        return {"rel": rel, "example": None, "reason": str(e).removeprefix(f"{path}: "), "notes": []}
     src_hw = list(img.shape[:2])
     hq = prepare_hq(img, cfg, deg_cfg.gt.crop_size, deg_cfg.scale, notes)
     seed = image_seed(cfg.seed, rel)
@@ -206,10 +118,10 @@ def process_image(task: tuple[str, str, dict, Any]) -> dict:
         rng = np.random.default_rng(seed)
         lq, _, params = degrade(hq.astype(np.float32) / 255.0, rng, deg_cfg)
         lq8 = np.clip(np.round(np.asarray(lq, np.float64) * 255.0), 0, 255).astype(np.uint8)
-        lq_png = _encode_png(lq8, cfg.png_compress_level)
+        lq_png = fileio.encode_png(lq8, cfg.png_compress_level)
     ex = PairExample(
         id=rel,
-        hq_png=_encode_png(hq, cfg.png_compress_level),
+        hq_png=fileio.encode_png(hq, cfg.png_compress_level),
         lq_png=lq_png,
         seed=seed,
         params=params,
@@ -408,7 +320,7 @@ def register(subparsers) -> None:
         ),
     )
     p.add_argument("--input", required=True, metavar="DIR", help="folder of HQ images (searched recursively)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output dataset directory (must not hold a finished dataset)")
+    p.add_argument("-o", "--out", required=True, metavar="DIR", help="output dataset directory (must not hold a finished dataset)")
     p.add_argument("--config", metavar="YAML", default=None, help="settings file (DegradeFolderConfig keys; degradation: {...})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. seed=1 workers=8 gt.crop_size=512 stage1.noise.gray_prob=0.4")

@@ -4,6 +4,8 @@
     resize_torch_like  ``F.interpolate`` semantics: align_corners False, no antialias, cubic
                        a = -0.75, 'area' = adaptive average pooling
     jpeg               the real libjpeg codec (OpenCV) on uint8 RGB
+    reflect_pad_to, crop_flip   the one padding (reflect-101, bottom/right, as BasicSR) and
+                       crop/horizontal-flip used by `degrade`, `degrade_folder` and `pipeline`
     poisson_from_levels, standard_normal, add_noise   noise samplers (table Poisson, Box-Muller)
 """
 from __future__ import annotations
@@ -18,6 +20,20 @@ import numpy as np
 from scipy import special
 
 RESIZE_MODES = ("area", "bilinear", "bicubic")
+
+
+def reflect_pad_to(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    """HW[C] image reflect-101 padded at the bottom/right (as BasicSR) to at least h x w."""
+    ph, pw = max(0, h - img.shape[0]), max(0, w - img.shape[1])
+    if ph or pw:
+        img = np.pad(img, ((0, ph), (0, pw)) + ((0, 0),) * (img.ndim - 2), mode="reflect")
+    return img
+
+
+def crop_flip(img: np.ndarray, top: int, left: int, h: int, w: int, flip: bool = False) -> np.ndarray:
+    """The h x w window at (top, left), mirrored left-right if `flip` (a view, not a copy)."""
+    out = img[top : top + h, left : left + w]
+    return out[:, ::-1] if flip else out
 
 def _as_image(img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(img, dtype=np.float32)
@@ -257,6 +273,3 @@ def add_noise(img: np.ndarray, p: dict[str, Any], rng: np.random.Generator) -> t
         noise *= np.float32(p["scale"])
         p = {**p, "vals": vals}
     return np.clip(img + noise, 0, 1, dtype=np.float32), p
-
-
-# --- sampling the choices ---------------------------------------------------------------------

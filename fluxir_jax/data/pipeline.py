@@ -24,13 +24,14 @@ the exact next example.
 from __future__ import annotations
 
 import dataclasses
-import io
 import sys
 from typing import Any, Mapping
 
 import numpy as np
 
+from fluxir_jax.data.image_ops import crop_flip, reflect_pad_to
 from fluxir_jax.errors import UserError
+from fluxir_jax.fileio import decode_image
 
 
 @dataclasses.dataclass
@@ -79,22 +80,6 @@ def per_host_batch_size(cfg: PipelineConfig, process_count: int | None = None) -
     return _check(cfg, process_count)
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG (or any PIL-readable) bytes -> uint8 HWC RGB."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def reflect_pad_to(img: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Reflect-pad (reflect-101, bottom/right, as BasicSR) up to at least h x w."""
-    ph, pw = max(0, h - img.shape[0]), max(0, w - img.shape[1])
-    if ph or pw:
-        img = np.pad(img, ((0, ph), (0, pw), (0, 0)), mode="reflect")
-    return img
-
-
 def bicubic_upsample(img: np.ndarray, scale: int) -> np.ndarray:
     """float32 HWC upsampled by `scale`, bicubic with torch semantics, clipped to [0, 1] (as `degrade`)."""
     from fluxir_jax.data.degrade import resize_torch_like
@@ -119,7 +104,7 @@ class PairTransform:
         cfg, s = self.cfg, self.cfg.scale
         c, lc = cfg.crop_size, cfg.crop_size // cfg.scale
         rng = np.random.default_rng([cfg.seed, int(position)])
-        hq = decode_png(rec["hq_png"])
+        hq = decode_image(rec["hq_png"], what=f"example {rec.get('id')} HQ")
         out: dict[str, np.ndarray] = {}
         if cfg.on_the_fly:
             from fluxir_jax.data.degrade import degrade
@@ -127,9 +112,7 @@ class PairTransform:
             hq = reflect_pad_to(hq, c, c)
             y = int(rng.integers(0, hq.shape[0] - c + 1))
             x = int(rng.integers(0, hq.shape[1] - c + 1))
-            hq = hq[y : y + c, x : x + c]
-            if cfg.flip and rng.random() < 0.5:
-                hq = hq[:, ::-1]
+            hq = crop_flip(hq, y, x, c, c, cfg.flip and rng.random() < 0.5)
             hq_f = np.ascontiguousarray(hq, np.float32) / 255.0
             lq, lq_up, _ = degrade(hq_f, rng, self.degradation)
             out["hq"], out["lq"] = hq_f, np.asarray(lq, np.float32)
@@ -138,7 +121,7 @@ class PairTransform:
         else:
             if rec.get("lq_png") is None:
                 raise UserError("this dataset stores no LQ images; set on_the_fly=true to degrade at load time")
-            lq = decode_png(rec["lq_png"])
+            lq = decode_image(rec["lq_png"], what=f"example {rec.get('id')} LQ")
             lh, lw = lq.shape[:2]
             if hq.shape[0] < lh * s or hq.shape[1] < lw * s:
                 raise ValueError(f"example {rec.get('id')}: HQ {hq.shape[:2]} is smaller than LQ {lq.shape[:2]} x {s}")
@@ -147,10 +130,9 @@ class PairTransform:
             hq = reflect_pad_to(hq, c, c)
             ly = int(rng.integers(0, lq.shape[0] - lc + 1))
             lx = int(rng.integers(0, lq.shape[1] - lc + 1))
-            lq = lq[ly : ly + lc, lx : lx + lc]
-            hq = hq[ly * s : ly * s + c, lx * s : lx * s + c]
-            if cfg.flip and rng.random() < 0.5:
-                hq, lq = hq[:, ::-1], lq[:, ::-1]
+            flip = cfg.flip and rng.random() < 0.5
+            lq = crop_flip(lq, ly, lx, lc, lc, flip)
+            hq = crop_flip(hq, ly * s, lx * s, c, c, flip)
             out["hq"] = np.ascontiguousarray(hq, np.float32) / 255.0
             out["lq"] = np.ascontiguousarray(lq, np.float32) / 255.0
             if cfg.lq_up:

@@ -15,7 +15,7 @@ positional embedding, so any input size works and no resize is done; `pos_embedd
 plain CLIP (input must then be `image_size` square). BatchNorm is in inference mode (eps 1e-5).
 Inputs are NHWC in [0, 1], normalised with OpenAI CLIP's mean/std inside the model.
 
-Text features are constants: the converter (`convert/iqa_learned.py`) runs the CLIP text tower
+Text features are constants: the converter (`fluxir convert-iqa clipiqa`) runs the CLIP text tower
 once in PyTorch and stores the L2-normalised prompt embeddings beside the image tower weights,
 so scoring needs only JAX. Parameter names mirror the OpenAI/open_clip state dict
 (`visual.layer1.0.conv1.weight` -> `visual.layer1[0].conv1.kernel`, `downsample.0/1`).
@@ -23,9 +23,8 @@ so scoring needs only JAX. Parameter names mirror the OpenAI/open_clip state dic
 Public API:
     CLIPResNetConfig, CLIPIQAConfig, PRESETS, PROMPT_SETS
     CLIPIQA(config, rngs=...)            nnx.Module; model(images) -> scores [N]
-    clipiqa_score(graphdef, state, images) -> [N]   pure, jittable (graphdef static)
-    load_clipiqa(weights, prompts="ensemble", pos_embedding=False, bpe_path=None) -> (graphdef, state)
-    make_clipiqa(weights, prompts="ensemble", pos_embedding=False, bpe_path=None) -> jitted images -> scores
+    load_clipiqa(weights, prompts="ensemble", pos_embedding=False) -> (graphdef, state)
+    make_clipiqa(weights, prompts="ensemble", pos_embedding=False) -> jitted images -> scores
     registry names: "clipiqa" (ensemble), "clipiqa-original"
 """
 from __future__ import annotations
@@ -42,7 +41,6 @@ from fluxir_jax.errors import UserError
 
 Array = jax.Array
 
-METRIC_NAME = "clipiqa"
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BN_EPS = 1e-5
@@ -270,19 +268,19 @@ def abstract_model(cfg: CLIPIQAConfig) -> CLIPIQA:
     return nnx.eval_shape(lambda: CLIPIQA(cfg, rngs=nnx.Rngs(0)))
 
 
-def load_clipiqa(weights: str, prompts: str = "ensemble", pos_embedding: bool = False,
-                 bpe_path: str | None = None) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graphdef, state) from a converted CLIP-IQA file or a published CLIP state dict.
-
-    A published state dict (OpenAI TorchScript `RN50.pt`, open_clip `.bin/.pt/.safetensors`)
-    is converted on the fly, which needs PyTorch and transformers for the text tower; convert
-    once with `fluxir convert-iqa clipiqa SRC DST` to score without them.
-    """
-    from convert import iqa_learned
+def load_clipiqa(weights: str, prompts: str = "ensemble", pos_embedding: bool = False) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, state) from a CLIP-IQA file made by `fluxir convert-iqa clipiqa` (which runs the
+    CLIP text tower once, in PyTorch, to embed the prompts); a published CLIP file is refused
+    with that command."""
+    from fluxir_jax.iqa import weights as weights_io
 
     if prompts not in PROMPT_SETS:
         raise UserError(f"unknown CLIP-IQA prompt set {prompts!r} (known: {', '.join(PROMPT_SETS)})")
-    cfg_dict, flat = iqa_learned.load_clipiqa_weights(weights, bpe_path=bpe_path)
+
+    def published(sd, source):
+        raise UserError(f"{source}: not a converted CLIP-IQA file; {weights_io.convert_hint('clipiqa')}")
+
+    cfg_dict, flat = weights_io.load_flat("clipiqa", weights, published)
     cfg = CLIPIQAConfig.from_dict({**cfg_dict, "prompts": prompts, "pos_embedding": pos_embedding})
     flat = dict(flat)
     key = f"text_features.{prompts}"
@@ -290,23 +288,22 @@ def load_clipiqa(weights: str, prompts: str = "ensemble", pos_embedding: bool = 
         raise UserError(f"{weights}: no text features for prompt set {prompts!r} (missing key {key!r})")
     flat["text_features"] = flat[key]
     flat = {k: v for k, v in flat.items() if not k.startswith("text_features.")}
-    return iqa_learned.build_state(abstract_model(cfg), flat, source=str(weights))
+    return weights_io.build_state(abstract_model(cfg), flat, source=str(weights))
 
 
-def make_clipiqa(weights: str, prompts: str = "ensemble", pos_embedding: bool = False,
-                 bpe_path: str | None = None) -> Callable[[Array], Array]:
+def make_clipiqa(weights: str, prompts: str = "ensemble", pos_embedding: bool = False) -> Callable[[Array], Array]:
     """A jitted batched scorer: NHWC [0, 1] images -> CLIP-IQA scores [N]."""
-    graphdef, state = load_clipiqa(weights, prompts=prompts, pos_embedding=pos_embedding, bpe_path=bpe_path)
+    graphdef, state = load_clipiqa(weights, prompts=prompts, pos_embedding=pos_embedding)
     from fluxir_jax.iqa.registry import model_scorer
 
     return functools.partial(model_scorer, graphdef, state)
 
 
 def _registry_factory(prompts: str) -> Callable[..., Callable[[Array], Array]]:
-    def factory(weights, *, bpe_path: str | None = None):
+    def factory(weights):
         from fluxir_jax.iqa.registry import as_rgb, single_path
 
-        scorer = make_clipiqa(str(single_path("CLIP-IQA", weights)), prompts=prompts, bpe_path=bpe_path)
+        scorer = make_clipiqa(str(single_path("CLIP-IQA", weights)), prompts=prompts)
         return lambda pred: scorer(as_rgb(pred))
     return factory
 
@@ -315,8 +312,8 @@ def _register() -> None:
     from fluxir_jax.iqa.registry import register_metric
 
     register_metric("clipiqa", _registry_factory("ensemble"), kind="nr", needs_weights=True, lower_better=False,
-                    description="CLIP-IQA, RN50, 5 antonym prompt pairs, 0-1; weights = CLIP RN50 (RN50.pt) "
-                                "or a converted file")
+                    description="CLIP-IQA, RN50, 5 antonym prompt pairs, 0-1; weights = `fluxir convert-iqa clipiqa` "
+                                "output")
     register_metric("clipiqa-original", _registry_factory("original"), kind="nr", needs_weights=True,
                     lower_better=False, description="CLIP-IQA with the single 'Good photo.'/'Bad photo.' pair, 0-1")
 

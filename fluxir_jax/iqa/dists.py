@@ -17,8 +17,6 @@ are flat (1475,) vectors (the published (1, 1475, 1, 1) tensors, reshaped).
 """
 from __future__ import annotations
 
-import os
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -76,12 +74,3 @@ def dists_from_params(params: dict) -> DISTS:
     graphdef, state = nnx.split(abstract_dists())
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
     return nnx.merge(graphdef, state)
-
-
-def load_dists(weights: str | os.PathLike | Sequence[str | os.PathLike]) -> DISTS:
-    """DISTS from published files: alpha/beta (`weights.pt` of DISTS_pytorch) plus the torchvision
-    VGG16 state dict, or one full DISTS module state dict. Wrong files raise UserError naming the
-    first bad key."""
-    from convert.iqa_classic import dists_params_from_state_dict, read_state_dict
-
-    return dists_from_params(dists_params_from_state_dict(read_state_dict(weights)))

@@ -20,14 +20,14 @@ import json
 import math
 import os
 import pathlib
-import tempfile
 from collections import OrderedDict
 
 import numpy as np
 
+from fluxir_jax import fileio
 from fluxir_jax.errors import UserError
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+IMAGE_EXTS = set(fileio.IMAGE_SUFFIXES)
 
 
 # ------------------------------------------------------------------ images
@@ -36,19 +36,6 @@ def list_images(folder: str | os.PathLike, what: str) -> list[pathlib.Path]:
     if not folder.is_dir():
         raise UserError(f"{what} folder not found: {folder}")
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-
-
-def read_image(path: pathlib.Path) -> np.ndarray:
-    """HxWx3 float64 in [0, 1] (grey is replicated, alpha dropped, 16-bit scaled by 65535); float64
-    so that 8-bit values are exactly k/255 for the classical metrics."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im.load()
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            a = np.asarray(im, np.float64) / 65535.0
-            return np.repeat(np.clip(a, 0, 1)[..., None], 3, axis=-1)
-        return np.asarray(im.convert("RGB"), np.float64) / 255.0
 
 
 def _probe(path: pathlib.Path) -> tuple[int, int]:
@@ -164,14 +151,14 @@ def evaluate(pred_dir, gt_dir=None, metrics: list[str] | tuple = ("psnr", "ssim"
             batch, xs, ys = [], [], []
             for p, g in items[start:start + batch_size]:
                 try:
-                    x = read_image(p)
+                    x = fileio.read_image_float(p)
                 except Exception as e:  # noqa: BLE001
                     skipped.append((str(p), _why(e)))
                     continue
                 y = None
                 if g is not None:
                     try:
-                        y = read_image(g)
+                        y = fileio.read_image_float(g)
                     except Exception as e:  # noqa: BLE001
                         skipped.append((str(g), _why(e)))
                         continue
@@ -251,21 +238,6 @@ def render(result: dict, fmt: str) -> str:
     return buf.getvalue()
 
 
-def write_atomic(path: pathlib.Path, text: str) -> None:
-    path = pathlib.Path(path)
-    if not path.parent.is_dir():
-        raise UserError(f"output folder does not exist: {path.parent}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 # ------------------------------------------------------------------ CLI
 def run(args: argparse.Namespace) -> int:
     from fluxir_jax.iqa import registry
@@ -289,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
                       crop_border=args.crop_border, weights=parse_weights(args.weights), batch_size=args.batch_size)
     print(format_table(result))
     if args.out:
-        write_atomic(pathlib.Path(args.out), render(result, fmt))
+        fileio.write_text(args.out, render(result, fmt))
         print(f"per-image scores written to {args.out}")
     return 0
 
@@ -306,7 +278,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--crop-border", type=int, default=0, help="pixels cropped from each side (PSNR/SSIM/NIQE)")
     p.add_argument("--weights", action="append", metavar="NAME=PATH",
                    help="weights file for a metric; repeat for metrics that take several files")
-    p.add_argument("--out", help="write per-image scores to FILE.csv or FILE.json")
+    p.add_argument("-o", "--out", metavar="FILE", help="write per-image scores to FILE.csv or FILE.json")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
     p.add_argument("--list", action="store_true", help="list the metrics and exit")
     p.set_defaults(func=run)

@@ -12,13 +12,11 @@ Architecture facts:
 
 Parameter names mirror torchvision: backbone convolution `features.{i}` is `backbone.conv{i}`
 (kernel HWIO = weight OIHW transposed), head `lin{k}.model.1.weight` is `lin{k}.kernel`.
-Weights are never downloaded: `load_lpips` takes the published files (see convert/iqa_classic.py).
+Weights are never downloaded: `classic_weights.load_lpips` reads the published or converted files.
 """
 from __future__ import annotations
 
 import functools
-import os
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -130,15 +128,6 @@ def lpips_from_params(params: dict, net: str = "alex") -> LPIPS:
     graphdef, state = nnx.split(abstract_lpips(net))
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
     return nnx.merge(graphdef, state)
-
-
-def load_lpips(weights: str | os.PathLike | Sequence[str | os.PathLike], net: str = "alex") -> LPIPS:
-    """LPIPS from published weight files: the v0.1 linear heads (`lin{k}.model.1.weight`) plus the
-    torchvision backbone state dict, or one full LPIPS module state dict. Wrong files raise
-    UserError naming the first bad key."""
-    from convert.iqa_classic import lpips_params_from_state_dict, read_state_dict
-
-    return lpips_from_params(lpips_params_from_state_dict(read_state_dict(weights), net), net)
 
 
 def _apply(graphdef, state, pred, gt):

@@ -22,7 +22,6 @@ kept (10, 11, the final norm and the classifier do not affect the score).
 Public API:
     MANIQAConfig, PRESETS, crop_positions(h, w, size, n)
     MANIQA(config, rngs=...)           model.crop_scores(crops [M, S, S, 3]) -> [M]; model(images) -> [N]
-    maniqa_score(graphdef, state, images) -> [N]        pure, jittable (graphdef static)
     load_maniqa(weights, preset="koniq") -> (graphdef, state)
     make_maniqa(weights, preset="koniq") -> jitted images -> scores
     registry names: "maniqa" (koniq), "maniqa-kadid", "maniqa-pipal"
@@ -41,7 +40,6 @@ from flax import nnx
 from fluxir_jax.errors import UserError
 
 Array = jax.Array
-METRIC_NAME = "maniqa"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,12 +371,45 @@ def abstract_model(cfg: MANIQAConfig) -> MANIQA:
     return nnx.eval_shape(lambda: MANIQA(cfg, rngs=nnx.Rngs(0)))
 
 
-def load_maniqa(weights: str, preset: str = "koniq") -> tuple[nnx.GraphDef, nnx.State]:
-    """(graphdef, state) from a converted MANIQA file or an IIGROUP/MANIQA PyTorch state dict."""
-    from convert import iqa_learned
+def params_from_published(sd: Mapping[str, np.ndarray], source: str = "weights",
+                              preset: str = "koniq") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """IIGROUP/MANIQA state dict -> (config, {our key: array}).
 
-    cfg_dict, flat = iqa_learned.load_maniqa_weights(weights, preset=preset)
-    return iqa_learned.build_state(abstract_model(MANIQAConfig.from_dict(cfg_dict)), flat, source=str(weights))
+    Ignored: ViT blocks after the last feature block, `vit.norm`, `vit.fc_norm`, `vit.head`,
+    the unused `swintransformer*.downsample` conv, and the `relative_position_index` /
+    `attn_mask` buffers (recomputed).
+    """
+    import re
+
+    from fluxir_jax.iqa import weights as weights_io
+
+    if preset not in PRESETS:
+        raise UserError(f"unknown MANIQA preset {preset!r} (known: {', '.join(PRESETS)})")
+    cfg = PRESETS[preset]
+    used = cfg.vit_depth_used
+
+    def ignore(k: str) -> bool:
+        m = re.match(r"vit\.blocks\.(\d+)\.", k)
+        if m:
+            return int(m.group(1)) >= used
+        return (k.startswith(("vit.norm.", "vit.fc_norm.", "vit.head.", "swintransformer1.downsample.",
+                              "swintransformer2.downsample."))
+                or k.endswith((".relative_position_index", ".attn_mask")))
+
+    def rename(k: str) -> str:
+        return re.sub(r"^(fc_score|fc_weight)\.fc(\d+)\.", r"\1.\2.", k)
+
+    ours = weights_io.abstract_shapes(abstract_model(cfg))
+    return cfg.to_dict(), weights_io.torch_to_ours(sd, ours, source, rename=rename, ignore=ignore)
+
+
+def load_maniqa(weights: str, preset: str = "koniq") -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, state) from a converted MANIQA file or an IIGROUP/MANIQA state dict saved as
+    `.safetensors` (a PyTorch `.pt` is refused with the convert-iqa command that converts it)."""
+    from fluxir_jax.iqa import weights as weights_io
+
+    cfg_dict, flat = weights_io.load_flat("maniqa", weights, lambda sd, src: params_from_published(sd, src, preset))
+    return weights_io.build_state(abstract_model(MANIQAConfig.from_dict(cfg_dict)), flat, source=str(weights))
 
 
 def make_maniqa(weights: str, preset: str = "koniq") -> Callable[[Array], Array]:

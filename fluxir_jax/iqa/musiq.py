@@ -22,7 +22,6 @@ Public API:
     MUSIQConfig, PRESETS
     multiscale_tokens(images, cfg) -> (patches [N, L, p*p*3], spatial [N, L], scale [N, L], mask [N, L])
     MUSIQ(config, rngs=...)            model(images) -> scores [N]; model.from_tokens(...) -> raw outputs
-    musiq_score(graphdef, state, images) -> [N]          pure, jittable (graphdef static)
     load_musiq(weights, preset="koniq") -> (graphdef, state)
     make_musiq(weights, preset="koniq") -> jitted images -> scores
     registry names: "musiq" (koniq), "musiq-spaq", "musiq-ava"
@@ -42,7 +41,6 @@ from flax import nnx
 from fluxir_jax.errors import UserError
 
 Array = jax.Array
-METRIC_NAME = "musiq"
 GAUSSIAN_RADIUS = 1.5
 GAUSSIAN_SIGMA = GAUSSIAN_RADIUS / 3.0
 
@@ -376,12 +374,45 @@ def abstract_model(cfg: MUSIQConfig) -> MUSIQ:
     return nnx.eval_shape(lambda: MUSIQ(cfg, rngs=nnx.Rngs(0)))
 
 
+def params_from_published(tensors: Mapping[str, np.ndarray], source: str = "weights",
+                          preset: str = "koniq") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Original MUSIQ Flax checkpoint (`opt/target/...` npz keys) -> (config, {our key: array}).
+
+    Optimizer state (`opt/state/...`) and an empty/unused `pre_logits` are ignored.
+    """
+    from fluxir_jax.iqa import weights as weights_io
+
+    if preset not in PRESETS:
+        raise UserError(f"unknown MUSIQ preset {preset!r} (known: {', '.join(PRESETS)})")
+    cfg = PRESETS[preset]
+    prefix = "opt/target/" if any(k.startswith("opt/target/") for k in tensors) else ""
+    ours = weights_io.abstract_shapes(abstract_model(cfg))
+    wanted = {prefix + key.replace(".", "/"): (key, shape) for key, (_, shape) in ours.items()}
+    out = {}
+    for k, v in tensors.items():
+        if k not in wanted:
+            rest = k[len(prefix):] if k.startswith(prefix) else k
+            if (prefix and not k.startswith(prefix)) or rest.startswith("pre_logits/"):
+                continue
+            raise UserError(f"{source}: unexpected key {k!r} (not a MUSIQ {preset} checkpoint?)")
+        key, shape = wanted[k]
+        a = np.asarray(v, np.float32)
+        if tuple(a.shape) != tuple(shape):
+            raise UserError(f"{source}: key {k!r} has shape {tuple(a.shape)}, expected {tuple(shape)} "
+                            f"(not a MUSIQ {preset} checkpoint?)")
+        out[key] = a
+    for k, (key, _) in wanted.items():
+        if key not in out:
+            raise UserError(f"{source}: missing key {k!r} (not a MUSIQ {preset} checkpoint?)")
+    return cfg.to_dict(), {k: out[k] for k in ours}
+
+
 def load_musiq(weights: str, preset: str = "koniq") -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, state) from a converted MUSIQ file or an original Flax checkpoint `.npz`."""
-    from convert import iqa_learned
+    from fluxir_jax.iqa import weights as weights_io
 
-    cfg_dict, flat = iqa_learned.load_musiq_weights(weights, preset=preset)
-    return iqa_learned.build_state(abstract_model(MUSIQConfig.from_dict(cfg_dict)), flat, source=str(weights))
+    cfg_dict, flat = weights_io.load_flat("musiq", weights, lambda t, src: params_from_published(t, src, preset))
+    return weights_io.build_state(abstract_model(MUSIQConfig.from_dict(cfg_dict)), flat, source=str(weights))
 
 
 def make_musiq(weights: str, preset: str = "koniq") -> Callable[[Array], Array]:

@@ -3,7 +3,7 @@
 Using a metric
 --------------
     from fluxir_jax.iqa.registry import get_metric
-    lp = get_metric("lpips", weights=["alex.pth", "alexnet-owt-7be5be79.pth"])
+    lp = get_metric("lpips", weights="lpips_alex.safetensors")   # made by `fluxir convert-iqa lpips`
     d = lp(pred, gt)              # NHWC float in [0, 1], (N, H, W, 3) each -> (N,) scores
     ni = get_metric("niqe")       # no-reference: ni(pred) -> (N,)
 
@@ -253,15 +253,15 @@ def _niqe_factory(weights=None, *, convention: str = "basicsr", crop_border: int
 
 def _lpips_factory(net: str):
     def factory(weights):
-        from fluxir_jax.iqa import lpips
-        scorer = lpips.make_scorer(lpips.load_lpips(weights, net))
+        from fluxir_jax.iqa import classic_weights, lpips
+        scorer = lpips.make_scorer(classic_weights.load_lpips(weights, net))
         return lambda pred, gt: scorer(jnp.asarray(pred, jnp.float32), jnp.asarray(gt, jnp.float32))
     return factory
 
 
 def _dists_factory(weights):
-    from fluxir_jax.iqa import dists, lpips
-    scorer = lpips.make_scorer(dists.load_dists(weights))
+    from fluxir_jax.iqa import classic_weights, lpips
+    scorer = lpips.make_scorer(classic_weights.load_dists(weights))
     return lambda pred, gt: scorer(jnp.asarray(pred, jnp.float32), jnp.asarray(gt, jnp.float32))
 
 
@@ -272,8 +272,8 @@ register_metric("ssim", _psnr_ssim_factory("ssim"), kind="fr", needs_weights=Fal
 register_metric("niqe", _niqe_factory, kind="nr", needs_weights=False, lower_better=True,
                 description="NIQE (MATLAB-compatible); weights = niqe_pris_params.npz or $FLUXIR_NIQE_PARAMS")
 register_metric("lpips", _lpips_factory("alex"), kind="fr", needs_weights=True, lower_better=True,
-                description="LPIPS v0.1 AlexNet; weights = lin heads (alex.pth) + torchvision AlexNet")
+                description="LPIPS v0.1 AlexNet; weights = `fluxir convert-iqa lpips` output")
 register_metric("lpips-vgg", _lpips_factory("vgg"), kind="fr", needs_weights=True, lower_better=True,
-                description="LPIPS v0.1 VGG16; weights = lin heads (vgg.pth) + torchvision VGG16")
+                description="LPIPS v0.1 VGG16; weights = `fluxir convert-iqa lpips-vgg` output")
 register_metric("dists", _dists_factory, kind="fr", needs_weights=True, lower_better=True,
-                description="DISTS; weights = alpha/beta (weights.pt) + torchvision VGG16")
+                description="DISTS; weights = `fluxir convert-iqa dists` output")

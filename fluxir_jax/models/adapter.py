@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fluxir_jax.errors import UserError
-from fluxir_jax.models import configs as model_configs
+from fluxir_jax.models import presets
 from fluxir_jax.models.flux import Control, ControlStream, Flux, FluxConfig
 from fluxir_jax.models.layers import Array, DoubleStreamBlock, linear
 
@@ -32,7 +32,7 @@ CONTROL_BLOCKS = ("all", "double", "every_n")
 
 @dataclasses.dataclass(frozen=True)
 class FluxIRConfig:
-    """Adapter options; each is one of the paper's ablations or an open choice (see paper.md).
+    """Adapter options; each is one of the paper's ablations or a choice the paper leaves open.
 
     se_reduction         SE bottleneck = hidden / se_reduction (32 -> 96 at hidden 3072, ~0.41B total)
     control_blocks       "all" (19 double + 38 single), "double" (double blocks only) or
@@ -120,20 +120,21 @@ class FluxIR(nnx.Module):
 
     # -- initialisation from the base ----------------------------------------------------
 
-    def init_from_base(self, base: Flux, empty_txt: Array, empty_y: Array) -> None:
-        """Copy base double block 0 into the control block; theta_p/theta_y <- empty-prompt embeddings."""
+    def init_from_base(self, base: Flux, txt: Array, y: Array) -> None:
+        """Copy base double block 0 into the control block; theta_p <- `txt`, theta_y <- `y`, the empty
+        prompt's T5 embeddings [text_len, context] and CLIP pooled vector [vec]."""
         check_compatible(self, base.config)
-        if tuple(empty_txt.shape) != tuple(self.theta_p.shape) or tuple(empty_y.shape) != tuple(self.theta_y.shape):
+        if tuple(txt.shape) != tuple(self.theta_p.shape) or tuple(y.shape) != tuple(self.theta_y.shape):
             raise UserError(
-                f"empty-prompt embeddings have shapes {list(empty_txt.shape)} / {list(empty_y.shape)}, "
+                f"empty-prompt embeddings have shapes {list(txt.shape)} / {list(y.shape)}, "
                 f"the adapter expects {list(self.theta_p.shape)} / {list(self.theta_y.shape)}"
             )
         src = nnx.state(base.double_blocks, nnx.Param)
         dst = nnx.state(self.block, nnx.Param)
         first = jax.tree.map(lambda a, b: a[0].astype(b.dtype), src, dst)
         nnx.update(self.block, first)
-        self.theta_p.set_value(jnp.asarray(empty_txt, self.theta_p.dtype))
-        self.theta_y.set_value(jnp.asarray(empty_y, self.theta_y.dtype))
+        self.theta_p.set_value(jnp.asarray(txt, self.theta_p.dtype))
+        self.theta_y.set_value(jnp.asarray(y, self.theta_y.dtype))
 
     # -- forward ---------------------------------------------------------------------------
 
@@ -226,6 +227,6 @@ class FluxIRVelocity:
 
 def count_params(config: FluxIRConfig = FluxIRConfig(), base: str | FluxConfig = "flux-dev") -> int:
     """Trainable adapter parameters, from abstract shapes only (nothing is allocated)."""
-    base_cfg = model_configs.get(base) if isinstance(base, str) else base
+    base_cfg = presets.get(base) if isinstance(base, str) else base
     abstract = nnx.eval_shape(lambda: FluxIR(config, base_cfg, rngs=nnx.Rngs(0)))
     return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))

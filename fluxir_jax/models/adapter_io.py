@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import pathlib
-import shutil
-import tempfile
 
 import jax
 import numpy as np
 from flax import nnx
 
 from fluxir_jax import config as config_io
+from fluxir_jax import fileio
 from fluxir_jax.errors import UserError
 from fluxir_jax.models.adapter import FluxIR, FluxIRConfig, check_compatible
 from fluxir_jax.models.flux import FluxConfig
@@ -119,10 +118,8 @@ def export_safetensors(adapter: FluxIR, path: str | pathlib.Path) -> None:
     """Write the adapter to a .safetensors file (atomically)."""
     from safetensors.numpy import save_file
 
-    path = pathlib.Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(to_named_tensors(adapter), str(tmp), metadata=_metadata(adapter))
-    tmp.replace(path)
+    with fileio.atomic_file(path) as tmp:
+        save_file(to_named_tensors(adapter), str(tmp), metadata=_metadata(adapter))
 
 
 def import_safetensors(path: str | pathlib.Path, base_config: FluxConfig | None = None) -> FluxIR:
@@ -158,20 +155,10 @@ def save_adapter(adapter: FluxIR, directory: str | pathlib.Path, overwrite: bool
     """Orbax adapter checkpoint: `adapter.json` + `params/` (written to a temp dir, then renamed)."""
     import orbax.checkpoint as ocp
 
-    directory = pathlib.Path(directory).absolute()
-    if directory.exists() and not overwrite:
-        raise UserError(f"output {directory} already exists (pass overwrite)")
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        (tmp / "adapter.json").write_text(json.dumps(_metadata(adapter), indent=1))
+    with fileio.atomic_dir(directory, overwrite) as tmp:
+        fileio.write_json(tmp / "adapter.json", _metadata(adapter))
         with ocp.StandardCheckpointer() as ckpt:
             ckpt.save(tmp / "params", nnx.state(adapter, nnx.Param))
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def load_adapter(directory: str | pathlib.Path, base_config: FluxConfig | None = None) -> FluxIR:
@@ -190,31 +177,3 @@ def load_adapter(directory: str | pathlib.Path, base_config: FluxConfig | None =
     with ocp.StandardCheckpointer() as ckpt:
         params = ckpt.restore(directory / "params", abstract_state)
     return nnx.merge(graphdef, params)
-
-
-def export_main(args) -> int:
-    adapter = load_adapter(args.checkpoint)
-    if args.base:
-        from fluxir_jax.models import configs
-
-        base = (config_io.load(FluxConfig, args.base) if args.base.endswith((".yaml", ".yml")) else configs.get(args.base))
-        check_compatible(adapter, base, args.text_len)
-    elif args.text_len is not None and args.text_len != adapter.config.text_len:
-        raise UserError(f"adapter was built for text length {adapter.config.text_len}, not {args.text_len}")
-    out = pathlib.Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise UserError(f"output {out} already exists (pass --overwrite)")
-    export_safetensors(adapter, out)
-    n = sum(v.size for v in to_named_tensors(adapter).values())
-    print(f"wrote {out} ({n / 1e6:.1f} M parameters, {len(to_named_tensors(adapter))} tensors)")
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("export-adapter", help="export a FluxIR adapter checkpoint to .safetensors")
-    p.add_argument("checkpoint", help="Orbax adapter checkpoint directory (adapter.json + params/)")
-    p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--base", help="check against this base: a preset name (flux-dev) or a FluxConfig YAML file")
-    p.add_argument("--text-len", type=int, help="check against this text-embedding length (512 dev, 256 schnell)")
-    p.set_defaults(func=export_main)

@@ -101,6 +101,7 @@ class AutoEncoderConfig:
 AE_PRESETS: dict[str, AutoEncoderConfig] = {
     "flux": AutoEncoderConfig(),
     "tiny": AutoEncoderConfig(ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=4),
+    "small": AutoEncoderConfig(ch=32, ch_mult=(1, 2, 4, 4), num_res_blocks=1, norm_groups=8),
 }
 
 

@@ -11,16 +11,32 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-if TYPE_CHECKING:
-    from fluxir_jax.models.autoencoder import AutoEncoderConfig, GroupNorm
-
 Array = jax.Array
+
+
+class AutoEncoderShape(Protocol):
+    """What the reach computations read of an `autoencoder.AutoEncoderConfig` (this module does
+    not import `autoencoder`, which imports it)."""
+
+    ch_mult: Sequence[int]
+    num_res_blocks: int
+    downsample_factor: int
+
+
+class GroupNorm(Protocol):
+    """What a tiled pass calls on an `autoencoder.GroupNorm`."""
+
+    def moments(self, x: Array, *masks: Array) -> tuple[Array, Array, Array]: ...
+
+    def normalize(self, x: Array, mean: Array, var: Array) -> Array: ...
+
+
 NormFn = Callable[[Any, Array], Array]  # norm(gn: GroupNorm, x) -> normalised x; how a tiled pass applies each GroupNorm
 
 
@@ -77,7 +93,7 @@ def plan_tiles(length: int, tile: int, overlap: int) -> TileAxis:
     return TileAxis(length, size, starts)
 
 
-def decoder_reach(cfg: AutoEncoderConfig) -> int:
+def decoder_reach(cfg: AutoEncoderShape) -> int:
     """Latent cells of input on each side that an output pixel of `Decoder.pixel_part` reads.
 
     Walks the path backwards from conv_out: each 3x3 conv adds one pixel at its resolution, each
@@ -90,7 +106,7 @@ def decoder_reach(cfg: AutoEncoderConfig) -> int:
     return reach
 
 
-def encoder_reach(cfg: AutoEncoderConfig) -> int:
+def encoder_reach(cfg: AutoEncoderShape) -> int:
     """Image context (latent cells, rounded up) on each side that a cell of `Encoder.pixel_part`
     reads: each 3x3 conv adds one pixel, each stride-2 conv on a right/bottom-padded input maps a
     reach of r pixels to 2r + 1 finer ones."""

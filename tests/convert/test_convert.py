@@ -193,7 +193,7 @@ def test_diffusers_folders_convert_and_match_torch(converted):
     # no encoders given: zeros of the model's text shapes, and said so
     assert cfg["text"]["empty"]["computed"] is False and "zeros" in converted["stdout"]
     text = checkpoint.load_text_embeddings(ckpt)
-    assert text["t5"].shape == (512, 32) and text["clip"].shape == (32,) and not text["t5"].any()
+    assert text["txt"].shape == (512, 32) and text["y"].shape == (32,) and not text["txt"].any()
 
     model = checkpoint.load_flux(ckpt)
     x = fr.inputs()
@@ -375,7 +375,7 @@ def test_existing_output_needs_overwrite(bfl_files, tmp_path):
 
 
 def test_failure_while_writing_leaves_nothing(bfl_files, tmp_path, monkeypatch):
-    from convert import formats
+    from fluxir_convert import formats
 
     calls = {"n": 0}
     real = formats.read_into

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from convert.iqa_learned import _bytes_to_unicode
+from fluxir_convert.clipiqa_text import _bytes_to_unicode
 from fluxir_jax import checkpoint
 from tests.convert.test_convert import build_pipeline, run_cli
 from tests.models import flux_reference as fr
@@ -81,14 +81,14 @@ def test_convert_stores_empty_prompt_embeddings(encoders, tmp_path):
     out = tmp_path / "ckpt"
     rc, stdout, err = run_cli(["convert", str(tmp_path / "pipe" / "transformer"), "-o", str(out), "--no-progress",
                                "--t5", str(encoders["root"] / "t5"), "--clip", str(encoders["root"] / "clip"),
-                               "--t5-len", "24"])
+                               "--text-len", "24"])
     assert rc == 0, err
     stored = checkpoint.load_text_embeddings(out)
     t5, clip = direct(encoders, [""], 24)
-    assert stored["computed"] and stored["t5"].shape == (24, 32) and stored["clip"].shape == (32,)
-    assert np.array_equal(stored["t5"], t5[0]) and np.array_equal(stored["clip"], clip[0])
+    assert stored["computed"] and stored["txt"].shape == (24, 32) and stored["y"].shape == (32,)
+    assert np.array_equal(stored["txt"], t5[0]) and np.array_equal(stored["y"], clip[0])
     meta = json.loads((out / "config.json").read_text())["text"]["empty"]
-    assert meta["computed"] is True and meta["t5_len"] == 24 and meta["t5_shape"] == [24, 32]
+    assert meta["computed"] is True and meta["text_len"] == 24 and meta["txt_shape"] == [24, 32]
 
     # the default conditioning for sampling comes from these stored embeddings
     from fluxir_jax import sampling
@@ -110,16 +110,22 @@ def test_encode_prompts(encoders, tmp_path):
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "emb.npz"
     argv = ["encode-prompts", "--t5", str(encoders["root"] / "t5"), "--clip", str(encoders["root"] / "clip"),
-            "--prompts", str(prompts), "--out", str(out), "--t5-len", "16"]
+            "--prompts", str(prompts), "-o", str(out), "--text-len", "16"]
     rc, stdout, err = run_cli(argv)
     assert rc == 0, err
     t5, clip = direct(encoders, PROMPTS, 16)
     with np.load(out) as z:
         assert list(z["prompts"]) == PROMPTS
-        assert z["t5"].shape == (3, 16, 32) and np.array_equal(z["t5"], t5)
-        assert np.array_equal(z["clip"], clip)
+        assert z["txt"].shape == (3, 16, 32) and np.array_equal(z["txt"], t5)
+        assert np.array_equal(z["y"], clip)
     rc, _, err = run_cli(argv)  # exists, no --overwrite
     assert rc == 2 and "already exists" in err and len(err.strip().splitlines()) == 1
+    # the former spelling of --text-len still works (not listed in --help)
+    old = ["encode-prompts", "--t5", str(encoders["root"] / "t5"), "--clip", str(encoders["root"] / "clip"),
+           "--prompts", str(prompts), "--out", str(tmp_path / "old.npz"), "--t5-len", "16"]
+    assert run_cli(old)[0] == 0
+    with np.load(tmp_path / "old.npz") as z:
+        assert np.array_equal(z["txt"], t5)
 
 
 def test_zero_embeddings_are_refused_for_sampling(tmp_path):

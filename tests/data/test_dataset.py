@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 
+from fluxir_jax import fileio
 from fluxir_jax.data import dataset as ds
 from fluxir_jax.errors import UserError
 from tests.data.pairs_fixture import block_mean_pairs, degraded_pairs
@@ -94,7 +95,7 @@ def test_writer_resumes_after_interruption(tmp_path, pairs50, monkeypatch):
     monkeypatch.setattr(ds.os, "replace", real_replace)
     shard_dir = tmp_path / "pairs.partial" / ds.SHARD_DIR
     names = sorted(p.name for p in shard_dir.iterdir())
-    assert any(ds._TMP_MARK in n for n in names)  # the half-written shard
+    assert any(fileio.is_temp(n) for n in names)  # the half-written shard
     assert f"{ds.SHARD_PREFIX}00003{ds.SHARD_SUFFIX}.json" in names  # its orphan sidecar
     assert not out.exists()
 

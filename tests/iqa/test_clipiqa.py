@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
-from convert import iqa_learned
+from fluxir_convert import clipiqa_text, torch_read
+from fluxir_convert.iqa import convert_iqa
+from fluxir_jax.iqa import weights as iqa_weights
 from fluxir_jax import cli
 from fluxir_jax.errors import UserError
 from fluxir_jax.iqa import clipiqa
@@ -156,12 +158,12 @@ def tiny_ckpt(tmp_path_factory):
     sd = full_state_dict(visual)
     d = tmp_path_factory.mktemp("clip")
     torch.save(sd, d / "tiny_clip.pt")
-    iqa_learned.convert_clipiqa(d / "tiny_clip.pt", d / "tiny_clipiqa.safetensors")
+    convert_iqa("clipiqa", [d / "tiny_clip.pt"], d / "tiny_clipiqa.safetensors")
     return visual, sd, d / "tiny_clip.pt", d / "tiny_clipiqa.safetensors"
 
 
 def test_tokenizer_matches_known_clip_ids():
-    ids = iqa_learned.clip_tokenize(["a photo of a cat", "Good photo."])
+    ids = clipiqa_text.clip_tokenize(["a photo of a cat", "Good photo."])
     assert ids.shape == (2, 77)
     assert ids[0, :8].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407, 0]
     assert ids[0, 8:].sum() == 0
@@ -171,8 +173,8 @@ def test_tokenizer_matches_known_clip_ids():
 def test_text_features_match_reference_encode_text():
     sd = tiny_text_sd()
     texts = [t for pair in clipiqa.PROMPT_SETS["ensemble"] for t in pair]
-    ids = iqa_learned.clip_tokenize(texts)
-    got = iqa_learned.clip_text_features({k: v.numpy() for k, v in sd.items()}, ids)
+    ids = clipiqa_text.clip_tokenize(texts)
+    got = clipiqa_text.clip_text_features({k: v.numpy() for k, v in sd.items()}, ids)
     with torch.no_grad():
         ref = ref_encode_text(sd, torch.from_numpy(ids)).numpy()
     assert got.shape == (10, TINY.output_dim)
@@ -182,9 +184,9 @@ def test_text_features_match_reference_encode_text():
 def test_image_tower_matches_open_clip_with_positional_embedding(tiny_ckpt):
     visual, sd, _, _ = tiny_ckpt
     cfg = clipiqa.CLIPIQAConfig(visual=TINY)
-    flat = iqa_learned.torch_to_ours(
+    flat = iqa_weights.torch_to_ours(
         {k: v.numpy() for k, v in sd.items()},
-        {k: v for k, v in iqa_learned.abstract_shapes(clipiqa.abstract_model(cfg)).items() if k.startswith("visual.")},
+        {k: v for k, v in iqa_weights.abstract_shapes(clipiqa.abstract_model(cfg)).items() if k.startswith("visual.")},
         "test", ignore=lambda k: not k.startswith("visual."))
     model = clipiqa.ModifiedResNet(TINY, rngs=nnx.Rngs(0))
     nnx.update(model, nnx.from_flat_state(
@@ -210,7 +212,7 @@ def test_clipiqa_score_matches_torch_reference(tiny_ckpt, prompts):
         ref_visual.attnpool.positional_embedding.zero_()
         feats = ref_visual(torch_normalize(x))
         pairs = clipiqa.PROMPT_SETS[prompts]
-        ids = torch.from_numpy(iqa_learned.clip_tokenize([t for p in pairs for t in p]))
+        ids = torch.from_numpy(clipiqa_text.clip_tokenize([t for p in pairs for t in p]))
         text = ref_encode_text(sd, ids)
         feats = feats / feats.norm(dim=-1, keepdim=True)
         text = text / text.norm(dim=-1, keepdim=True)
@@ -260,20 +262,31 @@ def test_converter_round_trip_published_formats(tiny_ckpt, tmp_path):
         warnings.simplefilter("ignore")
         torch.jit.save(torch.jit.trace(holder, torch.ones(2)), str(ts_path))
 
-    meta = iqa_learned.read_converted(conv_path)
+    meta = iqa_weights.read_converted(conv_path)
     assert meta is not None and meta[0] == "clipiqa" and tuple(meta[1]["visual"]["layers"]) == TINY.layers
-    ref_state = clipiqa.load_clipiqa(str(pt_path))[1]
-    for src in (conv_path, st_path):
-        st = clipiqa.load_clipiqa(str(src))[1]
-        for a, b in zip(jax.tree.leaves(st), jax.tree.leaves(ref_state)):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    ts_state = clipiqa.load_clipiqa(str(ts_path))[1]  # fp16-rounded weights: close, not equal
+    ref_state = clipiqa.load_clipiqa(str(conv_path))[1]
+    st_conv = tmp_path / "from_safetensors.safetensors"
+    convert_iqa("clipiqa", [st_path], st_conv)
+    st = clipiqa.load_clipiqa(str(st_conv))[1]
+    for a, b in zip(jax.tree.leaves(st), jax.tree.leaves(ref_state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ts_conv = tmp_path / "from_torchscript.safetensors"
+    convert_iqa("clipiqa", [ts_path], ts_conv)
+    ts_state = clipiqa.load_clipiqa(str(ts_conv))[1]  # fp16-rounded weights: close, not equal
     for a, b in zip(jax.tree.leaves(ts_state), jax.tree.leaves(ref_state)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=2e-3)
     # command line
     out2 = tmp_path / "cli.safetensors"
-    assert cli.main(["convert-iqa", "clipiqa", str(pt_path), str(out2)]) == 0
-    assert iqa_learned.read_converted(out2)[0] == "clipiqa"
+    assert cli.main(["convert-iqa", "clipiqa", str(pt_path), "-o", str(out2)]) == 0
+    assert iqa_weights.read_converted(out2)[0] == "clipiqa"
+
+
+def st_published(tiny_ckpt, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "clip_published.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_ckpt[1].items()}, str(path))
+    return path
 
 
 def test_wrong_architecture_names_first_bad_key(tiny_ckpt, tmp_path):
@@ -282,22 +295,27 @@ def test_wrong_architecture_names_first_bad_key(tiny_ckpt, tmp_path):
     bad = dict(np_sd)
     del bad["visual.layer2.0.bn1.running_var"]
     with pytest.raises(UserError, match=r"'visual\.layer2\.0\.bn1\.running_var'"):
-        iqa_learned.convert_clipiqa_state_dict(bad, "bad.pt")
+        clipiqa_text.convert_clipiqa_state_dict(bad, "bad.pt")
     with pytest.raises(UserError, match=r"'visual\.conv1\.weight' has shape"):
-        iqa_learned.convert_clipiqa_state_dict(np_sd, "tiny.pt", preset="RN50")
+        clipiqa_text.convert_clipiqa_state_dict(np_sd, "tiny.pt", preset="RN50")
     extra = dict(np_sd)
     extra["visual.layer4.1.conv1.weight"] = np_sd["visual.layer4.0.conv1.weight"]
     with pytest.raises(UserError, match=r"unexpected key 'visual\.layer4\.1\.conv1\.weight'"):
-        iqa_learned.convert_clipiqa_state_dict(extra, "deeper.pt", preset="tiny")
+        clipiqa_text.convert_clipiqa_state_dict(extra, "deeper.pt", preset="tiny")
     with pytest.raises(UserError, match=r"'visual\.layer1\.0\.conv1\.weight'"):
-        iqa_learned.convert_clipiqa_state_dict({"vit.cls_token": np.zeros((1, 1, 8), np.float32)}, "maniqa.pt")
+        clipiqa_text.convert_clipiqa_state_dict({"vit.cls_token": np.zeros((1, 1, 8), np.float32)}, "maniqa.pt")
     p = tmp_path / "pickled_model.pt"
     torch.save(torch.nn.Linear(2, 2), p)  # a whole pickled module, not a state dict
-    with pytest.raises(UserError, match="weights-only"):
-        iqa_learned.read_tensors(p)
+    with pytest.raises(UserError, match="weights_only"):
+        torch_read.read_tensors(p)
     with pytest.raises(UserError, match="not found"):
         clipiqa.load_clipiqa(str(tmp_path / "nope.pt"))
-    assert cli.main(["convert-iqa", "clipiqa", str(tmp_path / "nope.pt"), str(tmp_path / "o.safetensors")]) == 2
+    assert cli.main(["convert-iqa", "clipiqa", str(tmp_path / "nope.pt"), "-o", str(tmp_path / "o.safetensors")]) == 2
+    # a published file (PyTorch or an unconverted state dict) is refused with the command that converts it
+    _, _, pt_path, _ = tiny_ckpt
+    for published in (pt_path, st_published(tiny_ckpt, tmp_path)):
+        with pytest.raises(UserError, match=r"fluxir convert-iqa clipiqa RN50\.pt -o clipiqa_rn50\.safetensors"):
+            clipiqa.load_clipiqa(str(published))
     with pytest.raises(UserError, match="prompt set"):
         clipiqa.CLIPIQAConfig(prompts="bogus")
 
@@ -307,11 +325,11 @@ def test_rn50_preset_matches_open_clip_layout():
     with torch.device("meta"):
         net = m.ModifiedResNet([3, 4, 6, 3], 1024, 32, 224, 64)
     sd = {f"visual.{k}": np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in net.state_dict().items()}
-    assert iqa_learned.clip_visual_config(sd) == dict(layers=(3, 4, 6, 3), width=64, heads=32, output_dim=1024,
+    assert clipiqa_text.clip_visual_config(sd) == dict(layers=(3, 4, 6, 3), width=64, heads=32, output_dim=1024,
                                                       image_size=224)
     cfg = clipiqa.CLIPIQAConfig(visual=clipiqa.PRESETS["RN50"])
-    ours = {k: v for k, v in iqa_learned.abstract_shapes(clipiqa.abstract_model(cfg)).items() if k.startswith("visual.")}
-    flat = iqa_learned.torch_to_ours(sd, ours, "RN50")
+    ours = {k: v for k, v in iqa_weights.abstract_shapes(clipiqa.abstract_model(cfg)).items() if k.startswith("visual.")}
+    flat = iqa_weights.torch_to_ours(sd, ours, "RN50")
     assert len(flat) == len(ours)
     n_params = sum(int(np.prod(v.shape)) for k, v in flat.items() if not k.endswith((".mean", ".var")))
     assert n_params == sum(p.numel() for p in net.parameters())  # 38.3M, open_clip's count

@@ -11,13 +11,13 @@ from PIL import Image
 from scipy import ndimage
 from skimage import data
 
+from fluxir_convert.iqa import convert_iqa
 from fluxir_jax.errors import UserError
-from fluxir_jax.iqa import eval_cli, registry
+from fluxir_jax.iqa import eval_cli, niqe, registry
 from fluxir_jax.iqa.registry import get_metric
-from tests.conftest import SHARED
 from tests.iqa.test_lpips_dists import TorchLPIPS
 
-PARAMS = SHARED / "data" / "niqe_pris_params.npz"
+PARAMS = niqe.PACKAGE_DEFAULT          # shipped in the package (BasicSR's niqe_pris_params.npz)
 SIZE = 200
 
 
@@ -62,6 +62,7 @@ def folders(tmp_path_factory):
     ref = TorchLPIPS("alex").eval()
     torch.save(ref.heads_state_dict(), root / "alex.pth")
     torch.save(ref.backbone_state_dict(), root / "alexnet.pth")
+    convert_iqa("lpips", [root / "alex.pth", root / "alexnet.pth"], root / "lpips_alex.safetensors")
     vgg_heads = TorchLPIPS("vgg").heads_state_dict()
     torch.save(vgg_heads, root / "vgg.pth")
     return root
@@ -75,8 +76,8 @@ def test_full_reference_folders(folders, capsys):
     root = folders
     out_csv, out_json = root / "scores.csv", root / "scores.json"
     common = ["--pred", root / "pred", "--gt", root / "gt", "--metrics", "psnr,ssim,lpips,dists,niqe",
-              "--crop-border", "4", "--weights", f"lpips={root / 'alex.pth'}",
-              "--weights", f"lpips={root / 'alexnet.pth'}", "--weights", f"niqe={PARAMS}"]
+              "--crop-border", "4", "--weights", f"lpips={root / 'lpips_alex.safetensors'}",
+              "--weights", f"niqe={PARAMS}"]
     rc, out, err = run_cli(common + ["--out", out_csv], capsys)
     assert rc == 0, err
     lines = out.splitlines()
@@ -98,7 +99,7 @@ def test_full_reference_folders(folders, capsys):
     expect = {
         "psnr": get_metric("psnr", crop_border=4)(pred, gt),
         "ssim": get_metric("ssim", crop_border=4)(pred, gt),
-        "lpips": get_metric("lpips", weights=[root / "alex.pth", root / "alexnet.pth"])(pred, gt),
+        "lpips": get_metric("lpips", weights=root / "lpips_alex.safetensors")(pred, gt),
         "niqe": get_metric("niqe", weights=PARAMS, crop_border=4)(pred),
     }
     for name, want in expect.items():
@@ -147,6 +148,16 @@ def test_user_mistakes_exit_2(folders, tmp_path, capsys):
     rc, _, err = run_cli(["--pred", root / "pred", "--gt", root / "gt", "--metrics", "lpips",
                           "--weights", f"lpips={root / 'vgg.pth'}", "--weights", f"lpips={root / 'alexnet.pth'}"],
                          capsys)
+    assert rc == 2 and "fluxir convert-iqa lpips alex.pth alexnet-owt-7be5be79.pth -o" in err
+    assert len(err.strip().splitlines()) == 1
+    vgg_heads = tmp_path / "vgg_heads.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in torch.load(root / "vgg.pth").items()}, str(vgg_heads))
+    alexnet = tmp_path / "alexnet.safetensors"
+    save_file({k: v.contiguous() for k, v in torch.load(root / "alexnet.pth").items()}, str(alexnet))
+    rc, _, err = run_cli(["--pred", root / "pred", "--gt", root / "gt", "--metrics", "lpips",
+                          "--weights", f"lpips={vgg_heads}", "--weights", f"lpips={alexnet}"], capsys)
     assert rc == 2 and "first bad key 'lin1.model.1.weight'" in err
 
     rc, _, err = run_cli(["--pred", root / "pred", "--metrics", "psnr,nosuch"], capsys)

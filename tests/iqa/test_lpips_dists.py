@@ -13,8 +13,11 @@ import jax
 from safetensors.torch import save_file
 from skimage import data
 
-from convert import iqa_classic
+from fluxir_convert import torch_read
+from fluxir_convert.iqa import convert_iqa
+from fluxir_jax import cli
 from fluxir_jax.errors import UserError
+from fluxir_jax.iqa import classic_weights
 from fluxir_jax.iqa import dists as dists_mod
 from fluxir_jax.iqa import lpips as lpips_mod
 from fluxir_jax.iqa.registry import MetricUnavailable, get_metric
@@ -207,16 +210,27 @@ def files(tmp_path_factory):
 
 
 # ---------------------------------------------------------------- numerics
+def _convert(d, metric, *names):
+    """`fluxir convert-iqa METRIC FILES... -o D/METRIC.safetensors` (once per module)."""
+    out = d / f"{metric}.safetensors"
+    if not out.exists():
+        assert cli.main(["convert-iqa", metric, *(str(d / n) for n in names), "-o", str(out)]) == 0
+    return out
+
+
+LPIPS_FILES = {"alex": ("alex_heads.pth", "alexnet.pth"), "vgg": ("vgg_heads.pth", "vgg16.safetensors")}
+
+
 @pytest.mark.parametrize("net", ["alex", "vgg"])
 def test_lpips_matches_torch(files, net):
     d = files["dir"]
-    backbone = d / ("alexnet.pth" if net == "alex" else "vgg16.safetensors")
     name = "lpips" if net == "alex" else "lpips-vgg"
+    weights = _convert(d, name, *LPIPS_FILES[net])
     pred, gt = _images()
     want = _torch_score(files[f"lpips_{net}"], pred, gt)
     with jax.default_matmul_precision("highest"):
-        got = get_metric(name, weights=[d / f"{net}_heads.pth", backbone])(pred, gt)
-        same = get_metric(name, weights=[d / f"{net}_heads.pth", backbone])(gt, gt)
+        got = get_metric(name, weights=weights)(pred, gt)
+        same = get_metric(name, weights=weights)(gt, gt)
     print(f"LPIPS-{net} relative error {_rel(got, want):.2e}")
     assert _rel(got, want) <= TOL, (got, want)
     assert np.all(want > 1e-3)                          # a non-trivial distance was compared
@@ -228,71 +242,133 @@ def test_dists_matches_torch(files):
     pred, gt = _images()
     want = _torch_score(files["dists"], pred, gt)
     with jax.default_matmul_precision("highest"):
-        got = get_metric("dists", weights=[d / "dists_weights.pt", d / "vgg16.safetensors"])(pred, gt)
+        got = get_metric("dists", weights=_convert(d, "dists", "dists_weights.pt", "vgg16.safetensors"))(pred, gt)
     print(f"DISTS relative error {_rel(got, want):.2e}")
     assert _rel(got, want) <= TOL, (got, want)
     assert np.all(want > 1e-3)
 
 
+def test_published_safetensors_are_read_without_conversion(files, tmp_path):
+    """Published tensors saved as .safetensors need no convert-iqa: the same params as the converted file."""
+    d = files["dir"]
+    heads = tmp_path / "vgg_heads.safetensors"
+    save_file({k: torch.from_numpy(v) for k, v in torch_read.read_tensors(d / "vgg_heads.pth").items()}, str(heads))
+    direct = classic_weights.load_lpips_params([heads, d / "vgg16.safetensors"], "vgg")
+    converted = classic_weights.load_lpips_params(_convert(d, "lpips-vgg", *LPIPS_FILES["vgg"]), "vgg")
+    jax.tree.map(np.testing.assert_array_equal, direct, converted)
+
+
 # ---------------------------------------------------------------- converters
+def _conv_back(kernel) -> np.ndarray:
+    return np.ascontiguousarray(np.transpose(np.asarray(kernel, np.float32), (3, 2, 0, 1)))
+
+
+def lpips_state_dict_from_params(params: dict, net: str) -> dict[str, np.ndarray]:
+    """Our LPIPS params -> one `lpips.LPIPS` module state dict (the inverse of the key map)."""
+    bounds = classic_weights._LPIPS_SLICE_BOUNDS[net]
+    out = {"scaling_layer.shift": np.asarray(lpips_mod.SHIFT, np.float32).reshape(1, 3, 1, 1),
+           "scaling_layer.scale": np.asarray(lpips_mod.SCALE, np.float32).reshape(1, 3, 1, 1)}
+    for i in classic_weights._backbone_convs(net):
+        conv = params["backbone"][f"conv{i}"]
+        prefix = f"net.slice{classic_weights._slice_of(i, bounds)}.{i}"
+        out[f"{prefix}.weight"] = _conv_back(conv["kernel"])
+        out[f"{prefix}.bias"] = np.asarray(conv["bias"], np.float32)
+    for k in range(len(lpips_mod.CHANNELS[net])):
+        out[f"lin{k}.model.1.weight"] = out[f"lins.{k}.model.1.weight"] = _conv_back(params[f"lin{k}"]["kernel"])
+    return out
+
+
+def dists_state_dict_from_params(params: dict) -> dict[str, np.ndarray]:
+    """Our DISTS params -> one DISTS module state dict with its buffers (the inverse of the key map)."""
+    bounds = classic_weights._DISTS_STAGE_BOUNDS
+    out = {"alpha": np.asarray(params["alpha"], np.float32).reshape(1, dists_mod.TOTAL, 1, 1),
+           "beta": np.asarray(params["beta"], np.float32).reshape(1, dists_mod.TOTAL, 1, 1),
+           "mean": np.asarray(dists_mod.MEAN, np.float32).reshape(1, 3, 1, 1),
+           "std": np.asarray(dists_mod.STD, np.float32).reshape(1, 3, 1, 1)}
+    for i, c in classic_weights._DISTS_POOL_CHANNELS.items():
+        out[f"stage{classic_weights._slice_of(i, bounds)}.{i}.filter"] = classic_weights._l2pool_filter(c)
+    for i in classic_weights._backbone_convs("vgg"):
+        conv = params["backbone"][f"conv{i}"]
+        prefix = f"stage{classic_weights._slice_of(i, bounds)}.{i}"
+        out[f"{prefix}.weight"] = _conv_back(conv["kernel"])
+        out[f"{prefix}.bias"] = np.asarray(conv["bias"], np.float32)
+    return out
+
+
 @pytest.mark.parametrize("net", ["alex", "vgg"])
 def test_lpips_layouts_round_trip(files, net):
     d = files["dir"]
-    backbone = d / ("alexnet.pth" if net == "alex" else "vgg16.safetensors")
-    split = iqa_classic.lpips_params_from_state_dict(
-        iqa_classic.read_state_dict([d / f"{net}_heads.pth", backbone]), net)
-    module_sd = iqa_classic.read_state_dict(d / f"lpips_{net}_module.pth")
-    module = iqa_classic.lpips_params_from_state_dict(module_sd, net)
+    split = classic_weights.lpips_params_from_state_dict(
+        torch_read.read_merged([d / n for n in LPIPS_FILES[net]]), net)
+    module_sd = torch_read.read_tensors(d / f"lpips_{net}_module.pth")
+    module = classic_weights.lpips_params_from_state_dict(module_sd, net)
     jax.tree.map(np.testing.assert_array_equal, split, module)
-    # our params -> the module layout gives back exactly the file's tensors
-    back = iqa_classic.lpips_state_dict_from_params(module, net, layout="module")
+    # our params -> the module layout gives back exactly the file's tensors: every key was mapped
+    back = lpips_state_dict_from_params(module, net)
     assert sorted(back) == sorted(module_sd)
     for k in back:
         np.testing.assert_array_equal(back[k], module_sd[k], err_msg=k)
-    heads = iqa_classic.lpips_state_dict_from_params(module, net, layout="heads")
-    assert sorted(heads) == [f"lin{k}.model.1.weight" for k in range(5)]
     # and the converted params are what the model holds (kernel HWIO = weight OIHW transposed)
     w = module_sd["lin1.model.1.weight"]
     np.testing.assert_array_equal(split["lin1"]["kernel"][0, 0, :, 0], w[0, :, 0, 0])
 
 
-def test_dists_layouts_round_trip(files):
+def test_dists_layouts_round_trip(files, tmp_path):
     d = files["dir"]
-    split = iqa_classic.dists_params_from_state_dict(
-        iqa_classic.read_state_dict([d / "dists_weights.pt", d / "vgg16.safetensors"]))
-    module_sd = iqa_classic.read_state_dict(d / "dists_module.pth")
-    module = iqa_classic.dists_params_from_state_dict(module_sd)
+    split = classic_weights.dists_params_from_state_dict(
+        torch_read.read_merged([d / "dists_weights.pt", d / "vgg16.safetensors"]))
+    module_sd = torch_read.read_tensors(d / "dists_module.pth")
+    module = classic_weights.dists_params_from_state_dict(module_sd)
     jax.tree.map(np.testing.assert_array_equal, split, module)
-    back = iqa_classic.dists_state_dict_from_params(module, layout="module")
+    back = dists_state_dict_from_params(module)
     assert sorted(back) == sorted(module_sd)
     for k in back:
         np.testing.assert_allclose(back[k], module_sd[k], rtol=0, atol=0, err_msg=k)
-    # the full-module file scores the same as the split files
+    # the full-module file, converted, scores the same as the reference
+    out = tmp_path / "dists_module.safetensors"
+    convert_iqa("dists", [d / "dists_module.pth"], out)
     pred, gt = _images(32)
     with jax.default_matmul_precision("highest"):
-        a = get_metric("dists", weights=d / "dists_module.pth")(pred, gt)
+        a = get_metric("dists", weights=out)(pred, gt)
     assert _rel(a, _torch_score(files["dists"], pred, gt)) <= TOL
 
 
 # ---------------------------------------------------------------- wrong weights
 def test_wrong_architecture_names_first_bad_key(files, tmp_path):
     d = files["dir"]
+    out = tmp_path / "x.safetensors"
     with pytest.raises(UserError, match=r"first bad key 'features\.0\.weight'"):   # AlexNet for VGG
-        get_metric("lpips-vgg", weights=[d / "vgg_heads.pth", d / "alexnet.pth"])
+        convert_iqa("lpips-vgg", [d / "vgg_heads.pth", d / "alexnet.pth"], out)
     with pytest.raises(UserError, match=r"first bad key 'lin1\.model\.1\.weight'"):  # VGG heads for AlexNet
-        get_metric("lpips", weights=[d / "vgg_heads.pth", d / "alexnet.pth"])
+        convert_iqa("lpips", [d / "vgg_heads.pth", d / "alexnet.pth"], out)
     with pytest.raises(UserError, match=r"first bad key 'lin0\.model\.1\.weight'"):  # LPIPS heads for DISTS
-        get_metric("dists", weights=[d / "alex_heads.pth", d / "vgg16.safetensors"])
+        convert_iqa("dists", [d / "alex_heads.pth", d / "vgg16.safetensors"], out)
     with pytest.raises(UserError, match=r"missing key 'features\.0\.weight'"):       # heads only
-        get_metric("lpips", weights=d / "alex_heads.pth")
+        convert_iqa("lpips", [d / "alex_heads.pth"], out)
     with pytest.raises(UserError, match=r"missing key 'alpha'"):
         get_metric("dists", weights=d / "vgg16.safetensors")
+    assert not out.exists()
     odd = tmp_path / "odd.safetensors"
     save_file({"lin0.model.1.weight": torch.ones(1, 64, 1, 1), "encoder.conv.weight": torch.ones(2)}, str(odd))
     with pytest.raises(UserError, match=r"first bad key 'encoder\.conv\.weight'"):
         get_metric("lpips", weights=odd)
     with pytest.raises(MetricUnavailable, match="needs weights"):
         get_metric("lpips")
+    # a converted file of another metric, or of the other LPIPS network
+    with pytest.raises(UserError, match="holds converted 'lpips' weights, not 'dists'"):
+        get_metric("dists", weights=_convert(d, "lpips", *LPIPS_FILES["alex"]))
+    with pytest.raises(UserError, match="holds converted 'lpips' weights, not 'lpips-vgg'"):
+        get_metric("lpips-vgg", weights=_convert(d, "lpips", *LPIPS_FILES["alex"]))
+
+
+@pytest.mark.parametrize("metric,files_", [("lpips", ("alex_heads.pth", "alexnet.pth")),
+                                           ("dists", ("dists_weights.pt", "vgg16.safetensors"))])
+def test_pytorch_files_are_refused_with_the_command_that_converts_them(files, metric, files_):
+    d = files["dir"]
+    with pytest.raises(UserError) as e:
+        get_metric(metric, weights=[d / f for f in files_])
+    msg = str(e.value)
+    assert "\n" not in msg and f"fluxir convert-iqa {metric} " in msg and "-o " in msg, msg
 
 
 class _NotATensor:
@@ -303,6 +379,6 @@ def test_refuses_arbitrary_pickles(tmp_path):
     bad = tmp_path / "evil.pth"
     torch.save({"lin0.model.1.weight": _NotATensor()}, bad)
     with pytest.raises(UserError, match="weights_only"):
-        iqa_classic.read_state_dict(bad)
+        torch_read.read_tensors(bad)
     with pytest.raises(UserError, match="not found"):
-        iqa_classic.read_state_dict(tmp_path / "absent.pth")
+        torch_read.read_tensors(tmp_path / "absent.pth")

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import ViTConfig, ViTModel
 
-from convert import iqa_learned
+from fluxir_convert.iqa import convert_iqa
+from fluxir_jax.iqa import weights as iqa_weights
 from fluxir_jax import cli
 from fluxir_jax.errors import UserError
 from fluxir_jax.iqa import maniqa
@@ -261,7 +262,7 @@ def tiny_ckpt(tmp_path_factory):
     sd = {**timm_layout(vit), **head.state_dict()}
     d = tmp_path_factory.mktemp("maniqa")
     torch.save(sd, d / "ckpt_tiny.pt")
-    iqa_learned.convert_maniqa(d / "ckpt_tiny.pt", d / "maniqa_tiny.safetensors", preset="tiny")
+    convert_iqa("maniqa", [d / "ckpt_tiny.pt"], d / "maniqa_tiny.safetensors", preset="tiny")
     return vit, head, sd, d / "ckpt_tiny.pt", d / "maniqa_tiny.safetensors"
 
 
@@ -313,9 +314,11 @@ def test_converter_round_trip(tiny_ckpt, tmp_path):
     save_file({k: v.contiguous() for k, v in sd.items()}, str(st_path))
     wrapped = tmp_path / "wrapped.pth"
     torch.save({"params": {f"module.{k}": v for k, v in sd.items()}}, wrapped)  # DataParallel-style, nested
-    a = maniqa.load_maniqa(str(pt_path), preset="tiny")
-    assert iqa_learned.read_converted(conv_path)[0] == "maniqa"
-    for src in (conv_path, st_path, wrapped):
+    a = maniqa.load_maniqa(str(conv_path), preset="tiny")
+    assert iqa_weights.read_converted(conv_path)[0] == "maniqa"
+    wrapped_conv = tmp_path / "wrapped.safetensors"
+    convert_iqa("maniqa", [wrapped], wrapped_conv, preset="tiny")
+    for src in (st_path, wrapped_conv):   # a published state dict as .safetensors is read directly
         b = maniqa.load_maniqa(str(src), preset="tiny")
         assert b[0] == a[0]
         for u, v in zip(jax.tree.leaves(b[1]), jax.tree.leaves(a[1])):
@@ -326,29 +329,31 @@ def test_converter_round_trip(tiny_ckpt, tmp_path):
     np.testing.assert_array_equal(flat["conv1.kernel"], sd["conv1.weight"].numpy().transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(flat["fc_weight.fc3.bias"], sd["fc_weight.3.bias"].numpy())
     assert "vit.blocks.3.norm1.scale" not in flat
-    assert cli.main(["convert-iqa", "maniqa", str(pt_path), str(tmp_path / "cli.safetensors"), "--preset", "tiny"]) == 0
+    assert cli.main(["convert-iqa", "maniqa", str(pt_path), "-o", str(tmp_path / "cli.safetensors"), "--preset", "tiny"]) == 0
+    with pytest.raises(UserError, match=r"not PyTorch files; convert .*`fluxir convert-iqa maniqa ckpt_koniq10k\.pt -o"):
+        maniqa.load_maniqa(str(pt_path), preset="tiny")
 
 
 def test_wrong_architecture_names_first_bad_key(tiny_ckpt):
     _, _, sd, _, _ = tiny_ckpt
     np_sd = {k: v.numpy() for k, v in sd.items()}
     with pytest.raises(UserError, match=r"'vit\.cls_token' has shape \(1, 1, 32\)"):
-        iqa_learned.convert_maniqa_state_dict(np_sd, "tiny.pt", preset="koniq")
+        maniqa.params_from_published(np_sd, "tiny.pt", preset="koniq")
     bad = dict(np_sd)
     del bad["swintransformer2.layers.1.blocks.1.attn.relative_position_bias_table"]
     with pytest.raises(UserError, match=r"missing key 'swintransformer2\.layers\.1\.blocks\.1\.attn\.relative_position_bias_table'"):
-        iqa_learned.convert_maniqa_state_dict(bad, "bad.pt", preset="tiny")
+        maniqa.params_from_published(bad, "bad.pt", preset="tiny")
     extra = dict(np_sd)
     extra["tablock1.2.c_q.weight"] = np_sd["tablock1.1.c_q.weight"]
     with pytest.raises(UserError, match=r"unexpected key 'tablock1\.2\.c_q\.weight'"):
-        iqa_learned.convert_maniqa_state_dict(extra, "extra.pt", preset="tiny")
+        maniqa.params_from_published(extra, "extra.pt", preset="tiny")
     with pytest.raises(UserError, match=r"unexpected key 'visual\.conv1\.weight'"):
-        iqa_learned.convert_maniqa_state_dict({"visual.conv1.weight": np.zeros((4, 3, 3, 3), np.float32)}, "clip.pt",
+        maniqa.params_from_published({"visual.conv1.weight": np.zeros((4, 3, 3, 3), np.float32)}, "clip.pt",
                                               preset="tiny")
 
 
 def test_koniq_preset_layout():
-    shapes = iqa_learned.abstract_shapes(maniqa.abstract_model(maniqa.PRESETS["koniq"]))
+    shapes = iqa_weights.abstract_shapes(maniqa.abstract_model(maniqa.PRESETS["koniq"]))
     assert shapes["vit.pos_embed"][1] == (1, 785, 768)
     assert shapes["vit.patch_embed.proj.kernel"][1] == (8, 8, 3, 768)
     assert "vit.blocks.9.mlp.fc2.kernel" in shapes and "vit.blocks.10.norm1.scale" not in shapes

@@ -19,7 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from convert import iqa_learned
+from fluxir_convert.iqa import convert_iqa
+from fluxir_jax.iqa import weights as iqa_weights
 from fluxir_jax import cli
 from fluxir_jax.errors import UserError
 from fluxir_jax.iqa import musiq
@@ -37,7 +38,7 @@ def random_params(cfg: musiq.MUSIQConfig, seed: int) -> dict[str, np.ndarray]:
     """Random values for every parameter (no zero inits), keyed by original checkpoint names."""
     rng = np.random.default_rng(seed)
     out = {}
-    for key, (_, shape) in iqa_learned.abstract_shapes(musiq.abstract_model(cfg)).items():
+    for key, (_, shape) in iqa_weights.abstract_shapes(musiq.abstract_model(cfg)).items():
         if key.endswith(".scale") and len(shape) == 1:       # norm scales
             v = 1.0 + 0.2 * rng.standard_normal(shape)
         elif key.endswith(".bias") or key.endswith("_embedding") or key.endswith(".cls"):
@@ -236,7 +237,7 @@ def test_musiq_matches_torch_reference(tmp_path, num_classes):
         ref = ref_logits[:, 0]
     else:
         ref = (torch.from_numpy(ref_logits).softmax(-1) * torch.arange(1, 11)).sum(-1).numpy()
-    graphdef, state = iqa_learned.build_state(musiq.abstract_model(cfg), {k.replace("/", "."): v for k, v in P.items()})
+    graphdef, state = iqa_weights.build_state(musiq.abstract_model(cfg), {k.replace("/", "."): v for k, v in P.items()})
     from fluxir_jax.iqa.registry import model_scorer
 
     with jax.default_matmul_precision("highest"):
@@ -259,8 +260,8 @@ def test_converter_round_trip_npz(tmp_path):
     src = tmp_path / "tiny_ckpt.npz"
     _save_npz(src, P)
     dst = tmp_path / "musiq_tiny.safetensors"
-    iqa_learned.convert_musiq(src, dst, preset="tiny")
-    assert iqa_learned.read_converted(dst)[0] == "musiq"
+    convert_iqa("musiq", [src], dst, preset="tiny")
+    assert iqa_weights.read_converted(dst)[0] == "musiq"
     a = musiq.load_musiq(str(src), preset="tiny")
     b = musiq.load_musiq(str(dst))  # the converted file carries its own config
     assert a[0] == b[0]
@@ -269,8 +270,8 @@ def test_converter_round_trip_npz(tmp_path):
     flat = {k.replace("/", "."): v for k, v in P.items()}
     for path, var in __import__("flax").nnx.to_flat_state(a[1]):
         np.testing.assert_array_equal(np.asarray(var.get_value()), flat[".".join(map(str, path))])
-    assert cli.main(["convert-iqa", "musiq", str(src), str(tmp_path / "cli2.safetensors"), "--preset", "tiny"]) == 0
-    assert iqa_learned.read_converted(tmp_path / "cli2.safetensors")[0] == "musiq"
+    assert cli.main(["convert-iqa", "musiq", str(src), "-o", str(tmp_path / "cli2.safetensors"), "--preset", "tiny"]) == 0
+    assert iqa_weights.read_converted(tmp_path / "cli2.safetensors")[0] == "musiq"
     # registry: a scorer from the converted file
     from fluxir_jax.iqa.registry import get_metric
 
@@ -298,12 +299,12 @@ def test_wrong_architecture_names_first_bad_key(tmp_path):
         musiq.load_musiq(str(src), preset="tiny")
     with pytest.raises(UserError, match="unknown MUSIQ preset"):
         musiq.load_musiq(str(src), preset="bogus")
-    assert cli.main(["convert-iqa", "musiq", str(src), str(tmp_path / "o2.safetensors"), "--preset", "koniq"]) == 2
+    assert cli.main(["convert-iqa", "musiq", str(src), "-o", str(tmp_path / "o2.safetensors"), "--preset", "koniq"]) == 2
     assert not (tmp_path / "o2.safetensors").exists()
 
 
 def test_koniq_preset_layout():
-    shapes = iqa_learned.abstract_shapes(musiq.abstract_model(musiq.PRESETS["koniq"]))
+    shapes = iqa_weights.abstract_shapes(musiq.abstract_model(musiq.PRESETS["koniq"]))
     assert shapes["embedding.kernel"][1] == (64 * 4 * 8 * 8, 384)
     assert shapes["conv_root.kernel"][1] == (7, 7, 3, 64)
     assert shapes["block1.unit1.conv_proj.kernel"][1] == (1, 1, 64, 256)

@@ -1,4 +1,6 @@
 """NIQE: the MATLAB number on baboon, monotonic in blur, MATLAB imresize, and bad input."""
+import pathlib
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -8,10 +10,9 @@ from skimage import data
 from fluxir_jax.errors import UserError
 from fluxir_jax.iqa import niqe as niqe_mod
 from fluxir_jax.iqa.registry import MetricUnavailable, get_metric
-from tests.conftest import SHARED
 
-PARAMS = SHARED / "data" / "niqe_pris_params.npz"
-BABOON = SHARED / "data" / "baboon.png"
+PARAMS = niqe_mod.PACKAGE_DEFAULT          # shipped in the package (BasicSR's niqe_pris_params.npz)
+BABOON = pathlib.Path(__file__).parents[1] / "data" / "baboon.png"   # Set14 baboon, 500x480 RGB
 MATLAB_BABOON = 5.72957338     # MATLAB R2021a niqe() on the Y channel, crop border 0
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from flax import nnx
 
-from convert import flux_map
+from fluxir_convert import flux_map
+from fluxir_jax import treeutil
 from fluxir_jax.models.flux import Flux, FluxConfig
 
 TINY_DIFFUSERS = dict(
@@ -65,8 +66,7 @@ def flax_from_diffusers(dm, **kw) -> Flux:
     """A Flax Flux holding exactly the weights of diffusers model `dm` (through the BFL names)."""
     sd = {k: v.detach().float().numpy() for k, v in dm.state_dict().items()}
     model = Flux(config_for(dm, **kw), rngs=nnx.Rngs(0))
-    flux_map.load_flax_params(model, flux_map.bfl_to_flax_params(flux_map.diffusers_to_bfl(sd)))
-    return model
+    return treeutil.load_into(model, flux_map.bfl_to_flax_params(flux_map.diffusers_to_bfl(sd)), "diffusers model")
 
 
 def grid_ids(h: int, w: int, offset: float = 0.0) -> np.ndarray:

@@ -8,12 +8,12 @@ from flax import nnx
 
 from fluxir_jax import cli, sampling
 from fluxir_jax.errors import UserError
-from fluxir_jax.models import adapter_io, configs
+from fluxir_jax.models import adapter_io, presets
 from fluxir_jax.models.adapter import FluxIR, FluxIRConfig, FluxIRVelocity, count_params, fluxir_forward
 from fluxir_jax.models.flux import Flux
 from tests.models.flux_reference import rel_err
 
-BASE = configs.get("tiny", depth=2, depth_single_blocks=3)
+BASE = presets.get("tiny", depth=2, depth_single_blocks=3)
 B, H, W, T = 2, 4, 6, 5  # latent 4x6 -> 6 image tokens, 5 text tokens
 
 
@@ -195,7 +195,7 @@ def test_mismatched_base_is_refused(tmp_path, change):
     _, adapter, _ = make()
     path = tmp_path / "a.safetensors"
     adapter_io.export_safetensors(adapter, path)
-    other = configs.get("tiny", **{"depth": 2, "depth_single_blocks": 3, **change})
+    other = presets.get("tiny", **{"depth": 2, "depth_single_blocks": 3, **change})
     field = next(iter(change))
     with pytest.raises(UserError, match=f"adapter was built for base {field}="):
         adapter_io.import_safetensors(path, other)

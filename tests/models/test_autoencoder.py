@@ -22,7 +22,9 @@ import pytest
 import torch
 from flax import nnx
 
-from convert import vae_map
+from fluxir_convert import vae_map
+from fluxir_jax import treeutil
+from fluxir_jax.errors import UserError
 from fluxir_jax.models import autoencoder as ae_mod
 from fluxir_jax.models.autoencoder import AE_PRESETS, AutoEncoder, plan_tiles
 
@@ -82,10 +84,14 @@ def abstract_model(**overrides) -> AutoEncoder:
     return nnx.eval_shape(lambda: AutoEncoder(cfg, rngs=nnx.Rngs(0)))
 
 
+def load_bfl(model, sd) -> AutoEncoder:
+    """`model` with the params of a BFL-keyed state dict (strict; errors name BFL keys)."""
+    flat = dict(vae_map.bfl_to_nnx(k, np.asarray(v)) for k, v in sd.items())
+    return treeutil.load_into(model, flat, "VAE state dict", name=vae_map.nnx_path_to_bfl_key)
+
+
 def make_model(sd, **overrides) -> AutoEncoder:
-    model = abstract_model(**overrides)
-    vae_map.load_diffusers_vae_into(model, sd)
-    return model
+    return load_bfl(abstract_model(**overrides), vae_map.diffusers_to_bfl_state_dict(sd))
 
 
 @pytest.fixture(scope="module")
@@ -349,18 +355,18 @@ def test_model_params_round_trip_to_bfl(diffusers_sd, model):
 
 
 @pytest.mark.parametrize("edit,match", [
-    (lambda sd: sd.pop("encoder.mid.attn_1.k.bias"), "missing.*encoder.mid.attn_1.k.bias"),
-    (lambda sd: sd.update({"encoder.down.0.block.0.extra.weight": np.zeros(8, np.float32)}),
-     "encoder.down.0.block.0.extra.weight"),
+    (lambda sd: sd.pop("encoder.mid.attn_1.k.bias"), "missing key 'encoder.mid.attn_1.k.bias'"),
+    (lambda sd: sd.update({"encoder.down.0.block.0.extra.weight": np.zeros((8, 8, 3, 3), np.float32)}),
+     "unexpected key 'encoder.down.0.block.0.extra.weight'"),
     (lambda sd: sd.update({"decoder.conv_out.weight": np.zeros((3, 8, 1, 1), np.float32)}),
-     "decoder.conv_out.weight.*expects"),
+     "key 'decoder.conv_out.weight' has shape .* expected"),
 ])
 def test_loading_is_strict(diffusers_sd, edit, match):
     sd = vae_map.diffusers_to_bfl_state_dict(diffusers_sd)
     edit(sd)
     target = abstract_model()
-    with pytest.raises(ValueError, match=match):
-        vae_map.load_bfl_vae_into(target, sd)
+    with pytest.raises(UserError, match=match):
+        load_bfl(target, sd)
 
 
 def test_unknown_diffusers_key_raises():

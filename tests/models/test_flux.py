@@ -8,7 +8,7 @@ import pytest
 import torch
 from flax import nnx
 
-from fluxir_jax.models import configs
+from fluxir_jax.models import presets
 from fluxir_jax.models.flux import Control, ControlStream, Flux
 from tests.models.flux_reference import (
     flax_from_diffusers,
@@ -72,7 +72,7 @@ def test_control_residuals_match_diffusers_controlnet_injection():
 
 def test_shared_features_with_gates_equal_per_block_residuals():
     """The factored control form (features [B,N,C] x gates [n,B,C]) equals explicit per-block residuals, txt included."""
-    model = Flux(configs.get("tiny", depth=2, depth_single_blocks=3), rngs=nnx.Rngs(0))
+    model = Flux(presets.get("tiny", depth=2, depth_single_blocks=3), rngs=nnx.Rngs(0))
     x = inputs(batch=2, h=2, w=3, t=4, ctx=32, vec=32)
     rng = np.random.default_rng(0)
     f_img, f_txt = rng.standard_normal((2, 6, 64)), rng.standard_normal((2, 4, 64))
@@ -132,7 +132,7 @@ def test_scan_and_remat_variants_give_the_same_output_and_gradients(variant):
 
 
 def test_jit_of_split_model_matches_eager():
-    model = Flux(configs.get("tiny"), rngs=nnx.Rngs(0))
+    model = Flux(presets.get("tiny"), rngs=nnx.Rngs(0))
     x = inputs(batch=1, h=2, w=2, t=3, ctx=32, vec=32)
     graphdef, state = nnx.split(model)
     jitted = jax.jit(lambda s: run_flax(nnx.merge(graphdef, s), x))(state)
@@ -145,7 +145,7 @@ class TestBadInput:
 
     @classmethod
     def setup_class(cls):
-        cls.model = Flux(configs.get("tiny"), rngs=nnx.Rngs(0))
+        cls.model = Flux(presets.get("tiny"), rngs=nnx.Rngs(0))
         cls.x = inputs(batch=2, h=2, w=2, t=3)
 
     def call(self, **changes):
@@ -180,21 +180,21 @@ class TestBadInput:
 
 
 def test_presets():
-    tiny = configs.get("tiny")
+    tiny = presets.get("tiny")
     n = sum(x.size for x in jax.tree.leaves(nnx.state(nnx.eval_shape(lambda: Flux(tiny, rngs=nnx.Rngs(0))), nnx.Param)))
     assert 1e5 <= n <= 1e6
-    small = configs.get("small")
+    small = presets.get("small")
     n = sum(x.size for x in jax.tree.leaves(nnx.state(nnx.eval_shape(lambda: Flux(small, rngs=nnx.Rngs(0))), nnx.Param)))
     assert 5e7 <= n <= 1e8
-    dev = configs.get("flux-dev")
+    dev = presets.get("flux-dev")
     n = sum(x.size for x in jax.tree.leaves(nnx.state(nnx.eval_shape(lambda: Flux(dev, rngs=nnx.Rngs(0))), nnx.Param)))
     assert abs(n - 11.9e9) < 0.05e9  # BFL flux1-dev has ~11.9B parameters
-    assert configs.get("flux-schnell").guidance_embed is False
+    assert presets.get("flux-schnell").guidance_embed is False
 
 
 def test_full_flux_dev_compiles_from_abstract_shapes():
     """AOT lower + compile of one 1024x1024 flux-dev step (batch 1) with no weights allocated."""
-    cfg = configs.get("flux-dev")
+    cfg = presets.get("flux-dev")
     abstract = nnx.eval_shape(lambda: Flux(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     L, T = (1024 // 16) ** 2, 512

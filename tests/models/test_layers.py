@@ -13,7 +13,7 @@ import pytest
 import torch
 from flax import nnx
 
-from convert.flux_map import flax_to_bfl
+from fluxir_convert.flux_map import flax_to_bfl
 from fluxir_jax.models import layers as L
 from tests.models.flux_reference import rel_err
 

@@ -1,7 +1,9 @@
-"""LPIPS and DISTS weights in their published layouts -> our parameter pytrees (and back).
+"""LPIPS and DISTS weights: the published layouts -> our parameter pytrees, and the loaders.
 
-Files are read with safetensors or `torch.load(weights_only=True)` (never arbitrary unpickling);
-several files may be given and their keys are merged. Accepted layouts:
+`load_lpips(weights, net)` / `load_dists(weights)` take a file converted by `fluxir convert-iqa
+lpips|lpips-vgg|dists` or the published tensors saved as `.safetensors`/`.npz` (several files
+may be given; their keys are merged). Published PyTorch pickles are refused with the convert-iqa
+command that converts them (see `fluxir_jax.iqa.weights`). Accepted layouts:
 
 LPIPS (`net` = "alex" or "vgg"):
   * the v0.1 linear heads as the `lpips` package ships them (`weights/v0.1/alex.pth`, `vgg.pth`):
@@ -23,7 +25,6 @@ bad key (unexpected name, wrong shape, missing key).
 from __future__ import annotations
 
 import os
-import pathlib
 import re
 from typing import Iterable, Sequence
 
@@ -32,94 +33,15 @@ import numpy as np
 from fluxir_jax.errors import UserError
 from fluxir_jax.iqa import dists as _dists
 from fluxir_jax.iqa import lpips as _lpips
+from fluxir_jax.iqa import weights as _weights
 
-_WRAPPERS = ("state_dict", "model", "params", "net", "module")
-
-
-# ------------------------------------------------------------------ reading
-def _to_numpy(v):
-    if isinstance(v, np.ndarray):
-        return v
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch tensors only come from torch.load
-        return None
-    if isinstance(v, torch.Tensor):
-        return v.detach().to(torch.float32).cpu().numpy() if v.is_floating_point() else v.cpu().numpy()
-    return None
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            arr = _to_numpy(v)
-            if arr is not None:          # non-tensor entries (epoch counters, names) are metadata
-                out[key] = arr
-    return out
-
-
-def _read_one(path: pathlib.Path) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        raise UserError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.numpy import load_file
-            return dict(load_file(str(path)))
-        except Exception as e:  # noqa: BLE001
-            try:  # bfloat16 tensors need torch
-                from safetensors.torch import load_file as load_torch
-                return _flatten(load_torch(str(path)))
-            except Exception:  # noqa: BLE001
-                raise UserError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e})") from None
-    try:
-        import torch
-    except ImportError:
-        raise UserError(f"{path}: reading PyTorch checkpoints needs torch (pip install torch), "
-                        f"or pass a .safetensors copy") from None
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- unpickling refused or corrupt file
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a plain tensor checkpoint readable with torch.load(weights_only=True): "
-                        f"{msg}") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path}: expected a state dict, found a {type(obj).__name__}")
-    while len(obj) == 1 and next(iter(obj)) in _WRAPPERS and isinstance(next(iter(obj.values())), dict):
-        obj = next(iter(obj.values()))
-    return _flatten(obj)
-
-
-def read_state_dict(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> dict[str, np.ndarray]:
-    """Merge one or more weight files into one flat {name: float32 array} dict ('module.' prefixes
-    dropped). A key present in two files with different values is an error."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    paths = [pathlib.Path(p) for p in paths]
-    if not paths:
-        raise UserError("no weights file given")
-    out: dict[str, np.ndarray] = {}
-    origin: dict[str, pathlib.Path] = {}
-    for p in paths:
-        for k, v in _read_one(p).items():
-            k = k[len("module."):] if k.startswith("module.") else k
-            if k in out and (out[k].shape != v.shape or not np.array_equal(out[k], v)):
-                raise UserError(f"key {k!r} is in both {origin[k]} and {p} with different values")
-            out[k], origin[k] = v, p
-    return out
+WeightsArg = str | os.PathLike | Sequence[str | os.PathLike]
 
 
 # ------------------------------------------------------------------ shared helpers
 def _conv(weight: np.ndarray) -> np.ndarray:
     """torch OIHW -> flax HWIO."""
     return np.ascontiguousarray(np.transpose(weight, (2, 3, 1, 0)), dtype=np.float32)
-
-
-def _conv_back(kernel) -> np.ndarray:
-    return np.ascontiguousarray(np.transpose(np.asarray(kernel, np.float32), (3, 2, 0, 1)))
 
 
 def _expect_shape(key: str, arr: np.ndarray, shape: tuple, what: str) -> None:
@@ -232,31 +154,6 @@ def lpips_params_from_state_dict(sd: dict[str, np.ndarray], net: str = "alex") -
     return params
 
 
-def lpips_state_dict_from_params(params: dict, net: str = "alex", layout: str = "module") -> dict[str, np.ndarray]:
-    """Our LPIPS params -> published layout. `layout="module"`: one `lpips.LPIPS` state dict;
-    `"heads"`: just `lin{k}.model.1.weight`; `"torchvision"`: just the backbone `features.*`."""
-    out: dict[str, np.ndarray] = {}
-    bounds = _LPIPS_SLICE_BOUNDS[net]
-    if layout == "module":
-        out["scaling_layer.shift"] = np.asarray(_lpips.SHIFT, np.float32).reshape(1, 3, 1, 1)
-        out["scaling_layer.scale"] = np.asarray(_lpips.SCALE, np.float32).reshape(1, 3, 1, 1)
-    if layout in ("module", "torchvision"):
-        for i in _backbone_convs(net):
-            conv = params["backbone"][f"conv{i}"]
-            prefix = f"net.slice{_slice_of(i, bounds)}.{i}" if layout == "module" else f"features.{i}"
-            out[f"{prefix}.weight"] = _conv_back(conv["kernel"])
-            out[f"{prefix}.bias"] = np.asarray(conv["bias"], np.float32)
-    if layout in ("module", "heads"):
-        for k in range(len(_lpips.CHANNELS[net])):
-            w = _conv_back(params[f"lin{k}"]["kernel"])
-            out[f"lin{k}.model.1.weight"] = w
-            if layout == "module":
-                out[f"lins.{k}.model.1.weight"] = w
-    if layout not in ("module", "heads", "torchvision"):
-        raise ValueError(f"unknown layout {layout!r}")
-    return out
-
-
 # ------------------------------------------------------------------ DISTS
 def _l2pool_filter(c: int) -> np.ndarray:
     g = np.hanning(5)[1:-1]
@@ -311,24 +208,32 @@ def dists_params_from_state_dict(sd: dict[str, np.ndarray]) -> dict:
     return {"backbone": backbone, "alpha": ab["alpha"], "beta": ab["beta"]}
 
 
-def dists_state_dict_from_params(params: dict, layout: str = "module") -> dict[str, np.ndarray]:
-    """Our DISTS params -> published layout. `layout="module"`: one DISTS module state dict (with
-    its buffers); `"alpha_beta"`: the `weights.pt` dict; `"torchvision"`: the VGG16 `features.*`."""
-    out: dict[str, np.ndarray] = {}
-    if layout not in ("module", "alpha_beta", "torchvision"):
-        raise ValueError(f"unknown layout {layout!r}")
-    if layout in ("module", "alpha_beta"):
-        out["alpha"] = np.asarray(params["alpha"], np.float32).reshape(1, _dists.TOTAL, 1, 1)
-        out["beta"] = np.asarray(params["beta"], np.float32).reshape(1, _dists.TOTAL, 1, 1)
-    if layout == "module":
-        out["mean"] = np.asarray(_dists.MEAN, np.float32).reshape(1, 3, 1, 1)
-        out["std"] = np.asarray(_dists.STD, np.float32).reshape(1, 3, 1, 1)
-        for i, c in _DISTS_POOL_CHANNELS.items():
-            out[f"stage{_slice_of(i, _DISTS_STAGE_BOUNDS)}.{i}.filter"] = _l2pool_filter(c)
-    if layout in ("module", "torchvision"):
-        for i in _backbone_convs("vgg"):
-            conv = params["backbone"][f"conv{i}"]
-            prefix = f"stage{_slice_of(i, _DISTS_STAGE_BOUNDS)}.{i}" if layout == "module" else f"features.{i}"
-            out[f"{prefix}.weight"] = _conv_back(conv["kernel"])
-            out[f"{prefix}.bias"] = np.asarray(conv["bias"], np.float32)
-    return out
+# ------------------------------------------------------------------ loaders
+def load_lpips_params(weights: WeightsArg, net: str = "alex") -> dict:
+    """Pure-dict LPIPS(net) params from a converted file or published-layout tensors."""
+    metric = "lpips" if net == "alex" else "lpips-vgg"
+
+    def published(sd, source):
+        return {"net": net}, _weights.flat_params(lpips_params_from_state_dict(sd, net))
+
+    cfg, flat = _weights.load_flat(metric, weights, published)
+    if cfg.get("net", net) != net:
+        raise UserError(f"{weights}: holds LPIPS-{cfg.get('net')} weights, not LPIPS-{net}")
+    return _weights.nested_params(flat)
+
+
+def load_lpips(weights: WeightsArg, net: str = "alex") -> "_lpips.LPIPS":
+    """LPIPS(net) holding the given weights (see the module docstring)."""
+    return _lpips.lpips_from_params(load_lpips_params(weights, net), net)
+
+
+def load_dists_params(weights: WeightsArg) -> dict:
+    """Pure-dict DISTS params from a converted file or published-layout tensors."""
+    cfg, flat = _weights.load_flat("dists", weights,
+                                   lambda sd, source: ({}, _weights.flat_params(dists_params_from_state_dict(sd))))
+    return _weights.nested_params(flat)
+
+
+def load_dists(weights: WeightsArg) -> "_dists.DISTS":
+    """DISTS holding the given weights (see the module docstring)."""
+    return _dists.dists_from_params(load_dists_params(weights))

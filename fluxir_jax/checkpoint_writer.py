@@ -1,4 +1,9 @@
-"""Write parameter trees to an Orbax checkpoint (OCDBT + zarr3) one tensor slice at a time.
+"""Write fluxir checkpoints: parameter trees to Orbax (OCDBT + zarr3) one tensor slice at a time.
+
+The one writer of the checkpoint format `fluxir_jax.checkpoint` reads: `fluxir convert`
+(leaves read from PyTorch files) and `fluxir init` (random leaves) both hand it lazy trees,
+and `write_checkpoint` adds config.json and text/empty.npz and renames the finished directory
+into place. It needs no PyTorch.
 
 Orbax saves a whole pytree per call, which would need every converted tensor in host memory
 at once (and a scanned FLUX block parameter alone, e.g. single_blocks/linear1/kernel
@@ -39,8 +44,15 @@ import collections
 import concurrent.futures
 import ctypes
 import dataclasses
+import json
 import math
+import os
+import pathlib
+import shutil
+import sys
 import threading
+import time
+import uuid
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -164,7 +176,7 @@ def _handler_class():
             jobs = [(value, info, arg, piece) for value, info, arg in zip(values, infos, args) for piece in value.pieces]
             loop = asyncio.get_running_loop()
             stores: dict[int, object] = {}
-            with _LOCK, concurrent.futures.ThreadPoolExecutor(self.workers, "fluxir-convert") as pool:
+            with _LOCK, concurrent.futures.ThreadPoolExecutor(self.workers, "fluxir-writer") as pool:
                 produced: collections.deque = collections.deque()
                 pending: collections.deque = collections.deque()
                 inflight = 0
@@ -240,8 +252,6 @@ def release_freed_buffers_to_os() -> None:
 
 def sync_tree(root) -> None:
     """fsync every file and directory under `root` (chunks are written without per-write syncs)."""
-    import os
-
     for dirpath, _, files in os.walk(root):
         for name in files:
             fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
@@ -282,3 +292,97 @@ def save(directory, items: Mapping[str, Mapping], *, inflight_bytes: int = 64 * 
             checkpointer.save(directory, ocp.args.Composite(**{k: ocp.args.PyTreeSave(v) for k, v in items.items()}))
         finally:
             checkpointer.close()
+
+
+# ----------------------------------------------------------------------------- whole checkpoints
+
+TEXT_FILE = "text/empty.npz"
+
+
+class Progress:
+    """A tqdm byte counter on stderr (or nothing), called with the bytes written so far."""
+
+    def __init__(self, total: int, enabled: bool, desc: str):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                            file=sys.stderr, smoothing=0.1)
+
+    def __call__(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def remove(path: pathlib.Path) -> None:
+    """Delete a file, link or directory tree if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def write_checkpoint(out, trees: Mapping[str, Mapping], config: dict, text: Mapping[str, np.ndarray] | None = None,
+                     *, progress: bool = True, desc: str = "write") -> tuple[int, float]:
+    """Write a whole checkpoint at `out` (absolute; replaced only once the new one is complete).
+
+    `trees`: {item: nested dict of LazyArray}; `config`: the config.json content; `text`: the
+    arrays of text/empty.npz (or None). Everything goes to a hidden sibling that is fsynced
+    and renamed to `out`; on any failure nothing is left (missing parent directories created
+    here are removed again). Callers check whether `out` may be replaced. Returns (bytes of
+    parameters written, seconds).
+    """
+    out = pathlib.Path(out)
+    created: list[pathlib.Path] = []
+    parent = out.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    tmp = out.parent / f".{out.name}.writing-{uuid.uuid4().hex[:8]}"
+    total = sum(leaf.nbytes for tree in trees.values() for leaf in iter_leaves(tree))
+    bar = None
+    ok = False
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        bar = Progress(total, progress, desc)
+        t0 = time.time()
+        save(tmp, trees, progress=bar)
+        bar.close()
+        if text is not None:
+            (tmp / TEXT_FILE).parent.mkdir(parents=True)
+            with open(tmp / TEXT_FILE, "wb") as f:
+                np.savez(f, **text)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        sync_tree(tmp)
+        if out.exists():  # overwrite: swap, then delete the old one
+            old = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            remove(old)
+        else:
+            os.rename(tmp, out)
+        ok = True
+        return total, time.time() - t0
+    finally:
+        if bar is not None:
+            bar.close()
+        if not ok:
+            remove(tmp)
+            for leftover in out.parent.glob(f"{tmp.name}*"):
+                remove(leftover)
+            for d in created:
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def iter_leaves(tree):
+    """The leaves of a nested dict."""
+    if isinstance(tree, Mapping):
+        for v in tree.values():
+            yield from iter_leaves(v)
+    else:
+        yield tree
