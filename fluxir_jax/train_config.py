@@ -1,6 +1,6 @@
 """`fluxir train` configuration: dataclasses, YAML + key=value overrides, and validation.
 
-Every default comes from ../shared/paper.md ("FluxIR" section, [default] entries). A mistake a
+Every default comes from the paper's FluxIR section (or our documented choice where it is silent). A mistake a
 user can make (unknown key, mesh that does not fit the devices, batch that does not divide over
 the data axes, base/adapter mismatch, missing dataset) raises `UserError` naming the field,
 before anything is compiled.
