@@ -152,10 +152,11 @@ def compile_only(cfg: TrainConfig, mesh, log=print) -> dict:
         t = Trainer(cfg, mesh, abstract=True, log=lambda *a: None, base_config=small)
         return t.jitted, t.abstract_args()
 
-    xla = aot.xla_flops_unrolled(variant, bc.depth, bc.depth_single_blocks)
     n = len(mesh.devices.flat)
+    # XLA's cost analysis is per device (of the SPMD-partitioned program): times n for the step
+    xla = n * aot.xla_flops_unrolled(variant, bc.depth, bc.depth_single_blocks)
     return {"per_chip_bytes": rep["per_chip_bytes"],
-            "flops_per_step": {"analytic": analytic, "xla": xla, "xla_scan_body_once": rep["xla_flops_once"]},
+            "flops_per_step": {"analytic": analytic, "xla": xla, "xla_scan_body_once": n * rep["xla_flops_once"]},
             "devices": n, "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape),
             "batch_size": cfg.batch_size, "crop_size": cfg.crop_size, "base": cfg.base,
             "lower_s": rep["lower_s"], "compile_s": rep["compile_s"]}
