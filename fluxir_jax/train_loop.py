@@ -281,9 +281,10 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
                     global_batch = parallel.put_global({"hq": batch["hq"], "lq_up": batch["lq_up"]}, mesh)
                     state, metrics = trainer.jitted(state, trainer.frozen, global_batch)
                     step += 1
-                    if step % cfg.checkpoint.every == 0 or step == cfg.steps or stop.requested:
+                    stopping = stop.requested  # read once: a SIGTERM during this iteration acts at the next
+                    if step % cfg.checkpoint.every == 0 or step == cfg.steps or stopping:
                         _save(mgr, step, state, iterator)
-                    if step < cfg.steps and not stop.requested:
+                    if step < cfg.steps and not stopping:
                         batch = next(iterator)
                     metrics = jax.device_get(metrics)
                     logger.advance()
@@ -308,7 +309,7 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
                         logger.write(rec)
                     if validator is not None and step % cfg.val.every == 0:
                         logger.write({"step": step, **validator.run(state.params, step)})
-                    if stop.requested:
+                    if stopping:
                         mgr.wait_until_finished()
                         log(f"SIGTERM: saved checkpoint at step {step}; exiting")
                         return {"step": step, "stopped": "sigterm"}

@@ -180,3 +180,25 @@ def test_non_finite_batch_is_skipped_and_never_checkpointed(tmp, sharded):
         assert all(np.array_equal(got[k], before[k]) and np.all(np.isfinite(got[k])) for k in before)
         state, m = tr.jitted(state, tr.frozen, _global(batches[1], mesh))
         assert bool(m["finite"]) and int(state.bad_run) == 0 and int(state.skipped) == 1
+
+
+@pytest.mark.slow
+def test_validation_writes_a_sample_grid_and_scores(tmp, sharded):
+    import dataclasses
+
+    from PIL import Image
+
+    from fluxir_jax.train_val import Validator
+
+    cfg, mesh, tr = sharded
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val=str(tmp / "pairs"), val_count=2),
+                              val=dataclasses.replace(cfg.val, steps=2))
+    with jax.set_mesh(mesh):
+        v = Validator(cfg, tr, tmp / "val_run")
+        rec = v.run(tr.state.params, 7)
+    assert set(rec) == {"val_psnr", "val_ssim"} and np.isfinite(rec["val_psnr"]) and -1 <= rec["val_ssim"] <= 1
+    grid = np.asarray(Image.open(tmp / "val_run" / "samples" / "step_000007.png"))
+    c = cfg.crop_size
+    assert grid.shape == (2 * c, 3 * c, 3)
+    # rows are LQ (upsampled) | restored | HQ: the HQ column is the val crop itself
+    np.testing.assert_allclose(grid[:c, 2 * c:] / 255.0, v.hq[0], atol=1 / 255 + 1e-6)
