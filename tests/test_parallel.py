@@ -56,3 +56,13 @@ def test_mesh_axis_dropped_where_it_does_not_divide():
     assert parallel.spec_for((16, 64), ("embed", "mlp"), mesh) == P("fsdp", None)
     assert parallel.spec_for((16,), ("batch",), mesh) == P("fsdp")
     assert jax.device_count() == 8
+
+
+def test_create_sharded_makes_parameters_on_their_shards():
+    mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=4))
+    _, state = parallel.create_sharded(lambda: Flux(presets.get("tiny"), rngs=nnx.Rngs(0)), mesh)
+    k = state["double_blocks"]["img_mlp"][0]["kernel"]
+    assert k.sharding.spec == P(None, "fsdp", None)
+    assert k.addressable_shards[0].data.shape == (1, 16, 256)
+    ref = nnx.state(Flux(presets.get("tiny"), rngs=nnx.Rngs(0)))["double_blocks"]["img_mlp"][0]["kernel"]
+    assert (jax.device_get(k[...]) == jax.device_get(ref[...])).all()
