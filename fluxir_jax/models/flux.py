@@ -252,11 +252,17 @@ class Flux(nnx.Module):
         y: Array,
         guidance: Array | None = None,
         control: Control | None = None,
+        *,
+        pe: Array | None = None,
     ) -> Array:
-        return self.forward(img, img_ids, txt, txt_ids, timesteps, y, guidance, control)[0]
+        return self.forward(img, img_ids, txt, txt_ids, timesteps, y, guidance, control, pe=pe)[0]
 
-    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, control=None, *, intermediates=False):
+    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, control=None, *, intermediates=False,
+                pe=None):
         """`__call__` that can also return every block's output (for numerics comparisons).
+
+        `pe`: precomputed rope tables `pos_embed(txt_ids, img_ids)` ([B or 1, T+L, head_dim/2, 2, 2]),
+        so a training loop builds them once per resolution; None computes them here.
 
         With `intermediates=True` the second value is a dict: `double_img` [depth, B, L, C],
         `double_txt` [depth, B, T, C] and `single` [depth_single, B, T+L, C] (outputs after
@@ -265,7 +271,8 @@ class Flux(nnx.Module):
         img_ids, txt_ids = self._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance, control)
         dt = jnp.dtype(self.config.dtype)
         vec = self.embed_vec(timesteps, y, guidance)
-        pe = self.pos_embed(txt_ids, img_ids)
+        if pe is None:
+            pe = self.pos_embed(txt_ids, img_ids)
         img = self.img_in(img.astype(dt))
         txt = self.txt_in(txt.astype(dt))
         (img, txt), d_hist = self.run_double_blocks(img, txt, vec, pe, control.double if control else None, intermediates)
