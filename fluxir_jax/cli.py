@@ -25,7 +25,7 @@ _COMMANDS: list[tuple[str, str, str | None]] = [
     ("convert-iqa", "convert.iqa", None),
     ("gen", None, "FluxGen: generate, select and degrade training pairs (later issue)"),
     ("train", None, "train the FluxIR adapter (later issue)"),
-    ("restore", None, "restore low-quality images (later issue)"),
+    ("restore", "fluxir_jax.restore_folder", None),
 ]
 
 
