@@ -23,7 +23,7 @@ _COMMANDS: list[tuple[str, str, str | None]] = [
     ("degrade", "fluxir_jax.data.degrade_folder", None),
     ("eval", "fluxir_jax.iqa.eval_cli", None),
     ("convert-iqa", "convert.iqa", None),
-    ("gen", None, "FluxGen: generate, select and degrade training pairs (later issue)"),
+    ("gen", "fluxir_jax.fluxgen", None),
     ("train", None, "train the FluxIR adapter (later issue)"),
     ("restore", "fluxir_jax.restore_folder", None),
 ]
