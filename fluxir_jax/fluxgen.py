@@ -45,8 +45,16 @@ def image_id(index: int) -> str:
     return f"{index:09d}"
 
 
-def make_program(graphdefs: dict, flux_cfg, vae_cfg, cfg: GenConfig):
-    """program(params, {"seed": [b] uint32}) -> {"image": [b, R, R, 3] uint8}: sample, decode, quantise."""
+def make_program(graphdefs: dict, flux_cfg, vae_cfg, cfg: GenConfig, per_example: bool = True):
+    """program(params, {"seed": [b] uint32}) -> {"image": [b, R, R, 3] uint8}: sample, decode, quantise.
+
+    `per_example` (pmap mode) runs the images of a device's batch one after another
+    (`lax.map`): XLA's CPU kernels give batch-size-dependent roundings, so this is what makes
+    the bytes independent of batch size and device count. A 1024 px image is 4096 tokens, so
+    batch 1 still fills a chip. The sharded mode keeps the batch (the batch is what spreads
+    over the chips there).
+    """
+    import jax
     import jax.numpy as jnp
     from flax import nnx
 
@@ -58,14 +66,19 @@ def make_program(graphdefs: dict, flux_cfg, vae_cfg, cfg: GenConfig):
     velocity = sampling.FluxVelocity(graphdefs["base"])
     guidance = cfg.guidance if flux_cfg.guidance_embed else None
 
-    def program(params, batch):
-        b = batch["seed"].shape[0]
-        noise = sampling.pack(sampling.get_noise(batch["seed"], lh, lw, vae_cfg.z_channels))
+    def images(params, seeds):
+        b = seeds.shape[0]
+        noise = sampling.pack(sampling.get_noise(seeds, lh, lw, vae_cfg.z_channels))
         cond = sampling.text_conditioning(params["txt"], params["y"], b, lh, lw, guidance)
         z = sampling.unpack(sampling.denoise(velocity, params["base"], noise, cond, timesteps), lh, lw)
         img = nnx.merge(graphdefs["vae"], params["vae"]).decode(z)
         img = jnp.clip((img.astype(jnp.float32) + 1.0) * 0.5, 0.0, 1.0)
-        return {"image": jnp.round(img * 255.0).astype(jnp.uint8)}
+        return jnp.round(img * 255.0).astype(jnp.uint8)
+
+    def program(params, batch):
+        if per_example:  # one image at a time: the same shapes, hence the same bytes, whatever the batch
+            return {"image": jax.lax.map(lambda s: images(params, s[None])[0], batch["seed"])}
+        return {"image": images(params, batch["seed"])}
 
     return program
 
@@ -145,7 +158,7 @@ def generate(cfg: GenConfig, lower_better: dict, out: pathlib.Path, pi: int, pc:
     params["txt"] = np.asarray(text["t5"], np.float32)
     params["y"] = np.asarray(text["clip"], np.float32)
     engine = Engine(params, parallel=cfg.parallel, devices=n_dev, batch_per_device=cfg.batch_size // n_dev)
-    program = make_program(graphdefs, base.config, vae.config, cfg)
+    program = make_program(graphdefs, base.config, vae.config, cfg, per_example=engine.mode == "pmap")
     metrics = {m: get_metric(m, weights=metric_weights(cfg, m)) for m in cfg.metrics}
     t_load = time.perf_counter() - t_start
 
