@@ -41,10 +41,6 @@ from fluxir_jax.fluxgen_config import (GenConfig, check_inputs, devices_for, hos
 CONFIG_NAME = "config.yaml"
 
 
-def image_id(index: int) -> str:
-    return f"{index:09d}"
-
-
 def make_program(graphdefs: dict, flux_cfg, vae_cfg, cfg: GenConfig, per_example: bool = True):
     """program(params, {"seed": [b] uint32}) -> {"image": [b, R, R, 3] uint8}: sample, decode, quantise.
 
@@ -144,7 +140,7 @@ def generate(cfg: GenConfig, lower_better: dict, out: pathlib.Path, pi: int, pc:
     deg_w = None
     if cfg.degrade_while_generating:
         deg_w = DatasetWriter(out / part_name(fs.DEGRADED, pi, pc), config=fs.degradation_key(cfg), shard_size=cfg.shard_size)
-    todo_total = sum(1 for i in range(start, stop) if image_id(i) not in pool_w)
+    todo_total = sum(1 for i in range(start, stop) if fs.image_id(i) not in pool_w)
 
     dtype = {"dtype": cfg.dtype} if cfg.dtype else {}
     base = ckpt.load_flux(cfg.base, **dtype)
@@ -173,7 +169,7 @@ def generate(cfg: GenConfig, lower_better: dict, out: pathlib.Path, pi: int, pc:
             degrader.submit(PairExample(id=r["id"], hq_png=r["hq_png"], seed=r["seed"], iqa=r["iqa"], meta=r["meta"])
                             for r in done if r["id"] not in deg_w)
         for s0 in range(start, stop, cfg.shard_size):
-            idx = [i for i in range(s0, min(s0 + cfg.shard_size, stop)) if image_id(i) not in pool_w]
+            idx = [i for i in range(s0, min(s0 + cfg.shard_size, stop)) if fs.image_id(i) not in pool_w]
             if not idx:
                 continue
             t = time.perf_counter()
@@ -192,7 +188,7 @@ def generate(cfg: GenConfig, lower_better: dict, out: pathlib.Path, pi: int, pc:
                     scores[m][k:k + cfg.score_batch] = metric(chunk)
             seconds["score"] += time.perf_counter() - t
             t = time.perf_counter()
-            examples = [PairExample(id=image_id(i), hq_png=fs.encode_png(images[k], cfg.png_compress_level),
+            examples = [PairExample(id=fs.image_id(i), hq_png=fs.encode_png(images[k], cfg.png_compress_level),
                                     seed=cfg.seed + i, iqa={m: float(scores[m][k]) for m in metrics},
                                     meta={"index": i, "resolution": cfg.resolution, "steps": cfg.steps,
                                           "guidance": cfg.guidance})

@@ -27,6 +27,11 @@ from fluxir_jax.data.dataset import INFO_NAME, DatasetWriter, PairedSource, Pair
 POOL, DEGRADED, PAIRS = "pool", "degraded", "pairs"
 
 
+def image_id(index: int) -> str:
+    """The id of image `index` (its seed is seed + index): 9 digits, so ids sort like indices."""
+    return f"{index:09d}"
+
+
 # ----------------------------------------------------------------------------- degradation (workers)
 
 
@@ -267,6 +272,12 @@ def run_selection(out: pathlib.Path, cfg, executor, stats: dict | None = None) -
     """Selection + pairs/ + contact sheet + summary.json from a finished pool; returns the summary."""
     t0 = time.perf_counter()
     headers, lower = read_pool(out)
+    expect = [image_id(i) for i in range(cfg.count)]
+    if [h["id"] for h in headers] != expect:
+        from fluxir_jax.errors import UserError
+
+        raise UserError(f"{out}: the pool holds {len(headers)} of count={cfg.count} images; "
+                        "finish every process's fluxir gen first")
     lower = {m: lower[m] for m in cfg.metrics} if all(m in lower for m in cfg.metrics) else lower
     scores = {h["id"]: {m: float(h["iqa"][m]) for m in lower} for h in headers}
     kept, report = select(scores, lower, cfg.select.percentile)

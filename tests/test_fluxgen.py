@@ -54,6 +54,7 @@ def shard_bytes(path) -> list[bytes]:
     return [p.read_bytes() for p in sorted((pathlib.Path(path) / "shards").glob("*.array_record"))]
 
 
+@pytest.mark.slow
 def test_outputs_counts_selection_and_training_pipeline(reference):
     from fluxir_jax.data.pipeline import PipelineConfig, make_iterator
 
@@ -93,6 +94,7 @@ def test_select_percentile_rule():
     assert select(scores, {"up": False}, 0)[0] == sorted(scores)
 
 
+@pytest.mark.slow
 def test_bytes_independent_of_batch_and_devices(ckpt, reference, tmp_path):
     other = gen(ckpt, tmp_path / "b16", "batch_size=16", "parallel=pmap", "workers=0")
     for kind in ("pool", "pairs", "degraded"):
@@ -143,6 +145,7 @@ def test_gen_select_rewrites_pairs_without_sampling(ckpt, reference, tmp_path, m
     assert all(90 <= r["params"]["jpeg1"]["quality"] <= 95 for r in PairedSource(out / "pairs"))
 
 
+@pytest.mark.slow
 def test_kill_then_resume_is_identical(ckpt, reference, tmp_path):
     out = tmp_path / "killed"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -164,10 +167,12 @@ def test_kill_then_resume_is_identical(ckpt, reference, tmp_path):
         == COUNT - done * SHARD
 
 
+@pytest.mark.slow
 def test_two_processes_write_disjoint_ranges(ckpt, reference, tmp_path):
     out = tmp_path / "two"
-    for p in range(2):
-        gen(ckpt, out, f"process_index={p}", "process_count=2", "workers=0")
+    gen(ckpt, out, "process_index=0", "process_count=2", "workers=0")
+    assert cli.main(["gen", "select", str(out), "workers=0"]) == 2  # half the pool: refused
+    gen(ckpt, out, "process_index=1", "process_count=2", "workers=0")
     parts = [out / f"pool-{p:05d}-of-00002" for p in range(2)]
     ids = [[r["id"] for r in PairedSource(d)] for d in parts]
     assert ids[0] == [f"{i:09d}" for i in range(12)] and ids[1] == [f"{i:09d}" for i in range(12, 24)]
