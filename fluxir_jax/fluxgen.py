@@ -223,16 +223,18 @@ def run_gen(cfg: GenConfig) -> dict:
     lower = check_inputs(cfg)
     out = pathlib.Path(cfg.out).absolute()
     pi, pc = _processes(cfg)
+    pool_dir = out / part_name(fs.POOL, pi, pc)
+    key = json.loads(json.dumps({"generation": cfg.generation_key()}, sort_keys=True))
+    for d in (pool_dir, pool_dir.with_name(pool_dir.name + ".partial")):  # a started pool must match
+        info = d / "dataset_info.json"
+        if info.is_file() and json.loads(info.read_text()).get("config") != key:
+            raise UserError(f"{d} was generated with other settings (count, seed, steps ...); "
+                            "use another out, or fluxir gen select to change the selection")
     out.mkdir(parents=True, exist_ok=True)
     if pi == 0:
         config_io.dump(cfg, out / CONFIG_NAME)
-    pool_dir = out / part_name(fs.POOL, pi, pc)
-    stats: dict = {}
     if _is_complete(pool_dir):
         stats = json.loads((pool_dir / "dataset_info.json").read_text()).get("generation_stats", {})
-        pool_cfg = json.loads((pool_dir / "dataset_info.json").read_text()).get("config")
-        if pool_cfg != json.loads(json.dumps({"generation": cfg.generation_key()}, sort_keys=True)):
-            raise UserError(f"{pool_dir} was generated with other settings; choose another out or use fluxir gen select")
     else:
         stats = generate(cfg, lower, out, pi, pc)
     if pc > 1:

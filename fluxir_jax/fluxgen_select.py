@@ -5,7 +5,7 @@
 Selection rule: an image is dropped when it falls below the `percentile` of the pool on any
 metric ("below" in quality: under the percentile for higher-is-better metrics, over the
 100 - percentile for lower-is-better ones such as NIQE); percentiles by `numpy.percentile`
-(linear interpolation). Degradation of one image is a pure function of its bytes, its seed and
+(linear interpolation) over the finite scores; a NaN / infinite score is always dropped. Degradation of one image is a pure function of its bytes, its seed and
 the `DegradationConfig` (`numpy.random.default_rng(seed)`), so it runs in any worker, in any
 order, and gives the same bytes.
 """
@@ -147,14 +147,17 @@ def select(scores: dict[str, dict[str, float]], lower_better: dict[str, bool], p
     report = {}
     for name, lower in sorted(lower_better.items()):
         v = np.array([scores[i][name] for i in ids], np.float64)
-        if percentile <= 0 or not len(ids):
-            thr, bad = None, np.zeros(len(ids), bool)
-        elif lower:
-            thr = float(np.percentile(v, 100.0 - percentile))
-            bad = v > thr
-        else:
-            thr = float(np.percentile(v, percentile))
-            bad = v < thr
+        finite = np.isfinite(v)
+        with np.errstate(invalid="ignore"):
+            if percentile <= 0 or not finite.any():
+                thr, bad = None, np.zeros(len(ids), bool)
+            elif lower:
+                thr = float(np.percentile(v[finite], 100.0 - percentile))
+                bad = v > thr
+            else:
+                thr = float(np.percentile(v[finite], percentile))
+                bad = v < thr
+        bad |= ~finite  # a score that is not a number (e.g. NIQE of a flat image) never passes
         dropped_any |= bad
         report[name] = {"threshold": thr, "lower_better": bool(lower), "dropped": int(bad.sum())}
     return [i for i, d in zip(ids, dropped_any) if not d], report

@@ -92,6 +92,9 @@ def test_select_percentile_rule():
     assert kept == sorted(k for k, s in scores.items() if s["up"] >= up_thr and s["down"] <= down_thr)
     assert report["up"]["dropped"] == 2 and report["down"]["dropped"] == 2 and len(kept) == 16
     assert select(scores, {"up": False}, 0)[0] == sorted(scores)
+    scores["3"]["down"] = float("nan")  # a score that is not a number never passes
+    assert "3" not in select(scores, {"up": False, "down": True}, 10)[0]
+    assert "3" not in select(scores, {"down": True}, 0)[0]
 
 
 @pytest.mark.slow
@@ -160,6 +163,8 @@ def test_kill_then_resume_is_identical(ckpt, reference, tmp_path):
     proc.wait()
     done = len(list(shards.glob("*.array_record")))
     assert 1 <= done < COUNT // SHARD and not (out / "pool").exists()
+    # resuming with settings that change the images is refused (exit 2), before any device work
+    assert cli.main(["gen", TINY, f"base={ckpt}", f"out={out}", *COMMON, "steps=3"]) == 2
     gen(ckpt, out, "batch_size=8", "workers=1")
     for kind in ("pool", "degraded", "pairs"):
         assert shard_bytes(out / kind) == shard_bytes(reference / kind), kind
