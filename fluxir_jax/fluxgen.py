@@ -10,9 +10,10 @@ chunks of `score_batch` images, and stored as PNG in `pool/` (dataset.py format:
 9-digit index, seed, scores, no LQ). Each process takes the contiguous slice
 `host_range(count, process_index, process_count)` and commits one shard of `pool/` every
 `shard_size` images; a rerun after a kill resumes from the last committed shard (ids and bytes
-as an uninterrupted run: everything is a function of the image index, not of the batch, the
-devices or the mode). While the device generates, worker processes degrade each finished
-shard (second-order pipeline, `numpy.random.default_rng(seed)`) into `degraded/`. Once the
+as an uninterrupted run: everything is a function of the image index; in pmap mode also not
+of the batch size or the device count, see `make_program`). A helper thread scores, encodes
+and commits shard k while the devices generate shard k + 1, and worker processes degrade each
+committed shard (second-order pipeline, `numpy.random.default_rng(seed)`) into `degraded/`. Once the
 pool is complete: percentile selection (`fluxgen_select.select`), `pairs/` (the kept images
 with LQ, copied from `degraded/`), `contact_sheet.png` and `summary.json`.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import dataclasses
 import json
 import pathlib
@@ -168,18 +170,8 @@ def generate(cfg: GenConfig, lower_better: dict, out: pathlib.Path, pi: int, pc:
             done = PairedSource(pool_w.work_dir)
             degrader.submit(PairExample(id=r["id"], hq_png=r["hq_png"], seed=r["seed"], iqa=r["iqa"], meta=r["meta"])
                             for r in done if r["id"] not in deg_w)
-        for s0 in range(start, stop, cfg.shard_size):
-            idx = [i for i in range(s0, min(s0 + cfg.shard_size, stop)) if fs.image_id(i) not in pool_w]
-            if not idx:
-                continue
-            t = time.perf_counter()
-            images = []
-            for k in range(0, len(idx), engine.global_batch):
-                seeds = np.array([(cfg.seed + i) & 0xFFFFFFFF for i in idx[k:k + engine.global_batch]], np.uint32)
-                images.append(engine.run(program, {"seed": seeds})["image"])
-                bar.update(len(seeds))
-            images = np.concatenate(images)
-            seconds["generate"] += time.perf_counter() - t
+        def finish(idx: list[int], images: np.ndarray) -> None:
+            """Score, encode and commit one shard, then hand it to the degradation workers."""
             t = time.perf_counter()
             scores = {m: np.zeros(len(idx)) for m in metrics}
             for k in range(0, len(idx), cfg.score_batch):  # fixed chunks: scores independent of batch_size
@@ -195,10 +187,30 @@ def generate(cfg: GenConfig, lower_better: dict, out: pathlib.Path, pi: int, pc:
                         for k, i in enumerate(idx)]
             for ex in examples:
                 pool_w.add(ex)
-            pool_w.flush()
+            pool_w.flush()  # the shard is committed: a rerun starts after it
             seconds["encode_write"] += time.perf_counter() - t
             if degrader is not None:
                 degrader.submit(examples)
+
+        # shard k is scored, encoded and written by one helper thread while the devices generate shard k + 1
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fluxgen-finish") as finisher:
+            previous = None
+            for s0 in range(start, stop, cfg.shard_size):
+                idx = [i for i in range(s0, min(s0 + cfg.shard_size, stop)) if fs.image_id(i) not in pool_w]
+                if not idx:
+                    continue
+                t = time.perf_counter()
+                images = []
+                for k in range(0, len(idx), engine.global_batch):
+                    seeds = np.array([(cfg.seed + i) & 0xFFFFFFFF for i in idx[k:k + engine.global_batch]], np.uint32)
+                    images.append(engine.run(program, {"seed": seeds})["image"])
+                    bar.update(len(seeds))
+                seconds["generate"] += time.perf_counter() - t
+                if previous is not None:
+                    previous.result()  # at most one shard waits on the host
+                previous = finisher.submit(finish, idx, np.concatenate(images))
+            if previous is not None:
+                previous.result()
         generated_s = time.perf_counter() - t_start - t_load
         if degrader is not None:
             degrader.drain(block=True)
