@@ -101,6 +101,8 @@ class _Degrader:
         self.writer, self.cfg, self.executor = writer, cfg, executor
         self.pending: collections.deque = collections.deque()
         self.wait_s = 0.0
+        # images in flight; more waits here (back-pressure: generation never outruns degradation by more)
+        self.limit = cfg.shard_size + 4 * max(cfg.workers, 1)
 
     def submit(self, examples) -> None:
         for ex in examples:
@@ -113,6 +115,10 @@ class _Degrader:
                 self.wait_s += time.perf_counter() - t
             else:
                 self.pending.append(self.executor.submit(fs.degrade_example, task))
+                if len(self.pending) > self.limit:
+                    t = time.perf_counter()
+                    self.writer.add(self.pending.popleft().result())
+                    self.wait_s += time.perf_counter() - t
         self.drain(block=False)
 
     def drain(self, block: bool) -> None:
@@ -167,9 +173,11 @@ def generate(cfg: GenConfig, lower_better: dict, out: pathlib.Path, pi: int, pc:
                disable=not (cfg.progress and pi == 0), dynamic_ncols=True)
     try:
         if degrader is not None and len(pool_w):  # resume: degrade committed pool images not yet in degraded/
-            done = PairedSource(pool_w.work_dir)
+            done = PairedSource(pool_w.work_dir)  # committed records: images start, start + 1, ... in order
+            missing = (k for k in range(len(done)) if fs.image_id(start + k) not in deg_w)
             degrader.submit(PairExample(id=r["id"], hq_png=r["hq_png"], seed=r["seed"], iqa=r["iqa"], meta=r["meta"])
-                            for r in done if r["id"] not in deg_w)
+                            for r in (done[k] for k in missing))
+
         def finish(idx: list[int], images: np.ndarray) -> None:
             """Score, encode and commit one shard, then hand it to the degradation workers."""
             t = time.perf_counter()
