@@ -144,7 +144,9 @@ class FluxIR(nnx.Module):
         return (jnp.broadcast_to(self.theta_p[...], (batch, *self.theta_p.shape)),
                 jnp.broadcast_to(self.theta_y[...], (batch, *self.theta_y.shape)))
 
-    def __call__(self, base: Flux, img: Array, lq: Array, img_ids: Array, t: Array, guidance: Array | None) -> Control:
+    def __call__(self, base: Flux, img: Array, lq: Array, img_ids: Array, t: Array, guidance: Array | None,
+                 pe: Array | None = None) -> Control:
+        """`pe`: precomputed rope tables for [theta_p tokens; img] (None: computed here)."""
         if lq.shape != img.shape:
             raise ValueError(f"FluxIR: `lq` must have the shape of `img` {list(img.shape)}, got {list(lq.shape)}")
         b = img.shape[0]
@@ -152,7 +154,8 @@ class FluxIR(nnx.Module):
         theta_p, theta_y = self.text(b)
         txt_ids = jnp.zeros((b, self.config.text_len, 3), jnp.float32)
         vec = base.embed_vec(t, theta_y, guidance)
-        pe = base.pos_embed(txt_ids, img_ids)
+        if pe is None:
+            pe = base.pos_embed(txt_ids, img_ids)
         x = base.img_in(img.astype(dt)) + self.lq_in(lq.astype(dt))
         p = base.txt_in(theta_p.astype(dt))
         c_img, c_txt = self.block(x, p, vec, pe)
@@ -189,17 +192,20 @@ def check_compatible(adapter: FluxIR, base: FluxConfig, text_len: int | None = N
         raise UserError(f"adapter was built for text length {adapter.config.text_len}, the base's text embeddings have length {text_len}")
 
 
-def fluxir_forward(base: Flux, adapter: FluxIR, img, lq, img_ids, txt, txt_ids, t, y, guidance=None) -> Array:
+def fluxir_forward(base: Flux, adapter: FluxIR, img, lq, img_ids, txt, txt_ids, t, y, guidance=None, *,
+                   pe=None, adapter_pe=None) -> Array:
     """One denoising step of base + adapter: the velocity prediction [B, L, out_channels].
 
     `txt`/`y` are the base's text conditioning (the fixed empty-prompt embeddings), replaced
-    by the adapter's theta when `base_consumes_theta`.
+    by the adapter's theta when `base_consumes_theta`. `pe` / `adapter_pe`: precomputed rope
+    tables for the base's [txt; img] and the adapter's [theta_p; img] tokens (None: computed).
     """
-    control = adapter(base, img, lq, img_ids, t, guidance)
+    control = adapter(base, img, lq, img_ids, t, guidance, pe=adapter_pe)
     if adapter.config.base_consumes_theta:
         txt, y = adapter.text(img.shape[0])
         txt_ids = jnp.zeros((img.shape[0], adapter.config.text_len, 3), jnp.float32)
-    return base(img, img_ids, txt, txt_ids, t, y, guidance, control)
+        pe = adapter_pe if pe is None else pe
+    return base(img, img_ids, txt, txt_ids, t, y, guidance, control, pe=pe)
 
 
 @dataclasses.dataclass(frozen=True)

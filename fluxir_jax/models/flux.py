@@ -33,6 +33,7 @@ from fluxir_jax.models.layers import (
 )
 
 REMAT_POLICIES = ("none", "full", "save_attention", "save_qkv_attention")
+ATTENTION_IMPLS = ("xla",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,7 @@ class FluxConfig:
                    "save_qkv_attention" (keep qkv projections and attention outputs)
     scan_layers    True: lax.scan over the stacked blocks; False: an unrolled Python loop
                    over the same stacked parameters (for debugging; compile grows with depth)
+    attention      attention implementation: "xla" (`jax.nn.dot_product_attention`)
     """
 
     in_channels: int = 64  # channels of a packed latent token (16 latent channels x 2 x 2)
@@ -66,6 +68,7 @@ class FluxConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"
     scan_layers: bool = True
+    attention: str = "xla"
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -75,6 +78,8 @@ class FluxConfig:
             raise ValueError(f"sum(axes_dim)={sum(self.axes_dim)} must equal the head dim {head_dim}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention {self.attention!r} is not one of {ATTENTION_IMPLS}")
         for name in ("dtype", "param_dtype"):
             jnp.dtype(getattr(self, name))  # raises TypeError on an unknown dtype
 
@@ -203,11 +208,17 @@ class Flux(nnx.Module):
         y: Array,
         guidance: Array | None = None,
         control: Control | None = None,
+        *,
+        pe: Array | None = None,
     ) -> Array:
-        return self.forward(img, img_ids, txt, txt_ids, timesteps, y, guidance, control)[0]
+        return self.forward(img, img_ids, txt, txt_ids, timesteps, y, guidance, control, pe=pe)[0]
 
-    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, control=None, *, intermediates=False):
+    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, control=None, *, intermediates=False,
+                pe=None):
         """`__call__` that can also return every block's output (for numerics comparisons).
+
+        `pe`: precomputed rope tables `pos_embed(txt_ids, img_ids)` ([B or 1, T+L, head_dim/2, 2, 2]),
+        so a training loop builds them once per resolution; None computes them here.
 
         With `intermediates=True` the second value is a dict: `double_img` [depth, B, L, C],
         `double_txt` [depth, B, T, C] and `single` [depth_single, B, T+L, C] (outputs after
@@ -216,7 +227,8 @@ class Flux(nnx.Module):
         img_ids, txt_ids = self._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance, control)
         dt = jnp.dtype(self.config.dtype)
         vec = self.embed_vec(timesteps, y, guidance)
-        pe = self.pos_embed(txt_ids, img_ids)
+        if pe is None:
+            pe = self.pos_embed(txt_ids, img_ids)
         img = self.img_in(img.astype(dt))
         txt = self.txt_in(txt.astype(dt))
         (img, txt), d_hist = self.run_double_blocks(img, txt, vec, pe, control.double if control else None, intermediates)

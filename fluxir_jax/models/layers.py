@@ -120,15 +120,23 @@ def _dtype(name) -> jnp.dtype:
     return jnp.dtype(name)
 
 
-def linear(din: int, dout: int, *, rngs: nnx.Rngs, dtype, param_dtype, use_bias: bool = True) -> nnx.Linear:
-    """nnx.Linear with torch-like init (kernel [din, dout]; checkpoint W is [dout, din])."""
+def linear(din: int, dout: int, *, rngs: nnx.Rngs, dtype, param_dtype, use_bias: bool = True,
+           axes: tuple[str, str] = ("embed", "mlp")) -> nnx.Linear:
+    """nnx.Linear with torch-like init (kernel [din, dout]; checkpoint W is [dout, din]).
+
+    `axes` are the logical axis names of the kernel's (in, out) dimensions, stored as the
+    `logical_axes` metadata of the kernel (and of the bias, for `out`); `fluxir_jax.parallel`
+    maps them to mesh axes. Stacked (scanned) blocks add a leading `layers` axis there.
+    """
     return nnx.Linear(
         din,
         dout,
         use_bias=use_bias,
         dtype=_dtype(dtype),
         param_dtype=_dtype(param_dtype),
-        kernel_init=nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+        kernel_init=nnx.with_metadata(nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+                                      logical_axes=tuple(axes)),
+        bias_init=nnx.with_metadata(nnx.initializers.zeros_init(), logical_axes=(axes[1],)),
         rngs=rngs,
     )
 
@@ -198,7 +206,7 @@ class SelfAttention(nnx.Module):
         head_dim = dim // num_heads
         self.qkv = linear(dim, 3 * dim, use_bias=qkv_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.norm = QKNorm(head_dim, param_dtype=param_dtype)
-        self.proj = linear(dim, dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.proj = linear(dim, dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype, axes=("mlp", "embed"))
 
     def split_qkv(self, qkv: Array) -> tuple[Array, Array, Array]:
         """"B L (K H D) -> K x [B, L, H, D]", then RMSNorm on q and k."""
@@ -214,7 +222,7 @@ def _mlp(dim: int, hidden: int, *, rngs, dtype, param_dtype) -> nnx.List:
         [
             linear(dim, hidden, rngs=rngs, dtype=dtype, param_dtype=param_dtype),
             None,
-            linear(hidden, dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype),
+            linear(hidden, dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype, axes=("mlp", "embed")),
         ]
     )
 
@@ -280,7 +288,7 @@ class SingleStreamBlock(nnx.Module):
         self.hidden_size = c
         self.mlp_hidden = dims.mlp_hidden
         self.linear1 = linear(c, 3 * c + self.mlp_hidden, **kw)
-        self.linear2 = linear(c + self.mlp_hidden, c, **kw)
+        self.linear2 = linear(c + self.mlp_hidden, c, axes=("mlp", "embed"), **kw)
         self.norm = QKNorm(c // dims.num_heads, param_dtype=param_dtype)
         self.modulation = Modulation(c, False, **kw)
 

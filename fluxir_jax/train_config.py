@@ -1,0 +1,194 @@
+"""`fluxir train` configuration: dataclasses, YAML + key=value overrides, and validation.
+
+Every default comes from the paper's FluxIR section (or our documented choice where it is silent). A mistake a
+user can make (unknown key, mesh that does not fit the devices, batch that does not divide over
+the data axes, base/adapter mismatch, missing dataset) raises `UserError` naming the field,
+before anything is compiled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+from fluxir_jax import config as config_io
+from fluxir_jax.errors import UserError
+from fluxir_jax.models.adapter import FluxIRConfig
+from fluxir_jax.parallel import MeshConfig
+
+TIMESTEP_SAMPLERS = ("logit_normal", "uniform", "high_noise")
+PIXEL_LOSSES = ("l1", "l2")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """train / val: paired datasets (`fluxir degrade` / `fluxir gen` output directories).
+
+    val_count      how many val examples are restored every `val.every` steps
+    on_the_fly     degrade HQ crops at load time instead of reading the stored LQ
+    """
+
+    train: str = ""
+    val: str = ""
+    val_count: int = 4
+    workers: int = 0
+    read_threads: int = 4
+    shuffle: bool = True
+    flip: bool = True
+    on_the_fly: bool = False
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Load-time overrides of the frozen models.
+
+    dtype          base compute and storage dtype (the base is frozen; bf16 on accelerators)
+    vae_dtype      VAE compute / storage dtype
+    remat_policy   what the base's backward keeps (see FluxConfig.remat_policy)
+    attention      attention implementation (see FluxConfig.attention)
+    """
+
+    dtype: str = "bfloat16"
+    vae_dtype: str = "bfloat16"
+    remat_policy: str = "save_attention"
+    attention: str = "xla"
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """AdamW on the adapter's fp32 master weights.
+
+    schedule       "constant" after warm-up, or "cosine" decay to lr * final_lr_ratio at `steps`
+    clip_norm      global-norm gradient clip (0: off)
+    accum_steps    micro-batches per optimizer step (the global batch is split into them)
+    """
+
+    lr: float = 5e-5
+    warmup_steps: int = 500
+    schedule: str = "constant"
+    final_lr_ratio: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    accum_steps: int = 1
+
+
+@dataclasses.dataclass
+class LossConfig:
+    """Flow matching on the velocity + pixel loss through the frozen VAE decoder.
+
+    timesteps          "logit_normal" (t = sigmoid(logit_mean + logit_std * u)), "uniform", or
+                       "high_noise" (uniform t shifted by `high_noise_shift`, SD3-style)
+    resolution_shift   apply FLUX's resolution shift (mu = lin_mu(tokens)) to logit_normal t
+    pixel_crop         pixel crop side decoded for the pixel loss (multiple of 8; <= crop_size)
+    pix_t_min/max      only examples with t in this range get the pixel loss
+    guidance           guidance value fed to a guidance-distilled base (flux-dev); ignored otherwise
+    """
+
+    timesteps: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    resolution_shift: bool = True
+    high_noise_shift: float = 3.0
+    pixel_weight: float = 1.0
+    pixel_loss: str = "l1"
+    pixel_crop: int = 256
+    pix_t_min: float = 0.0
+    pix_t_max: float = 1.0
+    guidance: float = 3.5
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    every: int = 1000
+    keep: int = 3
+
+
+@dataclasses.dataclass
+class ValConfig:
+    """every: restore `data.val_count` val images every this many steps (0: never); steps: sampler steps."""
+
+    every: int = 1000
+    steps: int = 28
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The whole `fluxir train` run.
+
+    base           converted checkpoint directory, or a preset name (tiny, small, flux-dev,
+                   flux-schnell) meaning random weights (for --compile-only and benchmarks)
+    batch_size     global batch (over all devices and processes)
+    crop_size      HQ training crop; the LQ crop is crop_size / scale
+    max_bad_steps  consecutive non-finite steps after which the run stops
+    peak_tflops    per-device peak for MFU (0: from the device-kind table)
+    """
+
+    base: str = "flux-dev"
+    run_dir: str = "runs/fluxir"
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    batch_size: int = 64
+    crop_size: int = 512
+    scale: int = 4
+    steps: int = 100_000
+    seed: int = 0
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    adapter: FluxIRConfig = dataclasses.field(default_factory=FluxIRConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    val: ValConfig = dataclasses.field(default_factory=ValConfig)
+    log_every: int = 10
+    max_bad_steps: int = 10
+    peak_tflops: float = 0.0
+
+
+def load(path: str | None, overrides=()) -> TrainConfig:
+    try:
+        return config_io.load(TrainConfig, path, overrides)
+    except ValueError as e:  # a nested dataclass's __post_init__ (e.g. adapter.control_blocks)
+        raise UserError(f"config: {e}") from None
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UserError(msg)
+
+
+def check_static(cfg: TrainConfig) -> None:
+    """Checks that need neither devices nor files."""
+    _need(cfg.steps >= 1, f"steps={cfg.steps}: must be >= 1")
+    _need(cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: must be >= 1")
+    _need(cfg.scale >= 1 and cfg.crop_size % cfg.scale == 0, f"crop_size={cfg.crop_size} must be a multiple of scale={cfg.scale}")
+    _need(cfg.crop_size % 16 == 0, f"crop_size={cfg.crop_size}: must be a multiple of 16 (8x VAE, 2x2 packing)")
+    o, lo = cfg.optim, cfg.loss
+    _need(o.schedule in LR_SCHEDULES, f"optim.schedule={o.schedule!r}: expected one of {LR_SCHEDULES}")
+    _need(o.accum_steps >= 1, f"optim.accum_steps={o.accum_steps}: must be >= 1")
+    _need(o.lr > 0 and o.warmup_steps >= 0, "optim.lr must be > 0 and optim.warmup_steps >= 0")
+    _need(cfg.batch_size % o.accum_steps == 0, f"batch_size={cfg.batch_size} is not divisible by optim.accum_steps={o.accum_steps}")
+    _need(lo.timesteps in TIMESTEP_SAMPLERS, f"loss.timesteps={lo.timesteps!r}: expected one of {TIMESTEP_SAMPLERS}")
+    _need(lo.pixel_loss in PIXEL_LOSSES, f"loss.pixel_loss={lo.pixel_loss!r}: expected one of {PIXEL_LOSSES}")
+    _need(lo.pixel_crop % 8 == 0 and 8 <= lo.pixel_crop <= cfg.crop_size,
+          f"loss.pixel_crop={lo.pixel_crop}: must be a multiple of 8 in [8, crop_size={cfg.crop_size}]")
+    _need(0.0 <= lo.pix_t_min <= lo.pix_t_max <= 1.0, "loss.pix_t_min/pix_t_max: need 0 <= min <= max <= 1")
+    _need(lo.pixel_weight >= 0, "loss.pixel_weight must be >= 0")
+    _need(cfg.checkpoint.every >= 1 and cfg.checkpoint.keep >= 1, "checkpoint.every and checkpoint.keep must be >= 1")
+    _need(cfg.log_every >= 1, "log_every must be >= 1")
+    _need(cfg.val.every >= 0 and cfg.val.steps >= 1, "val.every must be >= 0 and val.steps >= 1")
+    _need(cfg.max_bad_steps >= 1, "max_bad_steps must be >= 1")
+
+
+def check_data(cfg: TrainConfig) -> None:
+    """The datasets exist (needed for training, not for --compile-only)."""
+    from fluxir_jax.data.dataset import INFO_NAME
+
+    for field in ("train", "val"):
+        path = getattr(cfg.data, field)
+        if field == "val" and (not path or cfg.val.every == 0):
+            continue
+        _need(bool(path), f"data.{field}: no dataset given")
+        _need((pathlib.Path(path) / INFO_NAME).is_file(), f"data.{field}: no dataset at {path} (no {INFO_NAME})")

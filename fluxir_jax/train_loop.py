@@ -1,0 +1,362 @@
+"""`fluxir train CONFIG [key=value ...] [--compile-only]`: the training run.
+
+    run_dir/config.yaml        the resolved config
+    run_dir/metrics.jsonl      one record per logged step (step, loss, loss_flow, loss_pix, lr, ...)
+    run_dir/events/            TensorBoard events (tensorboardX)
+    run_dir/checkpoints/<step> Orbax: adapter params, optimizer state, step, RNG, data iterator
+    run_dir/samples/           validation grids (rows LQ | restored | HQ)
+    run_dir/adapter/           the final adapter (`adapter_io.save_adapter` format)
+    run_dir/compile.json       --compile-only report
+
+Rerunning the same command on the same run_dir resumes from the latest checkpoint. SIGTERM
+(preemption) saves a checkpoint and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import signal
+import time
+
+import numpy as np
+
+from fluxir_jax import config as config_io
+from fluxir_jax import parallel, train_config
+from fluxir_jax.errors import UserError
+from fluxir_jax.train_config import TrainConfig
+
+_STEP_KEYS = ("step", "rng", "skipped", "bad_run")
+
+
+class _Stop:
+    """SIGTERM flag: the loop saves and exits after the current step."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            del signum, frame
+            self.requested = True
+
+        self._old = signal.signal(signal.SIGTERM, handler)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._old)
+
+
+def check_devices(cfg: TrainConfig, mesh) -> None:
+    import jax
+
+    div = parallel.batch_divisor(mesh)
+    micro = cfg.batch_size // cfg.optim.accum_steps
+    if cfg.batch_size % div or micro % div:
+        raise UserError(f"batch_size={cfg.batch_size} (/ optim.accum_steps={cfg.optim.accum_steps}) is not divisible "
+                        f"over the data axes (data x fsdp = {div})")
+    if cfg.batch_size % jax.process_count():
+        raise UserError(f"batch_size={cfg.batch_size} is not divisible by the {jax.process_count()} processes")
+
+
+def _check_run_dir(cfg: TrainConfig, run_dir: pathlib.Path) -> None:
+    """A run_dir made with another base or adapter cannot be resumed with this config."""
+    old_file = run_dir / "config.yaml"
+    if not old_file.is_file():
+        return
+    old = config_io.read_yaml(old_file)
+    new = config_io.to_dict(cfg)
+    for key in ("base", "adapter", "batch_size", "crop_size", "scale"):
+        if old.get(key) != new.get(key):
+            raise UserError(f"run_dir {run_dir} was made with a different {key} ({old.get(key)!r}); "
+                            "use a new run_dir")
+
+
+class Trainer:
+    """Models, shardings and the jitted step for one config (shared by training and --compile-only)."""
+
+    def __init__(self, cfg: TrainConfig, mesh, *, abstract: bool = False, log=print, base_config=None):
+        import jax
+
+        from fluxir_jax import train, train_setup
+
+        self.cfg, self.mesh = cfg, mesh
+        self.models = m = train_setup.build(cfg, mesh, abstract=abstract, log=log, base_config=base_config)
+        self.tx = train.make_optimizer(cfg.optim, cfg.steps)
+        self.spec = train.StepSpec(m.base_graphdef, m.adapter_graphdef, m.vae_graphdef, m.base_abstract,
+                                   m.vae_abstract, m.adapter_abstract, cfg, m.vae_config.z_channels,
+                                   m.base_config.guidance_embed)
+        self.step_fn = train.make_step_fn(self.spec, self.tx, mesh)
+        adapter_abs = train_setup.with_shardings(m.adapter_abstract, m.adapter_sh)
+        self.state_sh = train.state_shardings(m.adapter_sh, self.tx, adapter_abs, mesh)
+        rep = parallel.replicated(mesh)
+        self.frozen_sh = train.Frozen(base=m.base_sh, vae=m.vae_sh, txt=rep, y=rep, pe=rep, adapter_pe=rep)
+        self.jitted = train.jit_step(self.step_fn, self.state_sh, self.frozen_sh, mesh)
+        lat = (cfg.crop_size // 8, cfg.crop_size // 8)
+        self.pe = train.rope_tables(m.base_config, m.text_len, lat)
+        self.adapter_pe = train.rope_tables(m.base_config, cfg.adapter.text_len, lat)
+        self._abstract_params = adapter_abs
+        if not abstract:
+            self.frozen = train.Frozen(base=m.base, vae=m.vae, txt=m.txt, y=m.y,
+                                       pe=jax.device_put(self.pe, rep), adapter_pe=jax.device_put(self.adapter_pe, rep))
+            self.state = jax.jit(lambda p: train.init_state(p, self.tx, cfg.seed), out_shardings=self.state_sh)(m.adapter)
+
+    # -- abstract shapes ---------------------------------------------------------------------
+
+    def abstract_args(self):
+        import jax
+
+        from fluxir_jax import train, train_setup
+
+        m, cfg = self.models, self.cfg
+        state = jax.eval_shape(lambda p: train.init_state(p, self.tx, cfg.seed), self._abstract_params)
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, self.state_sh)
+        rep = parallel.replicated(self.mesh)
+        sds = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)  # noqa: E731
+        frozen = train.Frozen(base=train_setup.with_shardings(m.base_abstract, m.base_sh),
+                              vae=train_setup.with_shardings(m.vae_abstract, m.vae_sh),
+                              txt=jax.ShapeDtypeStruct((m.text_len, m.base_config.context_in_dim), np.float32, sharding=rep),
+                              y=jax.ShapeDtypeStruct((m.base_config.vec_in_dim,), np.float32, sharding=rep),
+                              pe=sds(self.pe), adapter_pe=sds(self.adapter_pe))
+        img = (cfg.batch_size, cfg.crop_size, cfg.crop_size, 3)
+        bsh = parallel.batch_sharding(self.mesh, 4)
+        batch = {k: jax.ShapeDtypeStruct(img, np.float32, sharding=bsh) for k in ("hq", "lq_up")}
+        return state, frozen, batch
+
+    def analytic_flops(self) -> float:
+        from fluxir_jax import aot
+
+        return aot.analytic_flops(self.step_fn, *self.abstract_args())
+
+
+# ----------------------------------------------------------------------------- compile-only
+
+
+def compile_only(cfg: TrainConfig, mesh, log=print) -> dict:
+    """Lower + compile the step from abstract shapes (no data, no weights): memory and FLOPs."""
+    import dataclasses
+
+    import jax
+
+    from fluxir_jax import aot
+
+    trainer = Trainer(cfg, mesh, abstract=True, log=log)
+    args = trainer.abstract_args()
+    _, rep = aot.compile_report(trainer.jitted, *args)
+    analytic = aot.analytic_flops(trainer.step_fn, *args)
+    bc = trainer.models.base_config
+
+    def variant(d, s):
+        small = dataclasses.replace(bc, depth=d, depth_single_blocks=s, scan_layers=False)
+        t = Trainer(cfg, mesh, abstract=True, log=lambda *a: None, base_config=small)
+        return t.jitted, t.abstract_args()
+
+    n = len(mesh.devices.flat)
+    # XLA's cost analysis is per device (of the SPMD-partitioned program): times n for the step
+    xla = n * aot.xla_flops_unrolled(variant, bc.depth, bc.depth_single_blocks)
+    return {"per_chip_bytes": rep["per_chip_bytes"],
+            "flops_per_step": {"analytic": analytic, "xla": xla, "xla_scan_body_once": n * rep["xla_flops_once"]},
+            "devices": n, "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape),
+            "batch_size": cfg.batch_size, "crop_size": cfg.crop_size, "base": cfg.base,
+            "lower_s": rep["lower_s"], "compile_s": rep["compile_s"]}
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _data_iterator(cfg: TrainConfig):
+    from fluxir_jax.data.dataset import PairedSource
+    from fluxir_jax.data.pipeline import PipelineConfig, make_iterator
+
+    pc = PipelineConfig(batch_size=cfg.batch_size, crop_size=cfg.crop_size, scale=cfg.scale, seed=cfg.seed,
+                        shuffle=cfg.data.shuffle, flip=cfg.data.flip, on_the_fly=cfg.data.on_the_fly, lq_up=True,
+                        workers=cfg.data.workers, read_threads=cfg.data.read_threads)
+    return make_iterator(PairedSource(cfg.data.train), pc)
+
+
+def _checkpoint_manager(run_dir: pathlib.Path, cfg: TrainConfig):
+    import orbax.checkpoint as ocp
+
+    opts = ocp.CheckpointManagerOptions(max_to_keep=cfg.checkpoint.keep, enable_async_checkpointing=True,
+                                        create=True)
+    return ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=opts)
+
+
+def _state_tree(state) -> dict:
+    """TrainState -> a plain dict for Orbax (optimizer state as a list of leaves)."""
+    import jax
+
+    return {"params": state.params, "opt": jax.tree.leaves(state.opt_state),
+            **{k: getattr(state, k) for k in _STEP_KEYS}}
+
+
+def _from_tree(tree: dict, like):
+    import jax
+
+    from fluxir_jax.train import TrainState
+
+    opt = jax.tree.unflatten(jax.tree.structure(like.opt_state), tree["opt"])
+    return TrainState(params=tree["params"], opt_state=opt, **{k: tree[k] for k in _STEP_KEYS})
+
+
+def _save(mgr, step: int, state, iterator, force: bool = False) -> None:
+    import orbax.checkpoint as ocp
+
+    from fluxir_jax.data.pipeline import iterator_save_arg
+
+    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_state_tree(state)),
+                                           data=iterator_save_arg(iterator)), force=force)
+
+
+def _restore(mgr, trainer: Trainer, iterator):
+    import jax
+    import orbax.checkpoint as ocp
+
+    from fluxir_jax.data.pipeline import iterator_restore_arg
+
+    step = mgr.latest_step()
+    if step is None:
+        return None, None
+    like = _state_tree(trainer.state)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), like)
+    out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                    data=iterator_restore_arg(iterator)))
+    return step, _from_tree(out["state"], trainer.state)
+
+
+def _final_adapter(trainer: Trainer, state, run_dir: pathlib.Path) -> None:
+    import jax
+
+    from fluxir_jax.models import adapter_io
+    from fluxir_jax.train import merge_pure
+
+    m = trainer.models
+    params = jax.device_get(state.params)
+    adapter = merge_pure(m.adapter_graphdef, m.adapter_abstract, params)
+    adapter_io.save_adapter(adapter, run_dir / "adapter", overwrite=True)
+
+
+def train(cfg: TrainConfig, *, log=print) -> dict:
+    """Train (or resume) the run in cfg.run_dir; returns a summary dict."""
+    import jax
+
+    from fluxir_jax import train_metrics
+
+    mesh = parallel.make_mesh(cfg.mesh)
+    check_devices(cfg, mesh)
+    train_config.check_data(cfg)
+    run_dir = pathlib.Path(cfg.run_dir).absolute()
+    _check_run_dir(cfg, run_dir)
+    main = jax.process_index() == 0
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_io.dump(cfg, run_dir / "config.yaml")
+    with jax.set_mesh(mesh):
+        trainer = Trainer(cfg, mesh, log=log)
+        iterator = _data_iterator(cfg)
+        mgr = _checkpoint_manager(run_dir, cfg)
+        start, restored = _restore(mgr, trainer, iterator)
+        state = trainer.state
+        if restored is not None:
+            state = restored
+            log(f"resumed from step {start} ({run_dir / 'checkpoints'})")
+        start = int(start or 0)
+        validator = None
+        if cfg.val.every > 0 and cfg.data.val:
+            from fluxir_jax.train_val import Validator
+
+            validator = Validator(cfg, trainer, run_dir)
+        flops = trainer.analytic_flops()
+        n_dev = len(mesh.devices.flat)
+        peak = train_metrics.peak_tflops(jax.devices()[0].device_kind, cfg.peak_tflops)
+        logger = train_metrics.MetricsLogger(run_dir, cfg.steps, start, enabled=main)
+        step = start
+        stopped = None
+        t_last, n_last = time.perf_counter(), step
+        try:
+            with _Stop() as stop:
+                batch = next(iterator) if step < cfg.steps else None
+                while step < cfg.steps:
+                    global_batch = parallel.put_global({"hq": batch["hq"], "lq_up": batch["lq_up"]}, mesh)
+                    state, metrics = trainer.jitted(state, trainer.frozen, global_batch)
+                    step += 1
+                    if step % cfg.checkpoint.every == 0 or step == cfg.steps or stop.requested:
+                        _save(mgr, step, state, iterator)
+                    if step < cfg.steps and not stop.requested:
+                        batch = next(iterator)
+                    metrics = jax.device_get(metrics)
+                    logger.advance()
+                    if not metrics["finite"]:
+                        bad = int(jax.device_get(state.bad_run))
+                        log(f"step {step}: non-finite loss or gradient; step skipped ({bad} in a row)")
+                        if bad >= cfg.max_bad_steps:
+                            stopped = f"{bad} consecutive non-finite steps (max_bad_steps={cfg.max_bad_steps})"
+                            break
+                    if step % cfg.log_every == 0 or step == cfg.steps:
+                        now = time.perf_counter()
+                        dt = (now - t_last) / max(step - n_last, 1)
+                        t_last, n_last = now, step
+                        rec = {"step": step, "loss": float(metrics["loss"]), "loss_flow": float(metrics["loss_flow"]),
+                               "loss_pix": float(metrics["loss_pix"]), "lr": float(metrics["lr"]),
+                               "grad_norm": float(metrics["grad_norm"]), "step_time_s": dt,
+                               "images_per_s": cfg.batch_size / dt,
+                               "tflops_per_device": flops / dt / n_dev / 1e12,
+                               "skipped_steps": int(jax.device_get(state.skipped))}
+                        if peak:
+                            rec["mfu"] = rec["tflops_per_device"] / peak
+                        logger.write(rec)
+                    if validator is not None and step % cfg.val.every == 0:
+                        logger.write({"step": step, **validator.run(state.params, step)})
+                    if stop.requested:
+                        mgr.wait_until_finished()
+                        log(f"SIGTERM: saved checkpoint at step {step}; exiting")
+                        return {"step": step, "stopped": "sigterm"}
+            mgr.wait_until_finished()
+            if stopped is not None:
+                raise UserError(f"training stopped at step {step}: {stopped}")
+            if main:
+                _final_adapter(trainer, state, run_dir)
+            log(f"done: {step} steps, adapter in {run_dir / 'adapter'}")
+            return {"step": step, "skipped": int(jax.device_get(state.skipped))}
+        finally:
+            logger.close()
+            mgr.close()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(args) -> int:
+    import jax
+
+    overrides = [o for o in args.overrides if o != "--compile-only"]
+    args.compile_only = args.compile_only or len(overrides) != len(args.overrides)
+    cfg = train_config.load(args.config, overrides)
+    train_config.check_static(cfg)
+    if args.compile_only:
+        mesh = parallel.make_mesh(cfg.mesh)
+        check_devices(cfg, mesh)
+        with jax.set_mesh(mesh):
+            report = compile_only(cfg, mesh, log=lambda *a: None)
+        run_dir = pathlib.Path(cfg.run_dir)
+        if jax.process_index() == 0 and run_dir.is_dir():
+            tmp = run_dir / "compile.json.tmp"
+            tmp.write_text(json.dumps(report, indent=1))
+            tmp.replace(run_dir / "compile.json")
+        print(json.dumps(report), flush=True)
+        return 0
+    train(cfg)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train the FluxIR adapter on a frozen FLUX.1 base (sharded, resumable)",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help="train config YAML (e.g. configs/train/tiny.yaml)")
+    # REMAINDER so that --compile-only may also follow the overrides (argparse cannot mix them otherwise)
+    p.add_argument("overrides", nargs=argparse.REMAINDER,
+                   help="config overrides key.sub=value (e.g. mesh.fsdp=8 steps=100)")
+    p.add_argument("--compile-only", action="store_true",
+                   help="lower and compile the step from abstract shapes, print a JSON memory/FLOP report, exit")
+    p.set_defaults(func=main)

@@ -1,0 +1,145 @@
+"""`fluxir train` as users run it: resume after SIGKILL, SIGTERM, --compile-only, bad configs."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from fluxir_jax import cli
+from tests.train.helpers import TINY, fluxir, run_fluxir, write_pairs
+
+RUN = ["steps=30", "checkpoint.every=10", "log_every=1", "optim.warmup_steps=0"]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return write_pairs(tmp_path_factory.mktemp("pairs") / "pairs", 8)
+
+
+def _losses(run_dir) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]  # a resumed run logs some steps again: the last record wins
+    return out
+
+
+def _adapter(run_dir) -> dict:
+    from flax import nnx
+
+    from fluxir_jax.models import adapter_io
+
+    a = adapter_io.load_adapter(run_dir / "adapter")
+    return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(a, nnx.Param))}
+
+
+def _wait_for_step(proc, run_dir, step: int, timeout: float = 900) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        f = run_dir / "metrics.jsonl"
+        if f.is_file() and max(_losses(run_dir), default=0) >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.stdout.read()}")
+        time.sleep(0.5)
+    raise AssertionError("timed out")
+
+
+@pytest.mark.slow
+def test_kill_and_resume_is_bit_identical(pairs, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    r = run_fluxir("train", TINY, f"data.train={pairs}", f"run_dir={full}", *RUN)
+    assert r.returncode == 0, r.stdout + r.stderr
+    proc = fluxir("train", TINY, f"data.train={pairs}", f"run_dir={cut}", *RUN)
+    try:
+        _wait_for_step(proc, cut, 22)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (cut / "adapter").exists()
+    r = run_fluxir("train", TINY, f"data.train={pairs}", f"run_dir={cut}", *RUN)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resumed from step 20" in r.stdout + r.stderr or "resumed from step 10" in r.stdout + r.stderr
+    a, b = _losses(full), _losses(cut)
+    assert [a[s] for s in range(21, 31)] == [b[s] for s in range(21, 31)]
+    pa, pb = _adapter(full), _adapter(cut)
+    assert pa.keys() == pb.keys() and all(np.array_equal(pa[k], pb[k]) for k in pa)
+    # outputs of a finished run
+    for name in ("config.yaml", "metrics.jsonl", "events", "adapter"):
+        assert (full / name).exists(), name
+    assert sorted(int(p.name) for p in (full / "checkpoints").iterdir() if p.name.isdigit())[-1] == 30
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_0(pairs, tmp_path):
+    run = tmp_path / "run"
+    proc = fluxir("train", TINY, f"data.train={pairs}", f"run_dir={run}", "steps=1000", "checkpoint.every=1000",
+                  "log_every=1")
+    _wait_for_step(proc, run, 3)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert "SIGTERM: saved checkpoint at step" in out
+    saved = [int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()]
+    assert saved and max(saved) >= 3
+
+
+@pytest.mark.slow
+def test_compile_only_reports_memory_and_flops(tmp_path):
+    r = run_fluxir("train", TINY, "--compile-only", f"run_dir={tmp_path}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    mem = report["per_chip_bytes"]
+    assert set(mem) >= {"arguments", "temporaries", "outputs", "total"} and mem["total"] > mem["arguments"] > 0
+    flops = report["flops_per_step"]
+    assert abs(flops["xla"] - flops["analytic"]) <= 0.1 * flops["analytic"], flops
+    assert json.loads((tmp_path / "compile.json").read_text())["flops_per_step"] == flops
+
+
+@pytest.fixture
+def no_compile(monkeypatch):
+    """Any jax.jit (and therefore any compilation) fails the test."""
+    import fluxir_jax.train  # noqa: F401  (imported before the patch)
+    import fluxir_jax.train_loop  # noqa: F401
+    import fluxir_jax.train_setup  # noqa: F401
+
+    def boom(*a, **k):
+        raise AssertionError("compiled before the config was checked")
+
+    monkeypatch.setattr(jax, "jit", boom)
+
+
+@pytest.fixture(scope="module")
+def init_ckpt(tmp_path_factory):
+    from fluxir_jax.init_checkpoint import init_checkpoint
+
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    init_checkpoint("tiny", out, seed=0, text_len=6, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["bogus=1"], "bogus"),
+    (["mesh.data=3", "mesh.fsdp=1"], "mesh"),
+    (["batch_size=12"], "batch_size"),
+    (["optim.accum_steps=3"], "accum_steps"),
+    (["data.train=/nonexistent/pairs"], "data.train"),
+    (["loss.pixel_crop=12"], "loss.pixel_crop"),
+    (["adapter.control_blocks=some"], "control_blocks"),
+    (["base=/nonexistent/ckpt"], "base"),
+    (["BASE", "adapter.text_len=8"], "text length"),
+])
+def test_bad_config_exits_2_before_compiling(overrides, field, pairs, init_ckpt, tmp_path, capsys, no_compile):
+    overrides = [f"base={init_ckpt}" if o == "BASE" else o for o in overrides]
+    args = ["train", str(TINY), f"data.train={pairs}", f"run_dir={tmp_path / 'run'}", *overrides]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if "error:" in line]  # (a random base adds a one-line notice first)
+    assert len(errors) == 1 and errors[0] == err[-1] and field in errors[0], err
+    assert not (tmp_path / "run" / "checkpoints").exists()

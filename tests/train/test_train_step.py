@@ -1,0 +1,182 @@
+"""The sharded train step: mesh equality, frozen base, optimizer contents, loss decrease, skipped steps."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fluxir_jax import parallel, train, train_config
+from fluxir_jax.train_loop import Trainer, _checkpoint_manager, _data_iterator, _restore, _save
+from tests.train.helpers import TINY, write_pairs
+
+
+def _cfg(tmp, **over):
+    items = [f"data.train={tmp / 'pairs'}", f"run_dir={tmp / 'run'}", "optim.warmup_steps=0"]
+    items += [f"{k}={v}" for k, v in over.items()]
+    return train_config.load(str(TINY), items)
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    write_pairs(d / "pairs", 8)
+    return d
+
+
+def _batches(cfg, n):
+    it = _data_iterator(cfg)
+    return [next(it) for _ in range(n)]
+
+
+def _global(batch, mesh):
+    return parallel.put_global({"hq": batch["hq"], "lq_up": batch["lq_up"]}, mesh)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def _flat(tree):
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp):
+    """A Trainer on mesh (data=2, fsdp=4) and its initial state (host copies)."""
+    cfg = _cfg(tmp, **{"mesh.data": 2, "mesh.fsdp": 4})
+    mesh = parallel.make_mesh(cfg.mesh)
+    with jax.set_mesh(mesh):
+        tr = Trainer(cfg, mesh, log=lambda *a: None)
+    return cfg, mesh, tr
+
+
+def _with_gates(params, seed=7):
+    """Host params with random nonzero SE gates (zero gates would leave most gradients at zero)."""
+    params = jax.tree.map(np.array, params)
+    rng = np.random.default_rng(seed)
+    for se in ("se_img", "se_txt"):
+        g = params[se]["gamma"]
+        params[se]["gamma"] = (0.5 * rng.standard_normal(g.shape)).astype(g.dtype)
+    return params
+
+
+def test_one_step_on_mesh_equals_one_device(tmp, sharded):
+    cfg8, mesh8, tr8 = sharded
+    batch = _batches(cfg8, 1)[0]
+    p_init = _with_gates(jax.device_get(tr8.state.params))
+    # Adam's first update is lr * g / (|g| + eps): with eps = 1e-8 an element whose gradient is
+    # ~1e-8 turns float32 rounding of g into an O(1) change of its update, on any two devices
+    # counts alike. eps = 1e-3 keeps the update a smooth function of the gradient.
+    cfg1 = _cfg(tmp, **{"mesh.data": 1, "mesh.fsdp": 1, "optim.eps": 1e-3})
+    cfg8 = _cfg(tmp, **{"mesh.data": 2, "mesh.fsdp": 4, "optim.eps": 1e-3})
+    mesh1 = parallel.make_mesh(cfg1.mesh, jax.devices()[:1])
+    results = []
+    for cfg, mesh in ((cfg1, mesh1), (cfg8, mesh8)):
+        with jax.set_mesh(mesh), jax.default_matmul_precision("highest"):
+            tr = Trainer(cfg, mesh, log=lambda *a: None)
+            state = jax.tree.map(jnp.copy, tr.state)
+            state.params = jax.device_put(p_init, tr.state_sh.params)
+            new, metrics = tr.jitted(state, tr.frozen, _global(batch, mesh))
+            results.append((jax.device_get(new.params), jax.device_get(metrics)))
+    tr8 = tr
+    (p1, m1), (p8, m8) = results
+    assert bool(m1["finite"]) and bool(m8["finite"])
+    # float32 everywhere; bound 1e-5 relative for the loss and every adapter parameter
+    assert abs(float(m1["loss"]) - float(m8["loss"])) <= 1e-5 * abs(float(m1["loss"]))
+    f1, f8, f0 = _flat(p1), _flat(p8), _flat(p_init)
+    assert f1.keys() == f8.keys()
+    for k in f1:
+        assert _rel(f8[k], f1[k]) < 1e-5, k
+    # the step really moved every adapter leaf (otherwise equality would be trivial)
+    assert all(not np.array_equal(f1[k], f0[k]) for k in f1)
+    # the frozen base is sharded over fsdp on the (2, 4) mesh
+    kernel = tr8.frozen.base["double_blocks"]["img_attn"]["qkv"]["kernel"]  # [layers, C, 3C]
+    assert kernel.sharding.spec[0] is None and kernel.sharding.spec[1] == "fsdp"
+    assert kernel.addressable_shards[0].data.shape[1] == kernel.shape[1] // 4
+    single = tr8.frozen.base["single_blocks"]["linear1"]["kernel"]
+    assert single.sharding.spec[1] == "fsdp"
+
+
+@pytest.mark.slow
+def test_only_adapter_trains_and_loss_falls(tmp, sharded):
+    cfg, mesh, tr = sharded
+    base_before = _flat(jax.device_get(tr.frozen.base))
+    vae_before = _flat(jax.device_get(tr.frozen.vae))
+    eval_batch = _global(_batches(cfg, 1)[0], mesh)
+
+    @jax.jit
+    def eval_loss(params):  # fixed t, noise and crops: a deterministic measure of the fit
+        m = tr.models
+        key = jax.random.key(123)
+        t, noise, off = train.draw_inputs(key, cfg.batch_size, (cfg.crop_size // 8,) * 2, 16, cfg.loss)
+        t = jnp.linspace(0.1, 0.9, cfg.batch_size)
+        base = train.merge_pure(m.base_graphdef, m.base_abstract, tr.frozen.base)
+        vae = train.merge_pure(m.vae_graphdef, m.vae_abstract, tr.frozen.vae)
+        adapter = train.merge_pure(m.adapter_graphdef, m.adapter_abstract, params)
+        loss, _ = train.fluxir_loss(base, adapter, vae, eval_batch["hq"], eval_batch["lq_up"], tr.frozen.txt,
+                                    tr.frozen.y, t, noise, off, pixel_crop=cfg.loss.pixel_crop,
+                                    guidance=cfg.loss.guidance)
+        return loss
+
+    with jax.set_mesh(mesh):
+        state = jax.tree.map(jnp.copy, tr.state)
+        p0 = _flat(jax.device_get(state.params))
+        before = float(eval_loss(state.params))
+        it = _data_iterator(cfg)
+        losses = []
+        for _ in range(50):
+            state, metrics = tr.jitted(state, tr.frozen, _global(next(it), mesh))
+            losses.append(float(metrics["loss"]))
+        after = float(eval_loss(state.params))
+    assert np.all(np.isfinite(losses))
+    assert after < 0.9 * before, (before, after)
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]), losses
+    # the frozen base and VAE are bit-identical after training
+    for k, v in _flat(jax.device_get(tr.frozen.base)).items():
+        assert np.array_equal(v, base_before[k]), k
+    for k, v in _flat(jax.device_get(tr.frozen.vae)).items():
+        assert np.array_equal(v, vae_before[k]), k
+    # adapter leaves changed; the optimizer holds moments for adapter leaves only
+    p1 = _flat(jax.device_get(state.params))
+    assert sum(not np.array_equal(p1[k], p0[k]) for k in p0) > len(p0) // 2
+    n_adapter = sum(v.size for v in p0.values())
+    n_opt = sum(np.size(x) for x in jax.tree.leaves(state.opt_state))
+    assert n_adapter * 2 <= n_opt <= n_adapter * 2 + 16
+    n_base = sum(v.size for v in base_before.values())
+    assert n_base > 0
+    mu = state.opt_state[1][0].mu
+    assert set(mu) == set(state.params) == {"lq_in", "block", "theta_p", "theta_y", "se_img", "se_txt"}
+
+
+def test_non_finite_batch_is_skipped_and_never_checkpointed(tmp, sharded):
+    cfg, mesh, tr = sharded
+    batches = _batches(cfg, 2)
+    bad = dict(batches[0])
+    bad["hq"] = bad["hq"].copy()
+    bad["hq"][0, 0, 0, 0] = np.nan
+    run = tmp / "nan_run"
+    with jax.set_mesh(mesh):
+        state = jax.tree.map(jnp.copy, tr.state)
+        before = _flat(jax.device_get(state.params))
+        opt_before = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.opt_state))]
+        state, m = tr.jitted(state, tr.frozen, _global(bad, mesh))
+        assert not bool(m["finite"])
+        assert int(state.skipped) == 1 and int(state.bad_run) == 1 and int(state.step) == 1
+        after = _flat(jax.device_get(state.params))
+        assert all(np.array_equal(after[k], before[k]) for k in before)
+        assert all(np.array_equal(a, b) for a, b in
+                   zip(jax.tree.leaves(jax.device_get(state.opt_state)), opt_before))
+        # a checkpoint written now holds only finite, unchanged values
+        it = _data_iterator(cfg)
+        mgr = _checkpoint_manager(run, cfg)
+        _save(mgr, 1, state, it)
+        mgr.wait_until_finished()
+        step, restored = _restore(mgr, tr, _data_iterator(cfg))
+        mgr.close()
+        assert step == 1
+        got = _flat(jax.device_get(restored.params))
+        assert all(np.array_equal(got[k], before[k]) and np.all(np.isfinite(got[k])) for k in before)
+        state, m = tr.jitted(state, tr.frozen, _global(batches[1], mesh))
+        assert bool(m["finite"]) and int(state.bad_run) == 0 and int(state.skipped) == 1
