@@ -74,7 +74,8 @@ def run_compare(args) -> int:
     if len(args.paths) < 2:
         raise UserError("compare needs SOURCE... CKPT: at least one source and the converted checkpoint")
     return compare(args.paths[:-1], args.paths[-1], tol=args.tol, layers=args.layers, seed=args.seed,
-                   fmt=args.format, axes_dim=args.axes_dim, vae_norm_groups=args.vae_norm_groups)
+                   fmt=args.format, axes_dim=args.axes_dim, vae_norm_groups=args.vae_norm_groups,
+                   adapter=args.adapter, adapter_steps=args.adapter_steps, restore_tol=args.restore_tol)
 
 
 def register_compare(sub) -> None:
@@ -92,6 +93,11 @@ def register_compare(sub) -> None:
     p.add_argument("--axes-dim", type=_axes, default=None, metavar="A,B,C", help="RoPE axes, as given to convert")
     p.add_argument("--vae-norm-groups", type=int, default=None, metavar="N",
                    help="VAE GroupNorm groups, as given to convert")
+    p.add_argument("--adapter", default=None, metavar="ADAPTER",
+                   help="also compare a FluxIR adapter (exported .safetensors or Orbax adapter folder) with its "
+                        "PyTorch twin: one step per block and a whole restoration (needs transformer and VAE sources)")
+    p.add_argument("--adapter-steps", type=int, default=4, metavar="N", help="Euler steps of the compared restoration (default 4)")
+    p.add_argument("--restore-tol", type=float, default=1e-3, help="largest acceptable relative error of the restoration (default 1e-3)")
     p.set_defaults(func=run_compare)
 
 

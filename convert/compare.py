@@ -101,10 +101,9 @@ def _grid_ids(h: int, w: int) -> np.ndarray:
     return ids.reshape(h * w, 3)
 
 
-def transformer_rows(source: formats.Source, ckpt, *, layers: int | None, seed: int, axes_dim=None,
-                     log: Callable[[str], None] = print):
-    import jax
-    import jax.numpy as jnp
+def transformer_reference(source: formats.Source, ckpt, *, layers: int | None = None, axes_dim=None,
+                          log: Callable[[str], None] = print):
+    """(diffusers FluxTransformer2DModel in float32 built from `source`, its FluxConfig, double / single depth)."""
     import torch
     from diffusers import FluxTransformer2DModel
 
@@ -138,9 +137,16 @@ def transformer_rows(source: formats.Source, ckpt, *, layers: int | None, seed: 
         joint_attention_dim=src_cfg.context_in_dim, pooled_projection_dim=src_cfg.vec_in_dim,
         guidance_embeds=src_cfg.guidance_embed, axes_dims_rope=tuple(src_cfg.axes_dim),
     )
-    ref = _meta_load(FluxTransformer2DModel, dcfg, state)
-    del state
+    return _meta_load(FluxTransformer2DModel, dcfg, state), src_cfg, nd, ns
 
+
+def transformer_rows(source: formats.Source, ckpt, *, layers: int | None, seed: int, axes_dim=None,
+                     log: Callable[[str], None] = print):
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    ref, src_cfg, nd, ns = transformer_reference(source, ckpt, layers=layers, axes_dim=axes_dim, log=log)
     rng = np.random.default_rng(seed)
     h = w = 8
     t = 16
@@ -192,10 +198,8 @@ def transformer_rows(source: formats.Source, ckpt, *, layers: int | None, seed: 
 # ----------------------------------------------------------------------------- vae
 
 
-def vae_rows(source: formats.Source, ckpt, *, seed: int, norm_groups: int | None = None,
-             log: Callable[[str], None] = print):
-    import jax
-    import jax.numpy as jnp
+def vae_reference(source: formats.Source, ckpt, *, norm_groups: int | None = None, log: Callable[[str], None] = print):
+    """(diffusers AutoencoderKL in float32 built from `source`, its AutoEncoderConfig)."""
     import torch
     from diffusers import AutoencoderKL
 
@@ -218,8 +222,17 @@ def vae_rows(source: formats.Source, ckpt, *, seed: int, norm_groups: int | None
         norm_num_groups=src_cfg.norm_groups, use_quant_conv=False, use_post_quant_conv=False,
         mid_block_add_attention=True, scaling_factor=src_cfg.scale_factor, shift_factor=src_cfg.shift_factor,
     )
-    ref = _meta_load(AutoencoderKL, dcfg, state)
-    del state
+    return _meta_load(AutoencoderKL, dcfg, state), src_cfg
+
+
+def vae_rows(source: formats.Source, ckpt, *, seed: int, norm_groups: int | None = None,
+             log: Callable[[str], None] = print):
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    ref, src_cfg = vae_reference(source, ckpt, norm_groups=norm_groups, log=log)
+    n = len(src_cfg.ch_mult)
     rng = np.random.default_rng(seed + 1)
     f = 2 ** (n - 1)
     size = max(64, 2 * f)
@@ -241,9 +254,14 @@ def vae_rows(source: formats.Source, ckpt, *, seed: int, norm_groups: int | None
 
 
 def compare(sources: Sequence, ckpt, *, tol: float = 1e-4, layers: int | None = None, seed: int = 0,
-            fmt: str = "auto", axes_dim=None, vae_norm_groups: int | None = None,
-            out: Callable[[str], None] = print) -> int:
-    """Print the per-block relative-error table; 0 if every row is within `tol`, else 1."""
+            fmt: str = "auto", axes_dim=None, vae_norm_groups: int | None = None, adapter=None,
+            adapter_steps: int = 4, restore_tol: float = 1e-3, out: Callable[[str], None] = print) -> int:
+    """Print the per-block relative-error table; 0 if every row is within its tolerance, else 1.
+
+    With `adapter` (an exported .safetensors file or an Orbax adapter folder), also the rows of
+    one FluxIR step and of an `adapter_steps`-step restoration, JAX vs the PyTorch twin
+    (`compare_adapter.adapter_rows`); the restoration row is held to `restore_tol`.
+    """
     if not sources:
         raise UserError("compare needs SOURCE... CKPT (at least one source and the checkpoint)")
     if layers is not None and layers < 1:
@@ -258,15 +276,52 @@ def compare(sources: Sequence, ckpt, *, tol: float = 1e-4, layers: int | None = 
         rows += transformer_rows(found["transformer"], ckpt, layers=layers, seed=seed, axes_dim=axes_dim, log=out)
     if "vae" in found:
         rows += vae_rows(found["vae"], ckpt, seed=seed, norm_groups=vae_norm_groups, log=out)
+    if adapter is not None:
+        rows += _adapter_rows(found, ckpt, adapter, seed=seed, steps=adapter_steps, layers=layers, axes_dim=axes_dim,
+                              norm_groups=vae_norm_groups, log=out)
     width = max(len(name) for name, _ in rows)
     out(f"{'block':<{width}}  {'rel. error':>11}")
     bad = 0
     for name, err in rows:
-        ok = np.isfinite(err) and err <= tol
+        ok = np.isfinite(err) and err <= (restore_tol if name.startswith("adapter restoration") else tol)
         bad += not ok
         out(f"{name:<{width}}  {err:11.3e}{'' if ok else '  > tol'}")
     worst = max(err for _, err in rows)
     verdict = "ok" if not bad else f"FAILED: {bad} row(s) above tol"
-    out(f"max {worst:.3e} (tol {tol:g}): {verdict}")
+    out(f"max {worst:.3e} (tol {tol:g}{f', restoration {restore_tol:g}' if adapter is not None else ''}): {verdict}")
     return 0 if not bad else 1
+
+
+def _adapter_rows(found: dict, ckpt, adapter, *, seed: int, steps: int, layers, axes_dim, norm_groups, log):
+    """JAX FluxIR vs the PyTorch twin on the source base and VAE (see `compare_adapter`)."""
+    import pathlib
+    import tempfile
+
+    from fluxir_jax.models import adapter_io
+
+    from . import compare_adapter
+
+    if layers is not None:
+        raise UserError("compare --adapter needs the whole base (the adapter controls every block): drop --layers")
+    if "transformer" not in found or "vae" not in found:
+        raise UserError("compare --adapter needs both the transformer and the VAE source (the restoration runs both)")
+    if steps < 1:
+        raise UserError(f"--adapter-steps must be at least 1, got {steps}")
+    path = pathlib.Path(adapter)
+    base_cfg = checkpoint.flux_config(ckpt, dtype="float32", param_dtype="float32")
+    with tempfile.TemporaryDirectory() as tmp:
+        if path.is_dir():  # an Orbax adapter checkpoint: export it for both sides
+            exported = pathlib.Path(tmp) / "adapter.safetensors"
+            adapter_io.export_safetensors(adapter_io.load_adapter(path, base_config=base_cfg), exported)
+            path = exported
+        elif not path.is_file():
+            raise UserError(f"--adapter {adapter}: no such file or folder")
+        transformer, *_ = transformer_reference(found["transformer"], ckpt, axes_dim=axes_dim, log=log)
+        vae, _ = vae_reference(found["vae"], ckpt, norm_groups=norm_groups, log=log)
+        flax_base = checkpoint.load_flux(ckpt, dtype="float32", param_dtype="float32")
+        ae = checkpoint.load_autoencoder(ckpt, dtype="float32", param_dtype="float32")
+        text = checkpoint.load_text_embeddings(ckpt)
+        txt, y = (text["txt"], text["y"]) if text["computed"] else (None, None)
+        return compare_adapter.adapter_rows(transformer, vae, flax_base, ae, path, txt=txt, y=y, seed=seed, steps=steps,
+                                            shift=base_cfg.guidance_embed)
 

@@ -67,3 +67,44 @@ def test_compare_flags_a_perturbed_tensor(setup, tmp_path):
     rows = _rows(out)
     assert rows["double 0 img"] < 1e-4 and rows["double 1 img"] > 1e-4 and rows["final output"] > 1e-4
     assert "FAILED" in out and "vae encode" not in rows
+
+
+def _adapter_for(ckpt, directory, **base_overrides):
+    """A random FluxIR adapter (every parameter random, SE gates non-zero) saved as an Orbax folder."""
+    from flax import nnx
+
+    from fluxir_jax import checkpoint
+    from fluxir_jax.models import adapter_io
+    from fluxir_jax.models.adapter import FluxIR, FluxIRConfig
+    from tests.restore.fixtures import _random_state
+
+    base_cfg = checkpoint.flux_config(ckpt, **base_overrides)
+    text_len = int(checkpoint.load_text_embeddings(ckpt)["t5"].shape[0])
+    abstract = nnx.eval_shape(lambda: FluxIR(FluxIRConfig(text_len=text_len), base_cfg, rngs=nnx.Rngs(0)))
+    adapter = _random_state(abstract, 3)
+    assert float(np.abs(np.asarray(adapter.se_img.gamma[...])).min()) > 0
+    adapter_io.save_adapter(adapter, directory)
+    return directory
+
+
+@pytest.mark.slow  # builds both references and compiles a restoration
+def test_compare_adapter_rows_within_tolerance(setup, tmp_path):
+    adapter = _adapter_for(setup["ckpt"], tmp_path / "adapter")
+    rc, out, err = run_cli(["compare", str(setup["root"] / "pipe"), str(setup["ckpt"]), "--adapter", str(adapter),
+                            "--adapter-steps", "2"])
+    assert rc == 0, out + err
+    rows = _rows(out)
+    assert rows["adapter step velocity"] <= 1e-4
+    restoration = re.search(r"^adapter restoration \(2 steps\)\s+([0-9.e+-]+)$", out, re.M)
+    assert restoration and float(restoration.group(1)) <= 1e-3, out
+    assert any(k.startswith("adapter step single") for k in rows) and "final output" in rows
+    assert "restoration 0.001" in out
+
+
+def test_compare_adapter_for_another_base_or_partial_sources_exit_2(setup, tmp_path):
+    other = _adapter_for(setup["ckpt"], tmp_path / "other", depth=3)
+    rc, out, err = run_cli(["compare", str(setup["root"] / "pipe"), str(setup["ckpt"]), "--adapter", str(other)])
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "depth" in err, err
+    rc, out, err = run_cli(["compare", str(setup["root"] / "pipe" / "transformer"), str(setup["ckpt"]),
+                            "--adapter", str(other)])
+    assert rc == 2 and "VAE" in err, err
