@@ -17,7 +17,7 @@ import sys
 from fluxir_jax.errors import UserError
 
 COMMAND_GROUP = "fluxir.commands"
-HELP_ORDER = ("info", "init", "convert", "compare", "encode-prompts", "degrade", "eval", "convert-iqa", "export-adapter", "train", "gen", "restore")
+HELP_ORDER = ("info", "init", "convert", "compare", "encode-prompts", "degrade", "eval", "convert-iqa", "export-adapter", "train", "gen", "restore", "demo")
 
 
 def command_entry_points() -> list[importlib.metadata.EntryPoint]:
