@@ -87,7 +87,7 @@ def loss_plot(steps: list[int], losses: list[float], out_png: pathlib.Path, size
                 top + (hi - sy) / (hi - lo) * (h - top - bottom))
 
     draw.rectangle([left, top, w - right, h - bottom], outline="black")
-    for t in _nice_ticks(lo, hi):
+    for t in _nice_ticks(lo, hi, 6):
         _, py = px(x0, t)
         draw.line([left - 4, py, left, py], fill="black")
         draw.text((4, py - 6), f"{t:.3g}", fill="black", font=font)
@@ -129,6 +129,7 @@ td:first-child,th:first-child{{text-align:left}}</style></head><body>
 {loss['window']} {loss['last_mean']:.4f}.</p>
 <p><img src="{e(a['loss_png'])}" alt="loss curve"></p>
 <h2>Time (seconds, wall clock)</h2><table>{times}</table>
+<p>CPU time of the process: {report['process_cpu_seconds']:.1f} s.</p>
 <h2>Files</h2><ul>{links}</ul>
 <pre>{e(json.dumps(report['data'], indent=1))}</pre>
 </body></html>
