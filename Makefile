@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
 
-.PHONY: venv test test-fast bench docs clean
+.PHONY: venv demo test test-fast bench docs clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,12 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# The whole pipeline on the tiny preset over 8 emulated CPU devices, into demo_out/ (< 10 min on 2
+# cores; make demo DEMO_ARGS=--quick: < 2 min). No downloads, no user files.
+demo: $(STAMP)
+	XLA_FLAGS="$(XLA_FLAGS) --xla_force_host_platform_device_count=8" JAX_PLATFORMS=cpu \
+		$(BIN)/fluxir demo -o demo_out --overwrite $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

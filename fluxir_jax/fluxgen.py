@@ -159,8 +159,8 @@ def generate(cfg: GenConfig, lower_better: dict, out: pathlib.Path, pi: int, pc:
     graphdefs, params = {}, {}
     for name, module in (("base", base), ("vae", vae)):
         graphdefs[name], params[name] = nnx.split(module)
-    params["txt"] = np.asarray(text["t5"], np.float32)
-    params["y"] = np.asarray(text["clip"], np.float32)
+    params["txt"] = np.asarray(text["txt"], np.float32)
+    params["y"] = np.asarray(text["y"], np.float32)
     engine = Engine(params, parallel=cfg.parallel, devices=n_dev, batch_per_device=cfg.batch_size // n_dev)
     program = make_program(graphdefs, base.config, vae.config, cfg, per_example=engine.mode == "pmap")
     metrics = {m: get_metric(m, weights=metric_weights(cfg, m)) for m in cfg.metrics}

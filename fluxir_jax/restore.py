@@ -188,7 +188,7 @@ class Restorer:
             raise UserError(f"{checkpoint}: the empty-prompt embeddings were not computed (zeros); "
                             "reconvert with --t5 DIR --clip DIR")
         fluxir = adapter_io.load_adapter(adapter, base_config=base_cfg)
-        check_compatible(fluxir, base_cfg, int(text["t5"].shape[0]))
+        check_compatible(fluxir, base_cfg, int(text["txt"].shape[0]))
         fluxir.config = dc.replace(fluxir.config, control_scale=cfg.control_scale)
         self.base_config, self.vae_config = base_cfg, vae_cfg
         # decide the parallel mode and shardings from shapes, then read each model straight into place
@@ -199,7 +199,7 @@ class Restorer:
             self._graphdefs[name], abstract[name] = nnx.split(nnx.eval_shape(make))
         self._graphdefs["adapter"], adapter_state = nnx.split(fluxir)
         abstract["adapter"] = adapter_state
-        params = {"txt": jnp.asarray(text["t5"], jnp.float32), "y": jnp.asarray(text["clip"], jnp.float32)}
+        params = {"txt": jnp.asarray(text["txt"], jnp.float32), "y": jnp.asarray(text["y"], jnp.float32)}
         self.engine = Engine({**abstract, **jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)},
                              parallel=cfg.parallel, devices=cfg.devices, batch_per_device=cfg.batch_size, mesh=cfg.mesh)
         params["base"] = nnx.split(ckpt.load_flux(checkpoint, sharding=self.engine.load_sharding("base"), **dtype))[1]

@@ -84,7 +84,7 @@ def _probe_size(path: pathlib.Path) -> tuple[int, int]:
     """(height, width) from the header, or BadImage; full decoding happens later."""
     from PIL import Image, UnidentifiedImageError
 
-    from fluxir_jax.data.degrade_folder import BadImage
+    from fluxir_jax.fileio import ImageReadError as BadImage
 
     if path.stat().st_size == 0:
         raise BadImage("empty file (0 bytes)")
@@ -106,10 +106,16 @@ def restore_folder(checkpoint: str, adapter: str, input_path: str, out: str, cfg
                    overwrite: bool = False, progress: bool = True, log=print) -> dict:
     """Restore a folder (see module doc); returns the summary dict."""
     from fluxir_jax import config as config_io
-    from fluxir_jax.data.degrade_folder import BadImage, image_seed, load_rgb8
+    from fluxir_jax.data.degrade_folder import image_seed
+    from fluxir_jax.fileio import ImageReadError as BadImage
+    from fluxir_jax.fileio import read_image
     from fluxir_jax.infer import host_slice
 
     import jax
+
+    def load_rgb8(path):
+        notes: list[str] = []
+        return read_image(path, notes), notes
 
     out_dir = pathlib.Path(out)
     root, rels = list_inputs(pathlib.Path(input_path), out_dir)

@@ -18,7 +18,7 @@ from flax import nnx
 
 from fluxir_jax import checkpoint, parallel
 from fluxir_jax.errors import UserError
-from fluxir_jax.models import presets as model_configs
+from fluxir_jax.models import presets
 from fluxir_jax.models.adapter import FluxIR, check_compatible
 from fluxir_jax.models.autoencoder import AE_PRESETS, AutoEncoder, AutoEncoderConfig
 from fluxir_jax.models.flux import Flux, FluxConfig
@@ -50,7 +50,7 @@ class Models:
 
 
 def is_preset(base: str) -> bool:
-    return base in model_configs.FLUX_PRESETS
+    return base in presets.FLUX_PRESETS
 
 
 def resolve_configs(cfg: TrainConfig) -> tuple[FluxConfig, AutoEncoderConfig, int, bool]:
@@ -59,14 +59,14 @@ def resolve_configs(cfg: TrainConfig) -> tuple[FluxConfig, AutoEncoderConfig, in
     over = dict(dtype=m.dtype, param_dtype=m.dtype, remat_policy=m.remat_policy, attention=m.attention)
     try:
         if is_preset(cfg.base):
-            base = model_configs.get(cfg.base, **over)
+            base = presets.get(cfg.base, **over)
             vae = AE_PRESETS["flux" if cfg.base.startswith("flux-") else "tiny"]
             vae = dataclasses.replace(vae, dtype=m.vae_dtype, param_dtype=m.vae_dtype)
             return base, vae, cfg.adapter.text_len, True
         path = pathlib.Path(cfg.base)
         if not path.is_dir():
             raise UserError(f"base: {cfg.base} is neither a checkpoint directory nor a preset "
-                            f"({', '.join(model_configs.names())})")
+                            f"({', '.join(presets.names())})")
         base = checkpoint.flux_config(path, **over)
         vae = checkpoint.autoencoder_config(path, dtype=m.vae_dtype, param_dtype=m.vae_dtype)
     except (ValueError, TypeError) as e:
