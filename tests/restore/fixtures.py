@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from fluxir_jax.config import to_dict
-from fluxir_jax.models import adapter_io, configs
+from fluxir_jax.models import adapter_io, presets
 from fluxir_jax.models.adapter import FluxIR, FluxIRConfig
 from fluxir_jax.models.autoencoder import AE_PRESETS, AutoEncoder
 from fluxir_jax.models.flux import Flux
@@ -60,7 +60,7 @@ def _tree(module) -> dict:
 
 
 def models(seed: int = 0, **flux_overrides):
-    cfg = configs.get("tiny", **flux_overrides)
+    cfg = presets.get("tiny", **flux_overrides)
     base = _random_state(nnx.eval_shape(lambda: Flux(cfg, rngs=nnx.Rngs(0))), seed)
     vae = _random_state(nnx.eval_shape(lambda: AutoEncoder(AE_PRESETS["tiny"], rngs=nnx.Rngs(0))), seed + 1)
     rng = np.random.default_rng(seed + 2)
@@ -90,7 +90,7 @@ def write_checkpoint(directory: pathlib.Path, seed: int = 0, **flux_overrides) -
 
 
 def write_adapter(directory: pathlib.Path, seed: int = 0, gate: float = 0.5, **flux_overrides) -> pathlib.Path:
-    base_cfg = configs.get("tiny", **flux_overrides)
+    base_cfg = presets.get("tiny", **flux_overrides)
     abstract = nnx.eval_shape(lambda: FluxIR(FluxIRConfig(text_len=TEXT_LEN), base_cfg, rngs=nnx.Rngs(0)))
     adapter = _random_state(abstract, seed + 11)
     rng = np.random.default_rng(seed + 12)
