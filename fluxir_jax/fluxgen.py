@@ -67,7 +67,7 @@ def make_program(graphdefs: dict, flux_cfg, vae_cfg, cfg: GenConfig, per_example
     def images(params, seeds):
         b = seeds.shape[0]
         noise = sampling.pack(sampling.get_noise(seeds, lh, lw, vae_cfg.z_channels))
-        cond = sampling.text_conditioning(params["txt"], params["y"], b, lh, lw, guidance)
+        cond = sampling.text_conditioning(params["txt"], params["y"], b, lh * f, lw * f, guidance, vae_factor=f)
         z = sampling.unpack(sampling.denoise(velocity, params["base"], noise, cond, timesteps), lh, lw)
         img = nnx.merge(graphdefs["vae"], params["vae"]).decode(z)
         img = jnp.clip((img.astype(jnp.float32) + 1.0) * 0.5, 0.0, 1.0)

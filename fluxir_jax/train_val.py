@@ -74,7 +74,7 @@ class Validator:
 
             vae = merge_pure(spec.vae_graphdef, spec.vae_state, vae_p)
             zc = sampling.pack(vae.encode(2.0 * lq_up - 1.0, tiled=False))
-            cond = sampling.text_conditioning(txt, y, self.n, lat, lat, guidance)
+            cond = sampling.text_conditioning(txt, y, self.n, cfg.crop_size, cfg.crop_size, guidance)
             cond.extra = {"lq": zc}
             noise = sampling.pack(sampling.get_noise(seeds, lat, lat, m.vae_config.z_channels))
             z = sampling.denoise(velocity, (base_p, adapter_p), noise, cond, timesteps)

@@ -18,6 +18,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from fluxir_convert import compare_adapter, torch_fluxir, vae_map
+from fluxir_jax import treeutil
 from fluxir_jax import sampling
 from fluxir_jax.errors import UserError
 from fluxir_jax.models import adapter_io
@@ -61,7 +62,9 @@ def vae():
     randomize_torch_(dv, 1)
     dv.requires_grad_(False)
     ae = nnx.eval_shape(lambda: AutoEncoder(AE_PRESETS["tiny"], rngs=nnx.Rngs(0)))
-    vae_map.load_diffusers_vae_into(ae, {k: v.numpy() for k, v in dv.state_dict().items()})
+    bfl = vae_map.diffusers_to_bfl_state_dict({k: v.numpy() for k, v in dv.state_dict().items()})
+    flat = dict(vae_map.bfl_to_nnx(k, np.asarray(v)) for k, v in bfl.items())
+    ae = treeutil.load_into(ae, flat, "VAE state dict", name=vae_map.nnx_path_to_bfl_key)
     return dv, ae
 
 

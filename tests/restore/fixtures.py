@@ -81,7 +81,7 @@ def write_checkpoint(directory: pathlib.Path, seed: int = 0, **flux_overrides) -
     finally:
         ckpt.close()
     (directory / "text").mkdir()
-    np.savez(directory / "text" / "empty.npz", t5=t5, clip=clip, computed=np.array(True))
+    np.savez(directory / "text" / "empty.npz", txt=t5, y=clip, computed=np.array(True))
     config = {"format": "fluxir-checkpoint", "format_version": 1, "items": ["transformer", "vae"],
               "transformer": to_dict(base.config), "vae": to_dict(vae.config),
               "text": {"empty": {"computed": True, "file": "text/empty.npz", "t5_len": TEXT_LEN}}}
