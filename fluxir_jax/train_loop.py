@@ -293,6 +293,8 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
                         log(f"step {step}: non-finite loss or gradient; step skipped ({bad} in a row)")
                         if bad >= cfg.max_bad_steps:
                             stopped = f"{bad} consecutive non-finite steps (max_bad_steps={cfg.max_bad_steps})"
+                            logger.write({"step": step, "skipped_steps": int(jax.device_get(state.skipped)),
+                                          "stopped": stopped})
                             break
                     if step % cfg.log_every == 0 or step == cfg.steps:
                         now = time.perf_counter()
