@@ -18,6 +18,7 @@ from fluxir_jax.parallel import MeshConfig
 TIMESTEP_SAMPLERS = ("logit_normal", "uniform", "high_noise")
 PIXEL_LOSSES = ("l1", "l2")
 LR_SCHEDULES = ("constant", "cosine")
+LPIPS_NETS = ("alex", "vgg")
 
 
 @dataclasses.dataclass
@@ -108,11 +109,21 @@ class CheckpointConfig:
 
 @dataclasses.dataclass
 class ValConfig:
-    """every: restore `data.val_count` val images every this many steps (0: never); steps: sampler steps."""
+    """Validation restores of the first `data.val_count` val images.
+
+    every          restore them every this many steps (0: never)
+    steps          sampler steps
+    seed           noise seed of the first image (image i uses seed + i)
+    lpips_weights  LPIPS weights (`fluxir convert-iqa lpips ... -o FILE`, or the published
+                   tensors as .safetensors/.npz); given, val_lpips is scored too ("": no LPIPS)
+    lpips_net      the LPIPS backbone of those weights: alex or vgg
+    """
 
     every: int = 1000
     steps: int = 28
     seed: int = 0
+    lpips_weights: str = ""
+    lpips_net: str = "alex"
 
 
 @dataclasses.dataclass
@@ -179,6 +190,7 @@ def check_static(cfg: TrainConfig) -> None:
     _need(cfg.checkpoint.every >= 1 and cfg.checkpoint.keep >= 1, "checkpoint.every and checkpoint.keep must be >= 1")
     _need(cfg.log_every >= 1, "log_every must be >= 1")
     _need(cfg.val.every >= 0 and cfg.val.steps >= 1, "val.every must be >= 0 and val.steps >= 1")
+    _need(cfg.val.lpips_net in LPIPS_NETS, f"val.lpips_net={cfg.val.lpips_net!r}: expected one of {LPIPS_NETS}")
     _need(cfg.max_bad_steps >= 1, "max_bad_steps must be >= 1")
 
 
@@ -192,3 +204,6 @@ def check_data(cfg: TrainConfig) -> None:
             continue
         _need(bool(path), f"data.{field}: no dataset given")
         _need((pathlib.Path(path) / INFO_NAME).is_file(), f"data.{field}: no dataset at {path} (no {INFO_NAME})")
+    lpips = cfg.val.lpips_weights
+    if lpips and cfg.val.every > 0 and cfg.data.val:
+        _need(pathlib.Path(lpips).is_file(), f"val.lpips_weights: no file at {lpips}")

@@ -3,7 +3,8 @@
 Every `val.every` steps the first `data.val_count` val examples (fixed crops, no flip) are
 restored from Gaussian noise (seeds `val.seed + i`) in `val.steps` Euler steps with the current
 adapter, saved as `run_dir/samples/step_NNNNNN.png` (one row per example: LQ upsampled | restored
-| HQ), and scored with PSNR / SSIM (`fluxir_jax.iqa.registry`) against the HQ crops.
+| HQ), and scored with PSNR / SSIM (`fluxir_jax.iqa.registry`) against the HQ crops, and with
+LPIPS when `val.lpips_weights` names LPIPS weights (`val.lpips_net`: alex or vgg).
 """
 from __future__ import annotations
 
@@ -52,6 +53,22 @@ def _val_batch(cfg) -> dict[str, np.ndarray]:
     return next(make_iterator(src, pc, process_index=0, process_count=1))
 
 
+def metrics(val_cfg) -> dict:
+    """{record key: registry Metric}: PSNR and SSIM, and LPIPS when `val.lpips_weights` is given."""
+    from fluxir_jax.iqa.registry import get_metric
+
+    out = {"val_psnr": get_metric("psnr"), "val_ssim": get_metric("ssim")}
+    if val_cfg.lpips_weights:
+        name = "lpips" if val_cfg.lpips_net == "alex" else f"lpips-{val_cfg.lpips_net}"
+        out["val_lpips"] = get_metric(name, weights=val_cfg.lpips_weights)
+    return out
+
+
+def scores(metrics_: dict, restored: np.ndarray, hq: np.ndarray) -> dict:
+    """The mean of each metric over the val images."""
+    return {k: float(np.mean(np.asarray(m(restored, hq), np.float64))) for k, m in metrics_.items()}
+
+
 class Validator:
     def __init__(self, cfg, trainer, run_dir: pathlib.Path):
         self.cfg, self.trainer = cfg, trainer
@@ -82,18 +99,19 @@ class Validator:
             return jnp.clip((img + 1.0) / 2.0, 0.0, 1.0)
 
         self._restore = jax.jit(restore, out_shardings=rep)
+        self.metrics = metrics(cfg.val)
+
+    def images(self, adapter_params) -> np.ndarray:
+        """The restored val images with `adapter_params`: [n, crop, crop, 3] float32 in [0, 1]."""
+        tr = self.trainer
+        return np.asarray(jax.device_get(self._restore(tr.frozen.base, tr.frozen.vae, adapter_params, tr.frozen.txt,
+                                                       tr.frozen.y, self.lq_up)))
 
     def run(self, adapter_params, step: int) -> dict:
-        from fluxir_jax.iqa.registry import get_metric
-
-        tr = self.trainer
-        out = np.asarray(jax.device_get(self._restore(tr.frozen.base, tr.frozen.vae, adapter_params, tr.frozen.txt,
-                                                      tr.frozen.y, self.lq_up)))
-        psnr = np.asarray(get_metric("psnr")(out, self.hq), np.float64)
-        ssim = np.asarray(get_metric("ssim")(out, self.hq), np.float64)
+        out = self.images(adapter_params)
         if jax.process_index() == 0:
             self._save_grid(out, step)
-        return {"val_psnr": float(psnr.mean()), "val_ssim": float(ssim.mean())}
+        return scores(self.metrics, out, self.hq)
 
     def _save_grid(self, restored: np.ndarray, step: int) -> None:
         from PIL import Image

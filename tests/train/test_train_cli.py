@@ -134,9 +134,11 @@ def init_ckpt(tmp_path_factory):
     (["adapter.control_blocks=some"], "control_blocks"),
     (["base=/nonexistent/ckpt"], "base"),
     (["BASE", "adapter.text_len=8"], "text length"),
+    (["data.val=PAIRS", "val.every=1", "val.lpips_weights=/nonexistent/lpips.safetensors"], "val.lpips_weights"),
+    (["val.lpips_net=squeeze"], "val.lpips_net"),
 ])
 def test_bad_config_exits_2_before_compiling(overrides, field, pairs, init_ckpt, tmp_path, capsys, no_compile):
-    overrides = [f"base={init_ckpt}" if o == "BASE" else o for o in overrides]
+    overrides = [f"base={init_ckpt}" if o == "BASE" else o.replace("PAIRS", str(pairs)) for o in overrides]
     args = ["train", str(TINY), f"data.train={pairs}", f"run_dir={tmp_path / 'run'}", *overrides]
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -1,6 +1,8 @@
 """The sharded train step: mesh equality, frozen base, optimizer contents, loss decrease, skipped steps."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -182,21 +184,58 @@ def test_non_finite_batch_is_skipped_and_never_checkpointed(tmp, sharded):
         assert bool(m["finite"]) and int(state.bad_run) == 0 and int(state.skipped) == 1
 
 
+def _random_lpips_weights(path):
+    """LPIPS-alex weights in the `fluxir convert-iqa` format with every weight random (heads >= 0)."""
+    from flax import nnx
+
+    from fluxir_jax.iqa import lpips, weights
+
+    _, state = nnx.split(lpips.LPIPS("alex", rngs=nnx.Rngs(3)))
+    flat = weights.flat_params(nnx.to_pure_dict(state))
+    rng = np.random.default_rng(3)
+    flat = {k: (np.abs(rng.normal(0, 0.1, v.shape)) if k.startswith("lin") else rng.normal(0, 0.05, v.shape)
+                if k.endswith("bias") else np.asarray(v)).astype(np.float32) for k, v in flat.items()}
+    weights.save_converted(path, "lpips", {"net": "alex"}, flat)
+    return path
+
+
+def test_validation_metrics_follow_the_config(tmp):
+    from fluxir_jax.train_val import metrics, scores
+
+    cfg = _cfg(tmp)
+    assert set(metrics(cfg.val)) == {"val_psnr", "val_ssim"}  # no LPIPS weights: no LPIPS
+    lpips_file = _random_lpips_weights(tmp / "lpips_alex_unit.safetensors")
+    m = metrics(dataclasses.replace(cfg.val, lpips_weights=str(lpips_file)))
+    assert set(m) == {"val_psnr", "val_ssim", "val_lpips"}
+    rng = np.random.default_rng(0)
+    a, b = rng.random((2, 64, 64, 3), np.float32), rng.random((2, 64, 64, 3), np.float32)
+    rec = scores(m, a, b)
+    assert rec["val_lpips"] > 1e-3 and abs(scores(m, a, a)["val_lpips"]) < 1e-6
+    assert rec["val_psnr"] == float(np.mean(m["val_psnr"](a, b)))
+
+
 @pytest.mark.slow
 def test_validation_writes_a_sample_grid_and_scores(tmp, sharded):
-    import dataclasses
-
     from PIL import Image
 
     from fluxir_jax.train_val import Validator
 
+    from fluxir_jax.iqa.registry import get_metric
+
     cfg, mesh, tr = sharded
+    lpips_file = _random_lpips_weights(tmp / "lpips_alex.safetensors")
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val=str(tmp / "pairs"), val_count=2),
-                              val=dataclasses.replace(cfg.val, steps=2))
+                              val=dataclasses.replace(cfg.val, steps=2, lpips_weights=str(lpips_file)))
     with jax.set_mesh(mesh):
         v = Validator(cfg, tr, tmp / "val_run")
         rec = v.run(tr.state.params, 7)
-    assert set(rec) == {"val_psnr", "val_ssim"} and np.isfinite(rec["val_psnr"]) and -1 <= rec["val_ssim"] <= 1
+        restored = v.images(tr.state.params)
+    assert set(rec) == {"val_psnr", "val_ssim", "val_lpips"}
+    assert np.isfinite(rec["val_psnr"]) and -1 <= rec["val_ssim"] <= 1
+    # LPIPS of the restored images against the HQ crops with the given weights (heads >= 0: a distance > 0)
+    want = float(np.mean(get_metric("lpips", weights=lpips_file)(restored, v.hq)))
+    assert want > 0 and abs(rec["val_lpips"] - want) <= 1e-6 * want
+    assert abs(float(np.mean(get_metric("psnr")(restored, v.hq))) - rec["val_psnr"]) <= 1e-9 * rec["val_psnr"]
     grid = np.asarray(Image.open(tmp / "val_run" / "samples" / "step_000007.png"))
     c = cfg.crop_size
     assert grid.shape == (2 * c, 3 * c, 3)
