@@ -5,7 +5,7 @@ Output directory (written under a hidden temporary name next to it, renamed when
     config.json        resolved model configs, source files (names, sizes), stored dtypes,
                        provenance of the text embeddings
     transformer/       Orbax PyTree item (OCDBT, zarr3): the `Flux` NNX Param tree, BFL names,
-                       blocks stacked on a leading layer axis (one zarr chunk per layer)
+                       blocks stacked on a leading layer axis (chunks: `fluxir_jax.chunking`)
     vae/               Orbax PyTree item: the `AutoEncoder` NNX Param tree
     text/empty.npz     empty-prompt `t5` [L, d] and CLIP pooled `clip` [d] (float32); zeros,
                        flagged as such, when no --t5/--clip folders were given
@@ -106,11 +106,16 @@ def _nest(flat: dict[tuple, object]) -> dict:
     return tree
 
 
-def _abstract_params(model_fn) -> dict[tuple, tuple[int, ...]]:
+def _abstract_params(model_fn) -> tuple[dict[tuple, tuple[int, ...]], dict[tuple, tuple]]:
+    """({path: shape}, {path: logical axes}) of a model's Params (the axes choose the chunking)."""
     from flax import nnx
 
+    from fluxir_jax import chunking
+
     model = nnx.eval_shape(model_fn)
-    return {tuple(p): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    shapes = {tuple(p): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    axes = chunking.model_axes(model)
+    return shapes, {p: axes[tuple(str(x) for x in p)] for p in shapes}
 
 
 def _check_keys(v: formats.BflView, expected: dict[str, tuple], name_for_missing: Callable[[str], str]) -> None:
@@ -128,8 +133,8 @@ def _check_keys(v: formats.BflView, expected: dict[str, tuple], name_for_missing
             raise UserError(f"{src}: tensor {v.entries[key].origin!r} has shape {list(got)}, expected {list(want)}")
 
 
-def _leaf(shape, dtype, pieces, stacked) -> writer.LazyArray:
-    return writer.LazyArray(shape, dtype, pieces, stacked)
+def _leaf(shape, dtype, pieces, stacked, axes) -> writer.LazyArray:
+    return writer.LazyArray(shape, dtype, pieces, stacked, axes=axes)
 
 
 def _produce_flux(v: formats.BflView, key: str, path: tuple, dtype: np.dtype, scratch: writer.ScratchBuffers) -> np.ndarray:
@@ -148,7 +153,7 @@ def plan_transformer(v: formats.BflView, config, dtype: str | None, scratch: wri
     from fluxir_jax.models.flux import Flux
     from flax import nnx
 
-    params = _abstract_params(lambda: Flux(config, rngs=nnx.Rngs(0)))
+    params, axes = _abstract_params(lambda: Flux(config, rngs=nnx.Rngs(0)))
     expected: dict[str, tuple] = {}
     where: dict[tuple, list[str]] = {}
     for path, shape in params.items():
@@ -174,7 +179,7 @@ def plan_transformer(v: formats.BflView, config, dtype: str | None, scratch: wri
 
         pieces = [writer.Piece(i if stacked else None, functools.partial(_produce_flux, v, k, path, out_dtype, scratch))
                   for i, k in enumerate(keys)]
-        flat[path] = _leaf(shape, out_dtype, pieces, stacked)
+        flat[path] = _leaf(shape, out_dtype, pieces, stacked, axes[path])
         counts[out_dtype.name] = counts.get(out_dtype.name, 0) + flat[path].size
         total += flat[path].nbytes
     return Plan("transformer", config, _nest(flat), total, counts)
@@ -185,7 +190,7 @@ def plan_vae(v: formats.BflView, config, dtype: str | None, scratch: writer.Scra
     from fluxir_jax.models.autoencoder import AutoEncoder
     from flax import nnx
 
-    params = _abstract_params(lambda: AutoEncoder(config, rngs=nnx.Rngs(0)))
+    params, axes = _abstract_params(lambda: AutoEncoder(config, rngs=nnx.Rngs(0)))
     expected: dict[str, tuple] = {}
     key_of: dict[tuple, str] = {}
     for path, shape in params.items():
@@ -206,7 +211,7 @@ def plan_vae(v: formats.BflView, config, dtype: str | None, scratch: writer.Scra
         out_dtype = np.dtype(dtype) if dtype else v.entries[key].dtype
 
         flat[path] = _leaf(shape, out_dtype, [writer.Piece(None, functools.partial(_produce_vae, v, key, out_dtype, scratch))],
-                           False)
+                           False, axes[path])
         counts[out_dtype.name] = counts.get(out_dtype.name, 0) + flat[path].size
         total += flat[path].nbytes
     return Plan("vae", config, _nest(flat), total, counts)

@@ -20,8 +20,11 @@ Everything else is standard Orbax: `CompositeCheckpointHandler` items saved by
 manifests and the per-item layout are Orbax's own, and standard calls restore it, e.g.
 `ocp.StandardCheckpointer().restore(dir / "transformer", abstract_tree)` (with or without
 target shardings). Leaves are recorded as `np.ndarray` values. Stacked parameters are stored
-with one zarr chunk per layer, so each layer is one OCDBT value and restoring a slice (or
-sharding over the layer axis) reads only what it needs. Chunks are plain little-endian bytes:
+with one zarr chunk per layer, and large parameters are also split where the sharding rules
+shard them (`fluxir_jax.chunking`: the `embed` dimension into up to 16 chunks for FSDP, the
+`mlp` one into up to 8 for tensor parallelism), so restoring a slice, the first N layers, or
+an FSDP shard reads only the chunks it needs. Pieces are still produced one layer at a time;
+TensorStore splits each layer into its chunks as it writes it. Chunks are plain little-endian bytes:
 no compression (weights do not compress) and no one-chunk `sharding_indexed` wrapper, both of
 which cost throughput for nothing; TensorStore reads any zarr3 codec chain, so restores are
 unaffected. Chunks are written without per-write fsync; `sync_tree` syncs the finished
@@ -69,11 +72,18 @@ class Piece:
 class LazyArray:
     """A leaf whose data is produced piece by piece while it is written."""
 
-    def __init__(self, shape: Sequence[int], dtype, pieces: Sequence[Piece], stacked: bool):
+    def __init__(self, shape: Sequence[int], dtype, pieces: Sequence[Piece], stacked: bool,
+                 axes: Sequence | None = None, chunks: Sequence[int] | None = None):
+        from fluxir_jax import chunking
+
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         self.pieces = list(pieces)
         self.stacked = stacked
+        self.axes = None if axes is None else tuple(axes)
+        if chunks is None:
+            chunks = chunking.chunk_shape(self.shape, self.dtype.itemsize, self.axes, stacked)
+        self.chunks = tuple(int(c) for c in chunks)
 
     @property
     def ndim(self) -> int:
@@ -89,7 +99,8 @@ class LazyArray:
 
     @property
     def chunk_shape(self) -> tuple[int, ...]:
-        return ((1,) + self.shape[1:]) if self.stacked else self.shape
+        """The zarr chunk shape (`fluxir_jax.chunking`: per layer, and split where the rules shard)."""
+        return self.chunks
 
     def __repr__(self) -> str:
         return f"LazyArray({list(self.shape)}, {self.dtype.name}, {len(self.pieces)} pieces)"

@@ -131,9 +131,11 @@ class InitPlan:
 def _lazy_tree(model_fn: Callable, item: str, seed: int, dtype) -> tuple[dict, dict]:
     from flax import nnx
 
+    from fluxir_jax import chunking
     from fluxir_jax.checkpoint_writer import LazyArray, Piece
 
     model = nnx.eval_shape(model_fn)
+    axes = chunking.model_axes(model)
     tree: dict = {}
     counts: dict = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
@@ -144,7 +146,7 @@ def _lazy_tree(model_fn: Callable, item: str, seed: int, dtype) -> tuple[dict, d
                       for i in range(shape[0])]
         else:
             pieces = [Piece(None, functools.partial(random_piece, seed, item, path, None, shape, dtype))]
-        leaf = LazyArray(shape, dtype, pieces, stacked)
+        leaf = LazyArray(shape, dtype, pieces, stacked, axes=axes[path])
         node = tree
         for p in path[:-1]:
             node = node.setdefault(p, {})
