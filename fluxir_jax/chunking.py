@@ -19,6 +19,10 @@ a few shards, more. Leaves under `MIN_SPLIT_BYTES` per layer (biases, norms, tin
 stay one chunk per layer: reading them whole costs nothing, and splitting them would only
 multiply small OCDBT values.
 
+Writing cost (bench/convert_memory.py's machinery on the 1.3 GB mid-size config of
+tests/convert/test_memory.py, 2-core shared VM, two rounds): peak RSS above baseline 313 / 292 MiB
+with this layout vs 342 / 297 MiB with one chunk per layer; CPU time 8.6 / 9.6 s vs 7.6 / 8.3 s.
+
 TensorStore reads any chunking, so checkpoints written with the old one-chunk-per-layer
 layout still load (`layer_chunks` gives that layout).
 """
