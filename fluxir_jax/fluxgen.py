@@ -136,6 +136,7 @@ def generate(cfg: GenConfig, lower_better: dict, out: pathlib.Path, pi: int, pc:
 
     from fluxir_jax import checkpoint as ckpt
     from fluxir_jax.data.dataset import DatasetWriter, PairedSource, PairExample
+    from fluxir_jax.data.tfds_source import POOL_NAME
     from fluxir_jax.infer import Engine
     from fluxir_jax.iqa.registry import get_metric
 
@@ -144,10 +145,12 @@ def generate(cfg: GenConfig, lower_better: dict, out: pathlib.Path, pi: int, pc:
     n_dev = devices_for(cfg.batch_size, cfg.devices, len(jax.local_devices()))
     pool_w = DatasetWriter(out / part_name(fs.POOL, pi, pc), config={"generation": cfg.generation_key()},
                            shard_size=cfg.shard_size,
-                           info={"metrics_lower_better": lower_better, "index_range": [start, stop]})
+                           info={"metrics_lower_better": lower_better, "index_range": [start, stop]},
+                           tfds_name=POOL_NAME)
     deg_w = None
     if cfg.degrade_while_generating:
-        deg_w = DatasetWriter(out / part_name(fs.DEGRADED, pi, pc), config=fs.degradation_key(cfg), shard_size=cfg.shard_size)
+        deg_w = DatasetWriter(out / part_name(fs.DEGRADED, pi, pc), config=fs.degradation_key(cfg), shard_size=cfg.shard_size,
+                              tfds_name=None)  # an internal cache of pairs/: no TFDS view
     todo_total = sum(1 for i in range(start, stop) if fs.image_id(i) not in pool_w)
 
     dtype = {"dtype": cfg.dtype} if cfg.dtype else {}

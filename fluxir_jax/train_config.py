@@ -22,14 +22,18 @@ LR_SCHEDULES = ("constant", "cosine")
 
 @dataclasses.dataclass
 class DataConfig:
-    """train / val: paired datasets (`fluxir degrade` / `fluxir gen` output directories).
-
+    """train / val: paired datasets (`fluxir degrade` / `fluxir gen` output directories), or
+                   `tfds:NAME:SPLIT` for a TFDS dataset prepared in ArrayRecord format under
+                   `data_dir` (e.g. `tfds:div2k/bicubic_x4:train`, `tfds:fluxir_pairs:train`;
+                   HQ from its hq/hr/image feature, LQ from lq/lr if any; no TensorFlow)
+    data_dir       TFDS data_dir for `tfds:` datasets ("": TFDS's default, ~/tensorflow_datasets)
     val_count      how many val examples are restored every `val.every` steps
     on_the_fly     degrade HQ crops at load time instead of reading the stored LQ
     """
 
     train: str = ""
     val: str = ""
+    data_dir: str = ""
     val_count: int = 4
     workers: int = 0
     read_threads: int = 4
