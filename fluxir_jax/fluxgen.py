@@ -17,7 +17,10 @@ committed shard (second-order pipeline, `numpy.random.default_rng(seed)`) into `
 pool is complete: percentile selection (`fluxgen_select.select`), `pairs/` (the kept images
 with LQ, copied from `degraded/`), `contact_sheet.png` and `summary.json`.
 
-Output (`out`): config.yaml, pool/, degraded/, pairs/, summary.json, contact_sheet.png. With
+Output (`out`): config.yaml, pool/, degraded/, pairs/, summary.json, contact_sheet.png. pool/ and
+pairs/ are also TFDS datasets (ArrayRecord, no TensorFlow): `tfds.data_source("fluxir_pool",
+split="train", data_dir="OUT/pool/tfds")`, `tfds.builder_from_directory("OUT/pairs/tfds/fluxir_pairs/1.0.0")`
+(`fluxir_jax.data.tfds_source`); degraded/ (a cache of pairs/) is not. With
 several processes each writes `pool-NNNNN-of-MMMMM/` and `degraded-...`; selection and pairs/
 then come from `fluxir gen select OUT` once every process has finished.
 """

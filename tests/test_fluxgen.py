@@ -127,6 +127,16 @@ def test_sharded_mode_same_images_within_one_level(ckpt, reference, tmp_path):
     assert diff <= 1e-3 * total  # FSDP-sharded matmuls round differently: a few pixels move one level
 
 
+def test_pool_and_pairs_are_tfds_datasets(reference):
+    """pool/ and pairs/ open with `tfds.builder_from_directory` / `tfds.data_source` (no TensorFlow)
+    and yield the examples of `PairedSource`, in order; the degraded/ cache has no view."""
+    from tests.data.tfds_fixture import assert_view_matches
+
+    assert assert_view_matches(reference / "pool", "fluxir_pool") == COUNT
+    assert assert_view_matches(reference / "pairs", "fluxir_pairs") == len(PairedSource(reference / "pairs")) > 0
+    assert not (reference / "degraded" / "tfds").exists()
+
+
 def test_gen_select_rewrites_pairs_without_sampling(ckpt, reference, tmp_path, monkeypatch):
     import shutil
 
