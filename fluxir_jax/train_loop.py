@@ -167,7 +167,7 @@ def compile_only(cfg: TrainConfig, mesh, log=print) -> dict:
 
 def _data_iterator(cfg: TrainConfig):
     from fluxir_jax.data.pipeline import PipelineConfig, make_iterator
-    from fluxir_jax.data.tfds_source import open_source
+    from fluxir_jax.data.sources import open_source
 
     pc = PipelineConfig(batch_size=cfg.batch_size, crop_size=cfg.crop_size, scale=cfg.scale, seed=cfg.seed,
                         shuffle=cfg.data.shuffle, flip=cfg.data.flip, on_the_fly=cfg.data.on_the_fly, lq_up=True,

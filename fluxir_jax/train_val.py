@@ -43,7 +43,7 @@ class _Velocity:
 
 def _val_batch(cfg) -> dict[str, np.ndarray]:
     from fluxir_jax.data.pipeline import PipelineConfig, make_iterator
-    from fluxir_jax.data.tfds_source import open_source
+    from fluxir_jax.data.sources import open_source
 
     src = open_source(cfg.data.val, cfg.data.data_dir)
     n = min(cfg.data.val_count, len(src))

@@ -22,7 +22,7 @@ different schema under the same name as ours, and our format is what the resumab
 header-only reads (`fluxgen_select.read_headers`) and every existing dataset rely on. The view
 costs a second copy of the image bytes.
 
-Reading: `open_source(spec, data_dir)` gives a random-access source of `PairedSource` records
+Reading: `TfdsSource(name, split, data_dir)` (or `fluxir_jax.data.sources.open_source`) gives a random-access source of `PairedSource` records
 (`index`, `id`, `seed`, `hq_png`, `lq_png`, `iqa`, `params`, `meta`; the image entries hold the
 encoded bytes, PNG or JPEG) for either a dataset directory or `tfds:NAME:SPLIT` - any TFDS
 dataset prepared in ArrayRecord format under `data_dir` (e.g. `tfds:div2k/bicubic_x4:train`).
@@ -246,15 +246,6 @@ class TfdsSource:
 
     def __repr__(self) -> str:
         return f"TfdsSource({self.name!r}, {self.split!r}, data_dir={self.data_dir!r}, num_examples={self._len})"
-
-
-def open_source(spec: str, data_dir: str | None = None) -> Any:
-    """A `PairedSource` for a dataset directory, a `TfdsSource` for `tfds:NAME:SPLIT` under `data_dir`."""
-    if spec.startswith(TFDS_PREFIX):
-        return TfdsSource(*parse_spec(spec), data_dir=data_dir)
-    from fluxir_jax.data.dataset import PairedSource
-
-    return PairedSource(spec)
 
 
 _CACHE: dict[tuple, TfdsSource] = {}

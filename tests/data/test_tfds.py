@@ -12,7 +12,8 @@ from PIL import Image
 from fluxir_jax import cli
 from fluxir_jax.data import dataset as ds
 from fluxir_jax.data.pipeline import PipelineConfig, make_iterator
-from fluxir_jax.data.tfds_source import TfdsSource, open_source, parse_spec
+from fluxir_jax.data.sources import open_source
+from fluxir_jax.data.tfds_source import TfdsSource, parse_spec
 from fluxir_jax.errors import UserError
 from tests.data.pairs_fixture import block_mean_pairs, photo
 from tests.data.tfds_fixture import assert_view_matches, make_image_dataset
