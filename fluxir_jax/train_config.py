@@ -189,10 +189,14 @@ def check_static(cfg: TrainConfig) -> None:
 def check_data(cfg: TrainConfig) -> None:
     """The datasets exist (needed for training, not for --compile-only)."""
     from fluxir_jax.data.dataset import INFO_NAME
+    from fluxir_jax.data.tfds_source import TFDS_PREFIX, TfdsSource, parse_spec
 
     for field in ("train", "val"):
         path = getattr(cfg.data, field)
         if field == "val" and (not path or cfg.val.every == 0):
             continue
         _need(bool(path), f"data.{field}: no dataset given")
+        if path.startswith(TFDS_PREFIX):  # a missing TFDS dataset or split: UserError naming it
+            TfdsSource(*parse_spec(path), data_dir=cfg.data.data_dir or None)
+            continue
         _need((pathlib.Path(path) / INFO_NAME).is_file(), f"data.{field}: no dataset at {path} (no {INFO_NAME})")

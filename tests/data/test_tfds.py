@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -146,3 +147,17 @@ def test_view_is_resumed_with_the_dataset(tmp_path):
         w.add(examples[0])
     assert not (tmp_path / "no_view" / "tfds").exists()
     assert json.loads((tmp_path / "no_view" / ds.INFO_NAME).read_text())["tfds"] is None
+
+
+def test_training_config_names_a_tfds_dataset(photos_tfds, tmp_path, capsys):
+    from fluxir_jax import train_config
+
+    data_dir, _ = photos_tfds
+    root = pathlib.Path(__file__).resolve().parents[2]
+    good = ["data.train=tfds:tiny_photos:train[:2]", f"data.data_dir={data_dir}", "val.every=0"]
+    train_config.check_data(train_config.load(str(root / "configs/train/tiny.yaml"), good))
+    for spec, needle in (("tfds:tiny_photos:test", "has no split 'test'"), ("tfds:nope:train", "TFDS dataset nope not found")):
+        assert cli.main(["train", str(root / "configs/train/tiny.yaml"), f"data.train={spec}", f"data.data_dir={data_dir}",
+                         "val.every=0", f"run_dir={tmp_path / 'run'}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
