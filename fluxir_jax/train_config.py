@@ -23,14 +23,18 @@ LPIPS_NETS = ("alex", "vgg")
 
 @dataclasses.dataclass
 class DataConfig:
-    """train / val: paired datasets (`fluxir degrade` / `fluxir gen` output directories).
-
+    """train / val: paired datasets (`fluxir degrade` / `fluxir gen` output directories), or
+                   `tfds:NAME:SPLIT` for a TFDS dataset prepared in ArrayRecord format under
+                   `data_dir` (e.g. `tfds:div2k/bicubic_x4:train`, `tfds:fluxir_pairs:train`;
+                   HQ from its hq/hr/image feature, LQ from lq/lr if any; no TensorFlow)
+    data_dir       TFDS data_dir for `tfds:` datasets ("": TFDS's default, ~/tensorflow_datasets)
     val_count      how many val examples are restored every `val.every` steps
     on_the_fly     degrade HQ crops at load time instead of reading the stored LQ
     """
 
     train: str = ""
     val: str = ""
+    data_dir: str = ""
     val_count: int = 4
     workers: int = 0
     read_threads: int = 4
@@ -197,12 +201,16 @@ def check_static(cfg: TrainConfig) -> None:
 def check_data(cfg: TrainConfig) -> None:
     """The datasets exist (needed for training, not for --compile-only)."""
     from fluxir_jax.data.dataset import INFO_NAME
+    from fluxir_jax.data.tfds_source import TFDS_PREFIX, TfdsSource, parse_spec
 
     for field in ("train", "val"):
         path = getattr(cfg.data, field)
         if field == "val" and (not path or cfg.val.every == 0):
             continue
         _need(bool(path), f"data.{field}: no dataset given")
+        if path.startswith(TFDS_PREFIX):  # a missing TFDS dataset or split: UserError naming it
+            TfdsSource(*parse_spec(path), data_dir=cfg.data.data_dir or None)
+            continue
         _need((pathlib.Path(path) / INFO_NAME).is_file(), f"data.{field}: no dataset at {path} (no {INFO_NAME})")
     lpips = cfg.val.lpips_weights
     if lpips and cfg.val.every > 0 and cfg.data.val:

@@ -166,13 +166,13 @@ def compile_only(cfg: TrainConfig, mesh, log=print) -> dict:
 
 
 def _data_iterator(cfg: TrainConfig):
-    from fluxir_jax.data.dataset import PairedSource
     from fluxir_jax.data.pipeline import PipelineConfig, make_iterator
+    from fluxir_jax.data.sources import open_source
 
     pc = PipelineConfig(batch_size=cfg.batch_size, crop_size=cfg.crop_size, scale=cfg.scale, seed=cfg.seed,
                         shuffle=cfg.data.shuffle, flip=cfg.data.flip, on_the_fly=cfg.data.on_the_fly, lq_up=True,
                         workers=cfg.data.workers, read_threads=cfg.data.read_threads)
-    return make_iterator(PairedSource(cfg.data.train), pc)
+    return make_iterator(open_source(cfg.data.train, cfg.data.data_dir), pc)
 
 
 def _checkpoint_manager(run_dir: pathlib.Path, cfg: TrainConfig):

@@ -43,10 +43,10 @@ class _Velocity:
 
 
 def _val_batch(cfg) -> dict[str, np.ndarray]:
-    from fluxir_jax.data.dataset import PairedSource
     from fluxir_jax.data.pipeline import PipelineConfig, make_iterator
+    from fluxir_jax.data.sources import open_source
 
-    src = PairedSource(cfg.data.val)
+    src = open_source(cfg.data.val, cfg.data.data_dir)
     n = min(cfg.data.val_count, len(src))
     pc = PipelineConfig(batch_size=n, crop_size=cfg.crop_size, scale=cfg.scale, seed=cfg.val.seed, shuffle=False,
                         flip=False, on_the_fly=cfg.data.on_the_fly, lq_up=True, read_threads=1)

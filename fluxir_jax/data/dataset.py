@@ -6,6 +6,8 @@ Layout of a finished dataset directory::
       dataset_info.json                   counts, image sizes, byte sizes, config, code version
       shards/pairs-00000.array_record     ArrayRecord file (group_size:1), one record per example
       shards/pairs-00000.array_record.json  sidecar: ids and image sizes of that shard
+      tfds/NAME/1.0.0/...                 the same examples as a TFDS dataset (ArrayRecord, no
+                                          TensorFlow): see `fluxir_jax.data.tfds_source`
       ...                                 (the producer may add files, e.g. degrade_summary.json)
 
 Record encoding (`FXPR`, version 1), one ArrayRecord record per example::
@@ -26,7 +28,10 @@ Record encoding (`FXPR`, version 1), one ArrayRecord record per example::
     offset 9+N          hq_len bytes  HQ PNG (RGB, 8 bit)
     then                lq_len bytes  LQ PNG (RGB, 8 bit), absent when lq_len is null
 
-No TensorFlow is involved: shards are written and read with `array_record` directly.
+No TensorFlow is involved: shards are written and read with `array_record` directly. The TFDS
+view (`tfds.builder_from_directory("DIR/tfds/NAME/1.0.0")`, `tfds.data_source("NAME",
+split="train", data_dir="DIR/tfds")`) is written shard by shard with ours and finished on
+`close()`; `dataset_info.json` names it under "tfds".
 
 Writing is resumable and appears atomically: `DatasetWriter(out)` works in the sibling directory
 `out.partial/`, writes each shard to a temporary name and renames it (with its sidecar) once it
@@ -49,6 +54,7 @@ import threading
 from typing import Any, Iterator, Mapping
 
 from fluxir_jax import fileio
+from fluxir_jax.data.tfds_source import PAIRS_NAME, VIEW_DIR
 from fluxir_jax.errors import UserError
 
 MAGIC = b"FXPR"
@@ -96,6 +102,7 @@ INFO_FIELDS = {
     "config": "the resolved settings that produced the data (e.g. the degradation model), or null",
     "producer": "the command that wrote the dataset",
     "summary_file": "the producer's report in this directory (written, skipped and converted inputs)",
+    "tfds": "the TFDS view of the same examples: data_dir (relative), name, version, split; null when not written",
 }
 
 
@@ -218,6 +225,8 @@ class DatasetWriter:
             # on leaving the block normally: close() -> `out/` appears
 
     `config` is stored in `dataset_info.json`; resuming with a different config is a `UserError`.
+    `tfds_name` names the TFDS view written beside the shards (None: no view); all examples of
+    a dataset with a view must have an LQ image, or none.
     Leaving the block by an exception flushes the buffered examples as a shard but does not
     finish the dataset; the next writer on the same `out` resumes. `work_dir` is where extra
     files (a summary) may be written before `close()`.
@@ -230,6 +239,7 @@ class DatasetWriter:
         config: Mapping[str, Any] | None = None,
         shard_size: int = 128,
         info: Mapping[str, Any] | None = None,
+        tfds_name: str | None = PAIRS_NAME,
     ):
         if shard_size < 1:
             raise UserError(f"shard_size must be at least 1, got {shard_size}")
@@ -266,6 +276,12 @@ class DatasetWriter:
         else:
             self._created = _now()
         shard_dir.mkdir(parents=True, exist_ok=True)
+        self._view = None
+        if tfds_name:
+            from fluxir_jax.data.tfds_source import ViewWriter
+
+            self._view = ViewWriter(self.work_dir, tfds_name, has_lq=(self._rows[0][3] is not None) if self._rows else None)
+            self._view.recover(len(self._shards), self._shard_examples)
         self.config = _plain(dict(config)) if config is not None else None
         self.info_extra = dict(info or {})
         self._write_info(complete=False)
@@ -302,6 +318,15 @@ class DatasetWriter:
             self._shards.append({"file": f"{SHARD_DIR}/{shard.name}", "num_examples": len(rows), "bytes": shard.stat().st_size})
             self._rows.extend(rows)
             self._ids.update(r[0] for r in rows)
+
+    def _shard_examples(self, index: int) -> list[PairExample]:
+        from array_record.python.array_record_module import ArrayRecordReader
+
+        reader = ArrayRecordReader(str(self.work_dir / self._shards[index]["file"]), "readahead_buffer_size:0")
+        try:
+            return [decode_example(r) for r in reader.read_all()]
+        finally:
+            reader.close()
 
     # -- writing ------------------------------------------------------------------------------
     def __contains__(self, example_id: str) -> bool:
@@ -351,6 +376,8 @@ class DatasetWriter:
                 writer.write(rec)
         finally:
             writer.close()
+        if self._view is not None:  # the view's shard first: a view shard without ours is dropped on resume
+            self._view.write_shard(len(self._shards), [decode_example(rec) for rec, _ in self._buffer])
         rows = [row for _, row in self._buffer]
         side = shard_dir / (name + SIDECAR_SUFFIX)
         fileio.write_text(side, json.dumps({"rows": rows}))  # sidecar first, then the shard
@@ -389,6 +416,8 @@ class DatasetWriter:
             },
             "shards": list(self._shards),
             "config": self.config,
+            "tfds": None if self._view is None else {"data_dir": VIEW_DIR, "name": self._view.name,
+                                                     "version": self._view.version, "split": self._view.split},
             **self.info_extra,
             **_plain(dict(extra or {})),
         }
@@ -400,6 +429,10 @@ class DatasetWriter:
             return self.out
         with self._lock:
             self._flush_locked()
+            if self._view is not None:
+                self._view.finish([s["num_examples"] for s in self._shards],
+                                  f"{self._view.name}: {len(self._rows)} examples written by fluxir-jax "
+                                  f"{code_version()} (same examples and order as the dataset in ../../..)")
             self._write_info(complete=True, extra=extra_info)
             if self.out.is_dir():
                 self.out.rmdir()  # an empty directory given as the output

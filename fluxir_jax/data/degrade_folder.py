@@ -11,6 +11,10 @@ until its shorter side is the crop size (`small_images=upscale`); it is never pa
 cannot be decoded (empty, truncated, not an image) are skipped and listed with the reason; the summary is printed and written as
 `degrade_summary.json` inside the dataset.
 
+`--tfds NAME:SPLIT --data-dir DIR` reads the HQ images from a TFDS dataset prepared in ArrayRecord
+format instead (e.g. `--tfds div2k/bicubic_x4:train`; its `hr`/`hq`/`image` feature, see
+`fluxir_jax.data.tfds_source`; no TensorFlow); example ids are `SPLIT/INDEX` (8 digits).
+
 Output: the dataset appears atomically at `--out` when the run completes; until then it is
 built in `<out>.partial/`, and re-running the same command after an interruption resumes there
 (finished shards are kept, images already stored are not processed again). An `--out` that
@@ -117,17 +121,28 @@ def prepare_hq(img: np.ndarray, cfg: DegradeFolderConfig, crop_size: int, scale:
     return np.ascontiguousarray(img)
 
 
-def process_image(task: tuple[str, str, dict, Any]) -> dict:
-    """Worker: one file -> {"rel", "example" (PairExample or None), "reason", "notes"}."""
+def _read_input(src: str | tuple, rel: str, notes: list[str]) -> np.ndarray:
+    """A task's image: `src` is a file path or (name, split, data_dir, index) of a TFDS dataset."""
+    if isinstance(src, str):
+        return fileio.read_image(src, notes)
+    from fluxir_jax.data.tfds_source import cached_source
+
+    name, split, data_dir, index = src
+    return fileio.decode_image(cached_source(name, split, data_dir)[index]["hq_png"], notes, what=rel)
+
+
+def process_image(task: tuple[str | tuple, str, dict, Any]) -> dict:
+    """Worker: one file (or TFDS record) -> {"rel", "example" (PairExample or None), "reason", "notes"}."""
     from fluxir_jax.data.dataset import PairExample
 
-    path, rel, cfg_dict, deg_cfg = task
+    src, rel, cfg_dict, deg_cfg = task
     cfg = DegradeFolderConfig(**cfg_dict)
     try:
         notes: list[str] = []
-        img = fileio.read_image(path, notes)
+        img = _read_input(src, rel, notes)
     except fileio.ImageReadError as e:
-        return {"rel": rel, "example": None, "reason": str(e).removeprefix(f"{path}: "), "notes": []}
+        return {"rel": rel, "example": None, "reason": str(e).removeprefix(f"{src if isinstance(src, str) else rel}: "),
+                "notes": []}
     src_hw = list(img.shape[:2])
     try:
         hq = prepare_hq(img, cfg, deg_cfg.gt.crop_size, deg_cfg.scale, notes)
@@ -148,7 +163,8 @@ def process_image(task: tuple[str, str, dict, Any]) -> dict:
         lq_png=lq_png,
         seed=seed,
         params=params,
-        meta={"source": rel, "source_hw": src_hw, "notes": notes},
+        meta={"source": rel if isinstance(src, str) else f"tfds:{src[0]}:{src[1]}", "source_hw": src_hw, "notes": notes,
+              **({} if isinstance(src, str) else {"tfds_index": src[3]})},
     )
     return {"rel": rel, "example": ex, "reason": None, "notes": notes}
 
@@ -247,19 +263,31 @@ def degrade_folder(
     degradation: Any,
     *,
     progress: bool = True,
+    tfds: tuple[str, str, str | None] | None = None,
 ) -> dict:
-    """Build the paired dataset at `out_dir` from the images under `input_dir`; returns the summary."""
+    """Build the paired dataset at `out_dir` from the images under `input_dir` (or, with `tfds` =
+    (name, split, data_dir) and `input_dir` None, from a TFDS dataset); returns the summary."""
     from tqdm import tqdm
 
     from fluxir_jax.data.dataset import DatasetWriter
 
-    root = pathlib.Path(input_dir).absolute()
-    if not root.is_dir():
-        raise UserError(f"input directory not found: {input_dir}")
     out = pathlib.Path(out_dir).absolute()
-    images, others = find_images(root)
-    if not images:
-        raise UserError(f"no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}) found under {root}")
+    if tfds is not None:
+        from fluxir_jax.data.tfds_source import TfdsSource
+
+        src = TfdsSource(*tfds)
+        root = f"tfds:{tfds[0]}:{tfds[1]}"
+        items, others = [(tuple(tfds) + (i,), src.example_id(i)) for i in range(len(src))], 0
+        if not items:
+            raise UserError(f"TFDS dataset {tfds[0]} split {tfds[1]} is empty")
+    else:
+        root = pathlib.Path(input_dir).absolute()
+        if not root.is_dir():
+            raise UserError(f"input directory not found: {input_dir}")
+        images, others = find_images(root)
+        if not images:
+            raise UserError(f"no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}) found under {root}")
+        items = [(str(p), p.relative_to(root).as_posix()) for p in images]
     t0 = time.time()
     mine = config_lib.to_dict(cfg)
     mine.pop("workers")  # does not change the output
@@ -268,12 +296,11 @@ def degrade_folder(
     cfg_dict = config_lib.to_dict(cfg)
     tasks = []
     already = 0
-    for p in images:
-        rel = p.relative_to(root).as_posix()
+    for task_src, rel in items:
         if rel in writer:
             already += 1
         else:
-            tasks.append((str(p), rel, cfg_dict, degradation))
+            tasks.append((task_src, rel, cfg_dict, degradation))
     workers = min(cfg.workers or available_cores(), max(1, len(tasks)))
     skipped, converted = [], []
     written = 0
@@ -304,7 +331,7 @@ def degrade_folder(
         summary = {
             "input": str(root),
             "out": str(out),
-            "found": len(images),
+            "found": len(items),
             "written": written,
             "already_present": already,
             "skipped": skipped,
@@ -316,7 +343,7 @@ def degrade_folder(
         }
         if writer.num_examples == 0:
             shutil.rmtree(writer.work_dir, ignore_errors=True)
-            raise UserError(f"none of the {len(images)} images under {root} could be used: " + "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3]))
+            raise UserError(f"none of the {len(items)} images in {root} could be used: " + "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3]))
         (writer.work_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=1))
         writer.close(extra_info={"summary_file": SUMMARY_NAME})
     return summary
@@ -339,10 +366,18 @@ def format_summary(summary: dict) -> str:
 
 def run(args) -> int:
     """`func` of the `degrade` subcommand."""
-    if not pathlib.Path(args.input).is_dir():
+    tfds = None
+    if args.tfds is not None:
+        from fluxir_jax.data.tfds_source import TfdsSource, parse_spec
+
+        tfds = (*parse_spec(args.tfds), args.data_dir)
+        TfdsSource(*tfds)  # a missing dataset or split is a UserError before the settings are read
+    elif args.data_dir is not None:
+        raise UserError("--data-dir goes with --tfds NAME:SPLIT")
+    elif not pathlib.Path(args.input).is_dir():
         raise UserError(f"input directory not found: {args.input}")
     cfg, deg_cfg = load_configs(args.config, args.overrides)
-    summary = degrade_folder(args.input, args.out, cfg, deg_cfg, progress=not args.no_progress)
+    summary = degrade_folder(args.input, args.out, cfg, deg_cfg, progress=not args.no_progress, tfds=tfds)
     print(format_summary(summary))
     return 0
 
@@ -353,12 +388,18 @@ def register(subparsers) -> None:
         "degrade",
         help="build a paired LQ/HQ dataset from your own images",
         description=(
-            "Build a paired LQ/HQ dataset (ArrayRecord shards) from a folder of your own HQ images "
-            "(png/jpg/jpeg/webp/tif/tiff, recursive), degraded with the Real-ESRGAN second-order model. "
+            "Build a paired LQ/HQ dataset (ArrayRecord shards, with a TFDS view in <out>/tfds/) from a folder of "
+            "your own HQ images (png/jpg/jpeg/webp/tif/tiff, recursive) or a TFDS dataset (--tfds), degraded with the Real-ESRGAN second-order model. "
             "The dataset appears at --out when complete; an interrupted run resumes from <out>.partial."
         ),
     )
-    p.add_argument("--input", required=True, metavar="DIR", help="folder of HQ images (searched recursively)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", metavar="DIR", help="folder of HQ images (searched recursively)")
+    src.add_argument("--tfds", metavar="NAME:SPLIT",
+                     help="read the HQ images from a TFDS dataset prepared in ArrayRecord format instead "
+                          "(e.g. div2k/bicubic_x4:train or fluxir_pool:train[:100]); no TensorFlow needed")
+    p.add_argument("--data-dir", metavar="DIR", default=None,
+                   help="TFDS data_dir holding NAME/VERSION/ for --tfds (default: TFDS's, ~/tensorflow_datasets)")
     p.add_argument("-o", "--out", required=True, metavar="DIR", help="output dataset directory (must not hold a finished dataset)")
     p.add_argument("--config", metavar="YAML", default=None, help="settings file (DegradeFolderConfig keys; degradation: {...})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
