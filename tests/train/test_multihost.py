@@ -22,6 +22,7 @@ from tests.train.helpers import ROOT, TINY, cli_env, run_fluxir, write_pairs
 # float32 throughout; the two layouts run the same sharded program, only the cross-process
 # all-reduces (gloo) may sum in another order
 REL_TOL = 1e-6
+TIMEOUT = 1800  # seconds per run (a cold compile of the tiny step takes minutes on a busy 2-core machine)
 RUN = ["steps=5", "checkpoint.every=3", "checkpoint.keep=3", "log_every=1", "optim.warmup_steps=0"]
 
 
@@ -72,8 +73,14 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path):
     pairs = write_pairs(tmp_path / "pairs", 8)
     one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
     procs = _two_processes(two, pairs)
-    r = run_fluxir("train", TINY, f"data.train={pairs}", f"run_dir={one}", *RUN)
-    outs = [p.communicate(timeout=900)[0] for p in procs]
+    try:
+        r = run_fluxir("train", TINY, f"data.train={pairs}", f"run_dir={one}", *RUN, timeout=TIMEOUT)
+        outs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     assert r.returncode == 0, r.stdout + r.stderr
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out
@@ -96,7 +103,7 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path):
     # the two-process checkpoint at step 3 resumes in one process (8 devices) to the same end
     shutil.copytree(two, resumed, ignore=shutil.ignore_patterns("adapter"))
     shutil.rmtree(resumed / "checkpoints" / "5")
-    r = run_fluxir("train", TINY, f"data.train={pairs}", f"run_dir={resumed}", *RUN)
+    r = run_fluxir("train", TINY, f"data.train={pairs}", f"run_dir={resumed}", *RUN, timeout=TIMEOUT)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "resumed from step 3" in r.stdout + r.stderr
     c = _losses(resumed)
