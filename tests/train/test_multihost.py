@@ -20,8 +20,14 @@ from fluxir_jax.errors import UserError
 from tests.train.helpers import ROOT, TINY, cli_env, run_fluxir, write_pairs
 
 # float32 throughout; the two layouts run the same sharded program, only the cross-process
-# all-reduces (gloo) may sum in another order
+# all-reduces (gloo) sum the gradients in another order. The losses agree to 1e-6 relative
+# (measured 1.2e-7). Adam's m / sqrt(v) turns those last-bit gradient differences into visible
+# ones for parameters that start at zero with near-zero gradients (lq_in, biases): measured
+# after 5 steps, the whole adapter agrees to 1.3e-5 relative and every parameter to 5.7e-5
+# absolute (6% of one Adam step of lr = 1e-3). Bounds: 1e-4 relative and 0.2 x lr absolute.
 REL_TOL = 1e-6
+ADAPTER_REL_TOL = 1e-4
+ADAPTER_ABS_TOL = 0.2 * 1e-3  # tiny.yaml optim.lr = 1e-3
 TIMEOUT = 1800  # seconds per run (a cold compile of the tiny step takes minutes on a busy 2-core machine)
 RUN = ["steps=5", "checkpoint.every=3", "checkpoint.keep=3", "log_every=1", "optim.warmup_steps=0"]
 
@@ -53,6 +59,15 @@ def _adapter(run_dir) -> dict:
 def _rel(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _assert_adapters_close(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    keys = sorted(want)
+    flat = lambda d: np.concatenate([d[k].ravel() for k in keys])  # noqa: E731
+    assert _rel(flat(got), flat(want)) <= ADAPTER_REL_TOL
+    worst = max(keys, key=lambda k: np.abs(got[k] - want[k]).max())
+    assert np.abs(got[worst] - want[worst]).max() <= ADAPTER_ABS_TOL, worst
 
 
 def _two_processes(run_dir, pairs) -> list[subprocess.Popen]:
@@ -93,9 +108,7 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path):
     for s in a:
         assert abs(b[s] - a[s]) <= REL_TOL * abs(a[s]), (s, a[s], b[s])
     pa, pb = _adapter(one), _adapter(two)
-    assert pa.keys() == pb.keys()
-    errs = {k: _rel(pb[k], pa[k]) for k in pa}
-    assert max(errs.values()) <= REL_TOL, max(errs.items(), key=lambda kv: kv[1])
+    _assert_adapters_close(pb, pa)
     # process 0 alone wrote the run's files; both wrote the checkpoints
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
     assert {p.name for p in (two / "checkpoints").iterdir() if p.name.isdigit()} == {"3", "5"}
@@ -109,8 +122,7 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path):
     c = _losses(resumed)
     for s in (4, 5):
         assert abs(c[s] - a[s]) <= REL_TOL * abs(a[s]), (s, a[s], c[s])
-    pc = _adapter(resumed)
-    assert max(_rel(pc[k], pa[k]) for k in pa) <= REL_TOL
+    _assert_adapters_close(_adapter(resumed), pa)
 
 
 # ----------------------------------------------------------------------------- no second process
