@@ -93,21 +93,52 @@ def resolve_sizes(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
     return sizes
 
 
+def num_slices(devices: Sequence[Any]) -> int:
+    """How many TPU slices `devices` span (distinct `slice_index`; 1 where devices have none)."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def dcn_size(cfg: MeshConfig, devices: Sequence[Any]) -> int:
+    """The data-parallel size across slices: `mesh.dcn_data`, or the slice count when it is left at 1."""
+    slices = num_slices(devices)
+    if slices > 1 and cfg.dcn_data not in (1, slices):
+        raise UserError(f"mesh.dcn_data={cfg.dcn_data} does not match the {slices} slices of this job")
+    return slices if slices > 1 else cfg.dcn_data
+
+
+def device_grid(cfg: MeshConfig, devices: Sequence[Any]) -> np.ndarray:
+    """The devices arranged as the (`data`, `fsdp`, `tensor`) mesh array.
+
+    With several slices (or `dcn_data > 1`), `data` is split as (dcn, data): the outer factor
+    runs across slices (or, without slice indices, across processes) over the data-center
+    network, and fsdp / tensor stay inside a slice, where the ICI links are.
+    """
+    import jax
+    from jax.experimental import mesh_utils
+
+    dcn = dcn_size(cfg, devices)
+    sizes = resolve_sizes(dataclasses.replace(cfg, dcn_data=dcn), len(devices))
+    shape = tuple(sizes[a] for a in AXES)
+    if dcn == 1:
+        return jax.make_mesh(shape, AXES, devices=devices).devices
+    by_process = num_slices(devices) == 1  # no slice indices (GPU, CPU): a process is a granule
+    granules = len({d.process_index for d in devices}) if by_process else num_slices(devices)
+    if granules != dcn:
+        what = "processes" if by_process else "slices"
+        raise UserError(f"mesh.dcn_data={dcn} needs one granule per slice, but the devices span {granules} {what}")
+    return mesh_utils.create_hybrid_device_mesh(shape, (dcn, 1, 1), devices, process_is_granule=by_process)
+
+
 def make_mesh(cfg: MeshConfig, devices: Sequence[Any] | None = None):
-    """The (`data`, `fsdp`, `tensor`) mesh over `devices` (default: all devices), Auto axis types."""
+    """The (`data`, `fsdp`, `tensor`) mesh over `devices` (default: all devices), Auto axis types.
+
+    A multi-slice job puts the slice axis on the outer part of `data` (see `device_grid`).
+    """
     import jax
     from jax.sharding import AxisType, Mesh
 
     devices = list(jax.devices() if devices is None else devices)
-    sizes = resolve_sizes(cfg, len(devices))
-    shape = tuple(sizes[a] for a in AXES)
-    auto = (AxisType.Auto,) * len(AXES)
-    if cfg.dcn_data > 1:
-        from jax.experimental import mesh_utils
-
-        arr = mesh_utils.create_hybrid_device_mesh(shape, (cfg.dcn_data, 1, 1), devices)
-        return Mesh(arr, AXES, axis_types=auto)
-    return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
+    return Mesh(device_grid(cfg, devices), AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
 def batch_divisor(mesh) -> int:
@@ -226,6 +257,20 @@ def create_sharded(init_fn, mesh, rules: Sequence[tuple[str, Any]] = PARAM_RULES
 
     state = jax.jit(make, out_shardings=shardings)()
     return graphdef, state
+
+
+def host_rows(mesh, global_batch: int) -> list[int]:
+    """The rows of a global batch (split over `data`, `fsdp`) held by this process's devices, sorted.
+
+    `jax.make_array_from_process_local_data` fills exactly these rows from a process's local
+    batch, in this order, so a process that loads the examples of these rows builds a global
+    batch whose content does not depend on the number of processes.
+    """
+    sh = batch_sharding(mesh, 1)
+    rows: set[int] = set()
+    for idx in sh.addressable_devices_indices_map((global_batch,)).values():
+        rows.update(range(*idx[0].indices(global_batch)))
+    return sorted(rows)
 
 
 def put_global(local: Mapping[str, np.ndarray], mesh) -> dict:

@@ -3,13 +3,18 @@
     run_dir/config.yaml        the resolved config
     run_dir/metrics.jsonl      one record per logged step (step, loss, loss_flow, loss_pix, lr, ...)
     run_dir/events/            TensorBoard events (tensorboardX)
-    run_dir/checkpoints/<step> Orbax: adapter params, optimizer state, step, RNG, data iterator
+    run_dir/checkpoints/<step> Orbax: adapter params, optimizer state, step, RNG (the data position is the step)
     run_dir/samples/           validation grids (rows LQ | restored | HQ)
     run_dir/adapter/           the final adapter (`adapter_io.save_adapter` format)
     run_dir/compile.json       --compile-only report
 
 Rerunning the same command on the same run_dir resumes from the latest checkpoint. SIGTERM
 (preemption) saves a checkpoint and exits 0.
+
+Multi-host (`fluxir_jax.distributed`, docs/multihost.md): every process runs this same loop;
+each loads only its rows of every global batch; Orbax checkpoints are written and restored by
+all processes together; only process 0 logs and writes config.yaml, metrics, TensorBoard
+events, samples and the final adapter. A checkpoint resumes with any number of processes.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import time
 import numpy as np
 
 from fluxir_jax import config as config_io
-from fluxir_jax import parallel, train_config
+from fluxir_jax import distributed, parallel, train_config
 from fluxir_jax.errors import UserError
 from fluxir_jax.train_config import TrainConfig
 
@@ -165,19 +170,24 @@ def compile_only(cfg: TrainConfig, mesh, log=print) -> dict:
 # ----------------------------------------------------------------------------- training
 
 
-def _data_iterator(cfg: TrainConfig):
+def _data_iterator(cfg: TrainConfig, mesh, start_step: int):
+    """This process's rows of global batches start_step, start_step + 1, ... (one per step)."""
     from fluxir_jax.data.pipeline import PipelineConfig, make_iterator
     from fluxir_jax.data.sources import open_source
 
     pc = PipelineConfig(batch_size=cfg.batch_size, crop_size=cfg.crop_size, scale=cfg.scale, seed=cfg.seed,
                         shuffle=cfg.data.shuffle, flip=cfg.data.flip, on_the_fly=cfg.data.on_the_fly, lq_up=True,
                         workers=cfg.data.workers, read_threads=cfg.data.read_threads)
-    return make_iterator(open_source(cfg.data.train, cfg.data.data_dir), pc)
+    return make_iterator(open_source(cfg.data.train, cfg.data.data_dir), pc, rows=parallel.host_rows(mesh, cfg.batch_size),
+                         start_batch=start_step)
 
 
 def _checkpoint_manager(run_dir: pathlib.Path, cfg: TrainConfig):
+    import jax
     import orbax.checkpoint as ocp
 
+    if jax.process_count() > 1:
+        distributed.orbax_uses_coordination_barriers()
     opts = ocp.CheckpointManagerOptions(max_to_keep=cfg.checkpoint.keep, enable_async_checkpointing=True,
                                         create=True)
     return ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=opts)
@@ -200,41 +210,48 @@ def _from_tree(tree: dict, like):
     return TrainState(params=tree["params"], opt_state=opt, **{k: tree[k] for k in _STEP_KEYS})
 
 
-def _save(mgr, step: int, state, iterator, force: bool = False) -> None:
+def _save(mgr, step: int, state, force: bool = False) -> None:
+    """Every process calls this (Orbax writes each process's shards and syncs them)."""
     import orbax.checkpoint as ocp
 
-    from fluxir_jax.data.pipeline import iterator_save_arg
-
-    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_state_tree(state)),
-                                           data=iterator_save_arg(iterator)), force=force)
+    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_state_tree(state))), force=force)
 
 
-def _restore(mgr, trainer: Trainer, iterator):
+def _restore(mgr, trainer: Trainer):
+    """(step, state) of the latest checkpoint, restored straight into this mesh's shardings; (None, None)."""
     import jax
     import orbax.checkpoint as ocp
-
-    from fluxir_jax.data.pipeline import iterator_restore_arg
 
     step = mgr.latest_step()
     if step is None:
         return None, None
     like = _state_tree(trainer.state)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), like)
-    out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                    data=iterator_restore_arg(iterator)))
+    out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     return step, _from_tree(out["state"], trainer.state)
 
 
-def _final_adapter(trainer: Trainer, state, run_dir: pathlib.Path) -> None:
+def _to_host(tree):
+    """Whole numpy arrays of a (possibly multi-process) sharded pytree; every process must call it."""
     import jax
 
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _final_adapter(trainer: Trainer, state, run_dir: pathlib.Path, main: bool) -> None:
     from fluxir_jax.models import adapter_io
     from fluxir_jax.train import merge_pure
 
     m = trainer.models
-    params = jax.device_get(state.params)
-    adapter = merge_pure(m.adapter_graphdef, m.adapter_abstract, params)
-    adapter_io.save_adapter(adapter, run_dir / "adapter", overwrite=True)
+    distributed.barrier("final_adapter")
+    params = _to_host(state.params)
+    if main:
+        adapter = merge_pure(m.adapter_graphdef, m.adapter_abstract, params)
+        adapter_io.save_adapter(adapter, run_dir / "adapter", overwrite=True)
 
 
 def train(cfg: TrainConfig, *, log=print) -> dict:
@@ -249,19 +266,21 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
     run_dir = pathlib.Path(cfg.run_dir).absolute()
     _check_run_dir(cfg, run_dir)
     main = jax.process_index() == 0
+    if not main:
+        log = lambda *a, **k: None  # noqa: E731  (only process 0 talks)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         config_io.dump(cfg, run_dir / "config.yaml")
     with jax.set_mesh(mesh):
         trainer = Trainer(cfg, mesh, log=log)
-        iterator = _data_iterator(cfg)
         mgr = _checkpoint_manager(run_dir, cfg)
-        start, restored = _restore(mgr, trainer, iterator)
+        start, restored = _restore(mgr, trainer)
         state = trainer.state
         if restored is not None:
             state = restored
             log(f"resumed from step {start} ({run_dir / 'checkpoints'})")
         start = int(start or 0)
+        iterator = _data_iterator(cfg, mesh, start)
         validator = None
         if cfg.val.every > 0 and cfg.data.val:
             from fluxir_jax.train_val import Validator
@@ -277,13 +296,19 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
         try:
             with _Stop() as stop:
                 batch = next(iterator) if step < cfg.steps else None
+                compiled = None
                 while step < cfg.steps:
                     global_batch = parallel.put_global({"hq": batch["hq"], "lq_up": batch["lq_up"]}, mesh)
-                    state, metrics = trainer.jitted(state, trainer.frozen, global_batch)
+                    if compiled is None:  # every process compiles, then they start the step together
+                        compiled = trainer.jitted.lower(state, trainer.frozen, global_batch).compile()
+                        distributed.barrier("compiled")
+                    state, metrics = compiled(state, trainer.frozen, global_batch)
                     step += 1
-                    stopping = stop.requested  # read once: a SIGTERM during this iteration acts at the next
+                    # read once (a SIGTERM during this iteration acts at the next), agreed by all processes
+                    stopping = distributed.any_process(stop.requested, f"stop/{step}",
+                                                       f"stop/{step - 1}" if step > start + 1 else None)
                     if step % cfg.checkpoint.every == 0 or step == cfg.steps or stopping:
-                        _save(mgr, step, state, iterator)
+                        _save(mgr, step, state)
                     if step < cfg.steps and not stopping:
                         batch = next(iterator)
                     metrics = jax.device_get(metrics)
@@ -318,8 +343,7 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
             mgr.wait_until_finished()
             if stopped is not None:
                 raise UserError(f"training stopped at step {step}: {stopped}")
-            if main:
-                _final_adapter(trainer, state, run_dir)
+            _final_adapter(trainer, state, run_dir, main)
             log(f"done: {step} steps, adapter in {run_dir / 'adapter'}")
             return {"step": step, "skipped": int(jax.device_get(state.skipped))}
         finally:
@@ -349,6 +373,7 @@ def main(args) -> int:
             tmp.replace(run_dir / "compile.json")
         print(json.dumps(report), flush=True)
         return 0
+    distributed.initialize(args, log=print)
     train(cfg)
     return 0
 
@@ -363,3 +388,4 @@ def register(sub) -> None:
     p.add_argument("--compile-only", action="store_true",
                    help="lower and compile the step from abstract shapes, print a JSON memory/FLOP report, exit")
     p.set_defaults(func=main)
+    distributed.add_args(p)

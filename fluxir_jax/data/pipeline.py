@@ -1,7 +1,7 @@
 """Grain input pipeline over a paired dataset, per TPU host.
 
     source (PairedSource) -> shuffle(seed) -> repeat(num_epochs) -> attach global position
-      -> per-process slice [process_index::process_count]
+      -> this process's rows of every global batch (from `start_batch` on)
       -> decode PNGs with PIL -> [on-the-fly degradation] -> random paired crop + flip
       -> (read threads) -> batch(per-host size) -> [mp_prefetch worker processes]
 
@@ -15,17 +15,23 @@ workers or restarts. Batches are dicts of numpy arrays:
     lq_up  float32 [B, crop, crop, 3] (LQ bicubic-upsampled to the HQ size; only if cfg.lq_up)
     index  int64 [B]  position of the example in the source (for checks and debugging)
 
-`PipelineConfig.batch_size` is the *global* batch; each process yields `batch_size /
-process_count` examples per step and `make_global_batch` assembles the global `jax.Array`s with
-`jax.make_array_from_process_local_data`. The iterator state goes into Orbax checkpoints with
-`iterator_save_arg` / `iterator_restore_arg` (Grain's Orbax handler), so training resumes at
-the exact next example.
+`PipelineConfig.batch_size` is the *global* batch B: global batch k holds the stream positions
+[k*B, (k+1)*B), row r being position k*B + r. Each process loads only its `rows` of every global
+batch (default: the contiguous block `process_index * B/process_count ...`; training passes
+`parallel.host_rows(mesh, B)`, the rows its devices hold) and `make_global_batch` assembles
+the global `jax.Array`s with `jax.make_array_from_process_local_data`. So the global batch is
+the same, bit for bit, whatever the number of processes.
+
+Resuming: the stream is a pure function of the position, so `start_batch=k` starts at global
+batch k exactly (training derives it from the restored step, which works for any process
+count). The Grain iterator state can also go into Orbax checkpoints with `iterator_save_arg` /
+`iterator_restore_arg` (Grain's Orbax handler, one file per process).
 """
 from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -57,6 +63,28 @@ class PipelineConfig:
     read_threads: int = 4  # threads decoding examples (per process / worker)
     read_buffer_size: int = 16  # examples buffered by the read threads
     drop_remainder: bool = True  # drop a last incomplete batch (finite epochs only)
+
+
+class _HostRows:
+    """Local stream index j -> the element at global batch start + j // n, row rows[j % n].
+
+    n = len(rows); batches of n local examples then line up with the global batches. Picklable
+    (Grain sends it to worker processes).
+    """
+
+    def __init__(self, parent, rows: Sequence[int], batch_size: int, start_batch: int, drop_remainder: bool):
+        self.parent, self.rows, self.b, self.start = parent, tuple(rows), batch_size, start_batch
+        full, rest = divmod(len(parent), batch_size)
+        self.full = max(full - start_batch, 0)
+        self.tail = () if drop_remainder or full < start_batch else tuple(r for r in rows if r < rest)
+
+    def __len__(self) -> int:
+        return self.full * len(self.rows) + len(self.tail)
+
+    def __call__(self, index: int):
+        k, j = divmod(int(index), len(self.rows))
+        row = self.rows[j] if k < self.full else self.tail[j]
+        return self.parent[(self.start + k) * self.b + row]
 
 
 def _validated_host_batch_size(cfg: PipelineConfig, process_count: int) -> int:
@@ -162,12 +190,16 @@ def build_dataset(
     degradation: Any = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    rows: Sequence[int] | None = None,
+    start_batch: int = 0,
 ):
     """The per-process `grain.IterDataset` of batches (see the module docstring).
 
     `source` is a `PairedSource` (or any random-access sequence of its records). `degradation`
     is the `DegradationConfig` used when `cfg.on_the_fly`. `process_index`/`process_count`
     default to `jax.process_index()`/`jax.process_count()` (override them to emulate hosts).
+    `rows` are the global-batch rows this process loads (default: its contiguous block);
+    `start_batch` is the first global batch to yield.
     """
     import grain
 
@@ -179,6 +211,13 @@ def build_dataset(
     if not 0 <= process_index < process_count:
         raise UserError(f"process_index {process_index} is not in [0, {process_count})")
     local_bs = _validated_host_batch_size(cfg, process_count)
+    if rows is None:
+        rows = range(process_index * local_bs, (process_index + 1) * local_bs)
+    rows = [int(r) for r in rows]
+    if not rows or len(set(rows)) != len(rows) or not all(0 <= r < cfg.batch_size for r in rows):
+        raise UserError(f"rows must be distinct rows of the global batch [0, {cfg.batch_size}), got {rows}")
+    if start_batch < 0:
+        raise UserError(f"start_batch must be >= 0, got {start_batch}")
     if len(source) == 0:
         raise UserError("the dataset is empty")
     info = getattr(source, "info", None)
@@ -196,10 +235,11 @@ def build_dataset(
         ds = ds.shuffle(seed=cfg.seed)
     ds = ds.repeat(cfg.num_epochs)
     ds = ds.map_with_index(_with_position)
-    ds = ds[process_index::process_count]
+    host = _HostRows(ds, rows, cfg.batch_size, start_batch, cfg.drop_remainder)
+    ds = grain.MapDataset.range(len(host)).map(host)
     ds = ds.map(PairTransform(cfg, degradation))
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer_size))
-    it_ds = it_ds.batch(local_bs, drop_remainder=cfg.drop_remainder)
+    it_ds = it_ds.batch(len(rows), drop_remainder=cfg.drop_remainder)
     if cfg.workers > 0:
         _ensure_absl_flags()
         it_ds = it_ds.mp_prefetch(

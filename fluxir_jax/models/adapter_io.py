@@ -158,12 +158,18 @@ def _materialize(abstract: FluxIR) -> FluxIR:
 
 
 def save_adapter(adapter: FluxIR, directory: str | pathlib.Path, overwrite: bool = False) -> None:
-    """Orbax adapter checkpoint: `adapter.json` + `params/` (written to a temp dir, then renamed)."""
+    """Orbax adapter checkpoint: `adapter.json` + `params/` (written to a temp dir, then renamed).
+
+    Written by the calling process alone (in a multi-process job, e.g. process 0 of `fluxir
+    train`, the others do not take part); the adapter's arrays must be whole on this process.
+    """
     import orbax.checkpoint as ocp
 
+    me = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
     with fileio.atomic_dir(directory, overwrite) as tmp:
         fileio.write_json(tmp / "adapter.json", _metadata(adapter))
-        with ocp.StandardCheckpointer() as ckpt:
+        with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckpt:
             ckpt.save(tmp / "params", nnx.state(adapter, nnx.Param))
 
 

@@ -118,16 +118,19 @@ def test_crops_are_aligned_and_flipped(blockmean20):
 
 
 def test_same_data_whatever_the_process_count(blockmean20):
-    cfg = dataclasses.replace(CFG, batch_size=2, lq_up=True)
-    one = _take(make_iterator(blockmean20, cfg, process_index=0, process_count=1), 6)
-    cfg2 = dataclasses.replace(cfg, batch_size=2)
-    two = [_take(make_iterator(blockmean20, cfg2, process_index=p, process_count=2), 6) for p in range(2)]
-    stream1 = [{k: b[k][i] for k in b} for b in one for i in range(2)]
-    stream2 = [{k: two[i % 2][i // 2][k][0] for k in one[0]} for i in range(12)]
-    _assert_same(stream1, stream2)
-    assert one[0]["lq_up"].shape == (2, 32, 32, 3)
+    cfg = dataclasses.replace(CFG, batch_size=4, lq_up=True)
+    one = _take(make_iterator(blockmean20, cfg, process_index=0, process_count=1), 6)  # crosses an epoch
+    two = [_take(make_iterator(blockmean20, cfg, process_index=p, process_count=2), 6) for p in range(2)]
+    # global batch k = process 0's rows then process 1's rows, exactly the one-process batch k
+    _assert_same(one, [{k: np.concatenate([two[0][i][k], two[1][i][k]]) for k in one[0]} for i in range(6)])
+    # any row assignment (as the devices of a process hold them) and a start batch
+    odd = _take(make_iterator(blockmean20, cfg, process_index=1, process_count=2, rows=[3, 1], start_batch=4), 2)
+    _assert_same(odd, [{k: b[k][[3, 1]] for k in b} for b in one[4:6]])
+    assert one[0]["lq_up"].shape == (4, 32, 32, 3)
     err = np.abs(one[0]["lq_up"] - one[0]["hq"]).mean()
     assert err < 0.1  # an upsampled version of the (aligned) LQ
+    with pytest.raises(UserError, match="rows"):
+        make_iterator(blockmean20, cfg, process_index=0, process_count=1, rows=[4])
 
 
 def test_on_the_fly_degradation_is_deterministic(degraded50):

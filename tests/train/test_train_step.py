@@ -27,7 +27,7 @@ def tmp(tmp_path_factory):
 
 
 def _batches(cfg, n):
-    it = _data_iterator(cfg)
+    it = _data_iterator(cfg, parallel.make_mesh(cfg.mesh), 0)
     return [next(it) for _ in range(n)]
 
 
@@ -126,7 +126,7 @@ def test_only_adapter_trains_and_loss_falls(tmp, sharded):
         state = jax.tree.map(jnp.copy, tr.state)
         p0 = _flat(jax.device_get(state.params))
         before = float(eval_loss(state.params))
-        it = _data_iterator(cfg)
+        it = _data_iterator(cfg, parallel.make_mesh(cfg.mesh), 0)
         losses = []
         for _ in range(50):
             state, metrics = tr.jitted(state, tr.frozen, _global(next(it), mesh))
@@ -171,11 +171,10 @@ def test_non_finite_batch_is_skipped_and_never_checkpointed(tmp, sharded):
         assert all(np.array_equal(a, b) for a, b in
                    zip(jax.tree.leaves(jax.device_get(state.opt_state)), opt_before))
         # a checkpoint written now holds only finite, unchanged values
-        it = _data_iterator(cfg)
         mgr = _checkpoint_manager(run, cfg)
-        _save(mgr, 1, state, it)
+        _save(mgr, 1, state)
         mgr.wait_until_finished()
-        step, restored = _restore(mgr, tr, _data_iterator(cfg))
+        step, restored = _restore(mgr, tr)
         mgr.close()
         assert step == 1
         got = _flat(jax.device_get(restored.params))
