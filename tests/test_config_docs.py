@@ -128,3 +128,18 @@ def test_check_and_write_commands(tmp_path, capsys):
     path.write_text(path.read_text().replace("| `depth` |", "| `depth_x` |"))
     assert cd.main(["--check", "--path", str(path)]) == 1
     assert "out of date" in capsys.readouterr().err
+
+
+def test_paper_md_names_only_real_config_keys():
+    """docs/paper.md names the field behind every choice; each `key` that looks like one must exist."""
+    import re
+
+    keys = set()
+    for section in cd.registry():
+        for r in cd.rows(section.cls)[0]:
+            parts = r.key.split(".")
+            keys |= {".".join(parts[i:]) for i in range(len(parts))}  # `optim.lr`, `lr`, nested suffixes
+    text = (ROOT / "docs" / "paper.md").read_text()
+    named = {t for t in re.findall(r"`([a-z][a-z0-9_.]*)(?:=[^`]*)?`", text) if "." in t or "_" in t}
+    assert len(named) > 40
+    assert not sorted(named - keys)
