@@ -51,9 +51,12 @@ def registry() -> list[Section]:
     from fluxir_jax.data.degrade import DegradationConfig
     from fluxir_jax.data.degrade_folder import DegradeFolderConfig
     from fluxir_jax.data.pipeline import PipelineConfig
+    from fluxir_jax.fluxgen_config import GenConfig
     from fluxir_jax.models.adapter import FluxIRConfig
     from fluxir_jax.models.autoencoder import AutoEncoderConfig
     from fluxir_jax.models.flux import FluxConfig
+    from fluxir_jax.restore import RestoreConfig
+    from fluxir_jax.train_config import TrainConfig
 
     return [
         Section("FLUX transformer", FluxConfig,
@@ -71,6 +74,16 @@ def registry() -> list[Section]:
         Section("`fluxir degrade` job", DegradeFolderConfig,
                 "`fluxir degrade --config FILE` (top-level keys); overrides `key=value`"),
         Section("Training input pipeline", PipelineConfig, "`fluxir_jax.data.pipeline` (set by the training job)"),
+        Section("`fluxir gen` job (FluxGen)", GenConfig,
+                "`configs/gen/*.yaml` (`fluxgen-dev.yaml`: the paper's run; `tiny.yaml`: tests and demo); "
+                "`fluxir gen CONFIG [key=value ...]`; `fluxir gen select OUT [key=value ...]` re-reads `select.*` "
+                "and `degrade.*`"),
+        Section("`fluxir train` job", TrainConfig,
+                "`configs/train/*.yaml` (`fluxir-dev.yaml`: the paper's run; `tiny.yaml`: tests and demo); "
+                "`fluxir train CONFIG [key=value ...]`; the resolved config is saved as `run_dir/config.yaml`"),
+        Section("`fluxir restore` job", RestoreConfig,
+                "`configs/restore/default.yaml`; `fluxir restore ... [--config FILE] [key=value ...]`; "
+                "`Restorer(checkpoint, adapter, **options)`"),
     ]
 
 

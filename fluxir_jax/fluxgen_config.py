@@ -22,7 +22,12 @@ LEARNED_METRICS = ("clipiqa", "maniqa", "musiq")  # the paper's three; used when
 
 @dataclasses.dataclass
 class WeightsConfig:
-    """Converted weights of each metric (`fluxir convert-iqa`); "" = not given."""
+    """Converted weights of each metric (`fluxir convert-iqa`); "" = not given.
+
+    clipiqa        CLIP-IQA weights (.safetensors); given: the metric is scored
+    maniqa         MANIQA weights (.safetensors); given: the metric is scored
+    musiq          MUSIQ weights (.safetensors); given: the metric is scored
+    """
 
     clipiqa: str = ""
     maniqa: str = ""
@@ -32,11 +37,20 @@ class WeightsConfig:
 
 @dataclasses.dataclass
 class SelectConfig:
+    """Which pool images become training pairs (re-run with `fluxir gen select OUT`)."""
+
     percentile: float = 5.0  # drop an image below this percentile of the pool on any metric (0: keep all)
 
 
 @dataclasses.dataclass
 class GenConfig:
+    """The whole `fluxir gen` (FluxGen) run: generate, score, select, degrade.
+
+    weights        converted weights of the learned metrics
+    select         the selection rule applied to the scored pool
+    degrade        the second-order degradation that makes each LQ (DegradationConfig)
+    """
+
     base: str = ""  # base checkpoint directory (`fluxir convert` / `fluxir init`)
     out: str = ""  # output directory
     count: int = 350000  # images to generate over all processes

@@ -44,7 +44,12 @@ STACKED = re.compile(r"(^|/)(double_blocks|single_blocks|se_img|se_txt)(/|$)")  
 
 @dataclasses.dataclass(frozen=True)
 class MeshShape:
-    """Sizes of the (data, fsdp, tensor) mesh of `parallel=sharded`; one -1 takes the remaining devices."""
+    """Sizes of the (data, fsdp, tensor) mesh of `parallel=sharded`; one -1 takes the remaining devices.
+
+    data           batch-only axis (weights replicated across it)
+    fsdp           weights' largest dimension sharded over it; the batch too
+    tensor         weights' second-largest dimension sharded over it
+    """
 
     data: int = 1
     fsdp: int = -1

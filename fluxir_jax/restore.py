@@ -37,7 +37,31 @@ class TileConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RestoreConfig:
-    """Settings of `fluxir restore` and `Restorer` (configs/restore/default.yaml documents each)."""
+    """Settings of `fluxir restore` and `Restorer` (configs/restore/default.yaml documents each).
+
+    steps          Euler steps from noise to the restored latent
+    guidance       distilled guidance fed to base and adapter (flux-dev); ignored by bases without it
+    control_scale  multiplies every adapter residual (0: the plain base model; > 1: stronger control)
+    seed           base seed; each image's noise seed derives from (seed, relative path)
+                   (`Restorer` API: seed + list index)
+    scale          output = LQ size x scale (bicubic upsampling of the LQ, torch semantics as in training)
+    target_size    > 0: output longer side in pixels (aspect kept), instead of `scale`
+    color_fix      wavelet (low frequencies of the upsampled LQ swapped in) | adain (per-channel
+                   mean/std) | none
+    tile           latent + VAE tiling of images larger than one tile
+    parallel       pmap (replica per device) | sharded (one jit, weights FSDP-sharded) | auto (pmap
+                   when a replica fits a device)
+    devices        local devices to use (0: all)
+    batch_size     images per device per step
+    mesh           parallel=sharded: the (data, fsdp, tensor) mesh of the local devices
+    dtype          activation dtype override for base and VAE ("" = as converted; float32 | bfloat16)
+    allow_zero_text
+                   accept a checkpoint whose empty-prompt embeddings were never computed (zeros)
+    format         png | jpeg (extension .png / .jpg; relative paths and names kept)
+    jpeg_quality   1..100, format=jpeg only
+    png_compress_level
+                   0..9 zlib level, format=png only
+    """
 
     steps: int = 28
     guidance: float = 3.5

@@ -23,12 +23,19 @@ LPIPS_NETS = ("alex", "vgg")
 
 @dataclasses.dataclass
 class DataConfig:
-    """train / val: paired datasets (`fluxir degrade` / `fluxir gen` output directories), or
-                   `tfds:NAME:SPLIT` for a TFDS dataset prepared in ArrayRecord format under
+    """The paired datasets the run reads.
+
+    train          training pairs: a `fluxir degrade` or `fluxir gen` output directory (its `pairs/`),
+                   or `tfds:NAME:SPLIT` for a TFDS dataset prepared in ArrayRecord format under
                    `data_dir` (e.g. `tfds:div2k/bicubic_x4:train`, `tfds:fluxir_pairs:train`;
                    HQ from its hq/hr/image feature, LQ from lq/lr if any; no TensorFlow)
+    val            validation pairs in the same forms ("" = no validation)
     data_dir       TFDS data_dir for `tfds:` datasets ("": TFDS's default, ~/tensorflow_datasets)
     val_count      how many val examples are restored every `val.every` steps
+    workers        Grain worker processes decoding training batches (0: in the training process)
+    read_threads   threads reading and decoding examples (per process / worker)
+    shuffle        shuffle the training examples (order seeded by `seed`)
+    flip           random horizontal flip (p = 0.5), the same for HQ and LQ
     on_the_fly     degrade HQ crops at load time instead of reading the stored LQ
     """
 
@@ -63,7 +70,14 @@ class ModelConfig:
 class OptimConfig:
     """AdamW on the adapter's fp32 master weights.
 
+    lr             peak learning rate (after warm-up)
+    warmup_steps   linear warm-up from 0 to `lr` over this many optimizer steps
     schedule       "constant" after warm-up, or "cosine" decay to lr * final_lr_ratio at `steps`
+    final_lr_ratio
+                   cosine only: the learning rate at `steps` as a fraction of `lr`
+    b1, b2         AdamW moment decay rates
+    eps            AdamW denominator epsilon
+    weight_decay   AdamW decoupled weight decay (0: none)
     clip_norm      global-norm gradient clip (0: off)
     accum_steps    micro-batches per optimizer step (the global batch is split into them)
     """
@@ -86,9 +100,15 @@ class LossConfig:
 
     timesteps          "logit_normal" (t = sigmoid(logit_mean + logit_std * u)), "uniform", or
                        "high_noise" (uniform t shifted by `high_noise_shift`, SD3-style)
+    logit_mean, logit_std
+                       mean and std of the normal variable u of logit_normal t
     resolution_shift   apply FLUX's resolution shift (mu = lin_mu(tokens)) to logit_normal t
+    high_noise_shift   shift factor of "high_noise" t (mu = log(high_noise_shift); > 1 favours noise)
+    pixel_weight       weight of the pixel loss (L = L_flow + pixel_weight * L_pix; 0: flow loss only)
+    pixel_loss         "l1" or "l2" distance between the decoded x0 estimate and the HQ crop
     pixel_crop         pixel crop side decoded for the pixel loss (multiple of 8; <= crop_size)
-    pix_t_min/max      only examples with t in this range get the pixel loss
+    pix_t_min, pix_t_max
+                       only examples with t in this range get the pixel loss
     guidance           guidance value fed to a guidance-distilled base (flux-dev); ignored otherwise
     """
 
@@ -107,17 +127,23 @@ class LossConfig:
 
 @dataclasses.dataclass
 class CheckpointConfig:
+    """Orbax checkpoints in `run_dir/checkpoints/<step>/` (adapter, optimizer, step, RNG, data iterator).
+
+    every          save every this many steps (also at the end and on SIGTERM)
+    keep           how many of the newest checkpoints to keep
+    """
+
     every: int = 1000
     keep: int = 3
 
 
 @dataclasses.dataclass
 class ValConfig:
-    """Validation restores of the first `data.val_count` val images.
+    """Validation: restored samples of `data.val` written to `run_dir/samples/` with PSNR/SSIM in the metrics.
 
-    every          restore them every this many steps (0: never)
-    steps          sampler steps
-    seed           noise seed of the first image (image i uses seed + i)
+    every          restore `data.val_count` val images every this many steps (0: never)
+    steps          Euler sampler steps of each validation restoration
+    seed           seed of the validation noise and crops (fixed, so grids are comparable over steps)
     lpips_weights  LPIPS weights (`fluxir convert-iqa lpips ... -o FILE`, or the published
                    tensors as .safetensors/.npz); given, val_lpips is scored too ("": no LPIPS)
     lpips_net      the LPIPS backbone of those weights: alex or vgg
@@ -136,8 +162,22 @@ class TrainConfig:
 
     base           converted checkpoint directory, or a preset name (tiny, small, flux-dev,
                    flux-schnell) meaning random weights (for --compile-only and benchmarks)
+    run_dir        output directory (config.yaml, metrics.jsonl, events/, checkpoints/, samples/,
+                   adapter/); rerunning with the same run_dir resumes
+    data           datasets and input pipeline
     batch_size     global batch (over all devices and processes)
     crop_size      HQ training crop; the LQ crop is crop_size / scale
+    scale          HQ side / LQ side of the pairs (must match the dataset)
+    steps          optimizer steps of the whole run (the schedule's length)
+    seed           seed of data order, crops, flips, timesteps and noise
+    mesh           device mesh of the step (see the mesh fields)
+    model          load-time settings of the frozen base and VAE
+    adapter        the FluxIR adapter (FluxIRConfig)
+    optim          optimizer and learning-rate schedule
+    loss           timestep sampling and the loss terms
+    checkpoint     when checkpoints are written and how many are kept
+    val            validation restorations during training
+    log_every      print and record metrics every this many steps
     max_bad_steps  consecutive non-finite steps after which the run stops
     peak_tflops    per-device peak for MFU (0: from the device-kind table)
     """

@@ -54,6 +54,40 @@ def test_every_registered_field_is_documented():
         assert table and not missing, (section.title, missing)
 
 
+def _leaf_keys(data: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in data.items():
+        out += _leaf_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k]
+    return out
+
+
+@pytest.mark.parametrize("module, name", [("fluxir_jax.train_config", "TrainConfig"),
+                                          ("fluxir_jax.fluxgen_config", "GenConfig"),
+                                          ("fluxir_jax.restore", "RestoreConfig")])
+def test_job_configs_list_every_override_key(module, name):
+    """Each job's config is registered, and its table has exactly the keys a `key.sub=value` override accepts."""
+    import importlib
+
+    from fluxir_jax import config as config_io
+
+    cls = getattr(importlib.import_module(module), name)
+    section = next(s for s in cd.registry() if s.cls is cls)
+    table, missing = cd.rows(section.cls)
+    assert not missing
+    leaves = [r.key for r in table if r.default]  # nested-dataclass header rows have no default
+    assert leaves == _leaf_keys(config_io.to_dict(cls()))
+    text = cd.render([section])
+    for key in leaves:
+        assert f"| `{key}` |" in text
+    # the default shown is the dataclass default (a changed default is a drift)
+    row = {r.key: r for r in table}
+    first = leaves[-1]
+    value = cls()
+    for part in first.split("."):
+        value = getattr(value, part)
+    assert row[first].default == cd.value_text(value)
+
+
 def test_docs_config_md_matches_the_dataclasses():
     expected = cd.render()
     current = (ROOT / "docs" / "config.md").read_text()
@@ -94,3 +128,18 @@ def test_check_and_write_commands(tmp_path, capsys):
     path.write_text(path.read_text().replace("| `depth` |", "| `depth_x` |"))
     assert cd.main(["--check", "--path", str(path)]) == 1
     assert "out of date" in capsys.readouterr().err
+
+
+def test_paper_md_names_only_real_config_keys():
+    """docs/paper.md names the field behind every choice; each `key` that looks like one must exist."""
+    import re
+
+    keys = set()
+    for section in cd.registry():
+        for r in cd.rows(section.cls)[0]:
+            parts = r.key.split(".")
+            keys |= {".".join(parts[i:]) for i in range(len(parts))}  # `optim.lr`, `lr`, nested suffixes
+    text = (ROOT / "docs" / "paper.md").read_text()
+    named = {t for t in re.findall(r"`([a-z][a-z0-9_.]*)(?:=[^`]*)?`", text) if "." in t or "_" in t}
+    assert len(named) > 40
+    assert not sorted(named - keys)
