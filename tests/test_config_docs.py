@@ -139,7 +139,7 @@ def test_paper_md_names_only_real_config_keys():
         for r in cd.rows(section.cls)[0]:
             parts = r.key.split(".")
             keys |= {".".join(parts[i:]) for i in range(len(parts))}  # `optim.lr`, `lr`, nested suffixes
-    text = (ROOT / "docs" / "paper.md").read_text()
+    text = (ROOT / "docs/paper.md").read_text()
     named = {t for t in re.findall(r"`([a-z][a-z0-9_.]*)(?:=[^`]*)?`", text) if "." in t or "_" in t}
     assert len(named) > 40
     assert not sorted(named - keys)
