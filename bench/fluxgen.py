@@ -41,6 +41,7 @@ def parse(argv=None):
     ap.add_argument("--devices", type=int, default=8, help="emulated CPU devices (global batch: 1 image per device)")
     ap.add_argument("--modes", nargs="+", default=["pmap", "sharded"], choices=["pmap", "sharded"], help="engine modes")
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 3; 1 with --quick)")
+    ap.add_argument("--torch-threads", type=int, default=0, help="PyTorch threads (0: one per core)")
     ap.add_argument("--no-torch", action="store_true", help="skip diffusers' FluxPipeline")
     ap.add_argument("--quick", action="store_true", help="smoke run on the tiny preset")
     a = ap.parse_args(argv)
@@ -114,6 +115,8 @@ def torch_pipeline(args, cfg, base, vae, text, noise_tokens, want: np.ndarray) -
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     from bench import torch_twin
+
+    torch_twin.set_threads(args.torch_threads)
 
     dm, dv = torch_twin.diffusers_flux(base), torch_twin.diffusers_vae(vae, vae.config)
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,

@@ -37,6 +37,7 @@ def parse(argv=None):
     ap.add_argument("--txt", type=int, default=128, help="text tokens of the checkpoint's empty-prompt embedding")
     ap.add_argument("--devices", type=int, default=8, help="emulated CPU devices; also the number of images per call")
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per mode (default 2; 1 with --quick)")
+    ap.add_argument("--torch-threads", type=int, default=0, help="PyTorch threads (0: one per core)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch FluxIR")
     ap.add_argument("--quick", action="store_true", help="smoke run on the tiny preset")
     a = ap.parse_args(argv)
@@ -83,6 +84,8 @@ def torch_restore(args, d: str, adapter, lq: np.ndarray, seeds: np.ndarray, want
     import torch
 
     from bench import torch_twin
+
+    torch_twin.set_threads(args.torch_threads)
     from fluxir_convert import torch_fluxir
     from fluxir_jax import checkpoint as ckpt
     from fluxir_jax import sampling

@@ -20,6 +20,15 @@ def _flat_params(module) -> list[tuple[tuple, np.ndarray]]:
     return [(path, np.asarray(var.get_value())) for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))]
 
 
+def set_threads(n: int) -> int:
+    """PyTorch intra-op threads (0: one per core); returns the count in use. On an oversubscribed
+    machine one thread avoids OpenMP barrier stalls that can make eager PyTorch 100x slower."""
+    import torch
+
+    torch.set_num_threads(n or os.cpu_count())
+    return torch.get_num_threads()
+
+
 def diffusers_flux(model):
     """Our Flax `Flux` -> diffusers `FluxTransformer2DModel` with the same weights (float32, frozen)."""
     import torch
@@ -28,7 +37,6 @@ def diffusers_flux(model):
     from fluxir_convert.flux_map import bfl_to_diffusers, flax_to_bfl
 
     cfg = model.config
-    torch.set_num_threads(os.cpu_count())
     dm = FluxTransformer2DModel(
         patch_size=1, in_channels=cfg.in_channels, num_layers=cfg.depth, num_single_layers=cfg.depth_single_blocks,
         attention_head_dim=cfg.head_dim, num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_in_dim,

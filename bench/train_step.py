@@ -42,6 +42,7 @@ def parse(argv=None):
     ap.add_argument("--devices", type=int, nargs="*", default=[1, 8], help="emulated device counts of the step runs")
     ap.add_argument("--repeats", type=int, default=None, help="timed steps (default 5; 2 with --quick)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch FluxIR step")
+    ap.add_argument("--torch-threads", type=int, default=0, help="PyTorch threads (0: one per core)")
     ap.add_argument("--compile-res", type=int, nargs="*", default=None,
                     help="flux-dev compile-only crop sizes (default 512 1024; none with --quick)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny preset at 64², 2 repeats, no compile-only")
@@ -69,7 +70,8 @@ def run_worker(args, n: int) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip())
     cmd = [sys.executable, __file__, "--worker", str(n), "--model", args.model, "--res", str(args.res),
-           "--per-device-batch", str(args.per_device_batch), "--repeats", str(args.repeats)]
+           "--per-device-batch", str(args.per_device_batch), "--repeats", str(args.repeats),
+           "--torch-threads", str(args.torch_threads)]
     cmd += ["--no-torch"] if args.no_torch or n != 1 else []
     cmd += ["--quick"] if args.quick else []
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
@@ -192,6 +194,7 @@ def torch_step(args, cfg, trainer, twin, hq, lq_up, flax_loss0: float) -> dict:
     from fluxir_convert import torch_fluxir
     from fluxir_jax import train
 
+    torch_twin.set_threads(args.torch_threads)
     base, vae, adapter = twin
     dm, dv = torch_twin.diffusers_flux(base), torch_twin.diffusers_vae(vae, trainer.models.vae_config)
     ta = torch_twin.torch_adapter(adapter, dm)
