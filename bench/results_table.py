@@ -38,7 +38,7 @@ def read_records(path: pathlib.Path) -> list[dict]:
 
 
 def machine(rec: dict) -> str:
-    """Accelerator (if any), CPU model and core count as recorded; "not recorded" where missing."""
+    """Accelerator (if any), CPU model, core count and load average as recorded; "not recorded" where missing."""
     parts = []
     device = str(rec.get("device") or rec.get("gpu") or "")
     if device and device.lower() != "cpu":
@@ -46,6 +46,9 @@ def machine(rec: dict) -> str:
     cores = rec.get("cores") or rec.get("machine_cpus") or rec.get("cpus")
     cpu = rec.get("cpu") or "CPU model not recorded"
     parts.append(f"{cpu}, {cores} cores" if cores else cpu)
+    loads = [x[0] for x in (rec.get("load_avg_before"), rec.get("load_avg_after")) if x]
+    if loads:  # a shared machine: the 1-minute load average, the higher of before / after the run
+        parts[-1] += f", load {max(loads):.1f}"
     return "; ".join(parts)
 
 
@@ -117,18 +120,21 @@ KNOWN = {"flux_forward": _flux_forward, "compile": _compile, "convert_memory": _
 
 
 def _generic(name: str, records: list[dict]):
+    listed: dict[tuple[str, str], Figure] = {}  # a figure measured again: the latest run's value, in first-seen order
     for r in records:
         m, d = machine(r), _date(r)
         if isinstance(r.get("figures"), list):
             for f in r["figures"]:
                 value = f["value"]
                 text = _num(value, f.get("unit", "")) if isinstance(value, (int, float)) else str(value)
-                yield Figure(r.get("benchmark", name), str(f["figure"]), text, str(f.get("repeats", r.get("repeats", ""))), m, d)
+                fig = Figure(r.get("benchmark", name), str(f["figure"]), text, str(f.get("repeats", r.get("repeats", ""))), m, d)
+                listed[(fig.benchmark, fig.figure)] = fig
             continue
         for k, v in r.items():
             if "median" in k and isinstance(v, (int, float)) and not isinstance(v, bool):
                 unit = "s" if k.endswith("_s") else ""
                 yield Figure(r.get("benchmark", name), k, _num(v, unit), str(r.get("repeats", "")), m, d)
+    yield from listed.values()
 
 
 def figures(results: pathlib.Path) -> list[Figure]:

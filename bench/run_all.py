@@ -25,7 +25,7 @@ sys.path.insert(0, str(BENCH.parent))
 
 from bench import results_table  # noqa: E402
 
-NOT_BENCHMARKS = {"__init__", "common", "run_all", "results_table", "gpu_flux"}  # gpu_flux: bench/gpu.sh runs it
+NOT_BENCHMARKS = {"__init__", "common", "run_all", "results_table", "gpu_flux", "torch_twin"}  # gpu_flux: bench/gpu.sh runs it
 
 # name -> (full runs, quick runs, or None: not run in quick mode with the reason); each run is an argument list
 RUNS: dict[str, tuple[list[list[str]], list[list[str]] | str]] = {
@@ -39,6 +39,10 @@ RUNS: dict[str, tuple[list[list[str]], list[list[str]] | str]] = {
     ),
     "convert_memory": ([[]], "writes a flux1-dev-sized checkpoint (tens of GB)"),
     "degrade": ([[]], [["--size", "128", "--pairs", "2", "--repeats", "1"]]),
+    # small 256² step on 1 and 8 devices vs PyTorch, then flux-dev compile-only at 512² and 1024² (minutes each)
+    "train_step": ([[]], [["--quick"]]),
+    "fluxgen": ([[]], [["--quick"]]),
+    "restore": ([[]], [["--quick"]]),
 }
 
 

@@ -10,9 +10,11 @@ batch size or the device count. Two modes:
 
     pmap     every device holds a full replica of `params`; `jax.pmap` maps the program over
              a per-device batch [devices, batch_per_device, ...]. Fastest when a replica fits.
-    sharded  one `jax.jit` over a mesh (axes data, fsdp, tensor) of the local devices: every
-             parameter's largest dimension is sharded over `fsdp` (the second largest over
-             `tensor`), the batch over (data, fsdp). For models that do not fit one device.
+    sharded  one `jax.jit` over a mesh (axes data, fsdp, tensor) of the local devices: the
+             parameters are sharded by the project's one rules table (`parallel.PARAM_RULES` /
+             `LOGICAL_RULES`, as in training: `embed` over fsdp, `mlp` / `heads` over tensor,
+             never the scanned layer axis), the batch over (data, fsdp). For models that do not
+             fit one device.
     auto     pmap when one replica of `params` takes at most `replica_fraction` of a device's
              memory (devices that report no memory limit, e.g. CPU, count as fitting), else
              sharded.
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Any, Callable
 
 import jax
@@ -35,11 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fluxir_jax.parallel import rule_from_state, state_shardings
 from fluxir_jax.errors import UserError
 
 PARALLEL_MODES = ("auto", "pmap", "sharded")
 MESH_AXES = ("data", "fsdp", "tensor")
-STACKED = re.compile(r"(^|/)(double_blocks|single_blocks|se_img|se_txt)(/|$)")  # leading axis = layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,35 +90,6 @@ def device_memory(device) -> int | None:
     return None if not stats else stats.get("bytes_limit")
 
 
-def fsdp_spec(path: str, shape: tuple[int, ...], fsdp: int, tensor: int) -> PartitionSpec:
-    """The local sharding rule: largest divisible dimension over fsdp, next largest over tensor.
-
-    Vectors stay replicated; the leading layer axis of stacked (scanned) parameters is never
-    sharded.
-    """
-    if len(shape) < 2:
-        return PartitionSpec()
-    first = 1 if STACKED.search(path) else 0
-    spec: list[Any] = [None] * len(shape)
-    dims = sorted(range(first, len(shape)), key=lambda d: -shape[d])
-    for axis, size in (("fsdp", fsdp), ("tensor", tensor)):
-        if size <= 1:
-            continue
-        for d in dims:
-            if spec[d] is None and shape[d] % size == 0 and shape[d] >= size:
-                spec[d] = axis
-                break
-    return PartitionSpec(*spec)
-
-
-def _path_str(path) -> str:
-    parts = []
-    for p in path:
-        key = getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))
-        parts.append(str(key))
-    return "/".join(parts)
-
-
 class Engine:
     """Holds the parameters placed for one parallel mode and runs programs over batches.
 
@@ -152,16 +124,13 @@ class Engine:
         else:
             self._sizes = mesh.resolve(n)
             self._mesh = Mesh(np.array(self.devices).reshape(self._sizes), MESH_AXES)
-            self._param_shardings = jax.tree_util.tree_map_with_path(
-                lambda p, x: self._named(_path_str(p), tuple(x.shape)), params)
+            self._abstract = params  # the parameters' logical axes live in their nnx metadata
+            self._param_shardings = state_shardings(params, self._mesh)
             self._batch_sharding = NamedSharding(self._mesh, PartitionSpec(("data", "fsdp")))
             self.global_batch = self._sizes[0] * self._sizes[1] * batch_per_device
         self._compiled: dict[Callable, Callable] = {}
         if not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
             self.place(params)
-
-    def _named(self, path: str, shape: tuple[int, ...]) -> NamedSharding:
-        return NamedSharding(self._mesh, fsdp_spec(path, shape, self._sizes[1], self._sizes[2]))
 
     def load_sharding(self, prefix: str) -> Callable[[tuple, tuple], Any]:
         """Where a checkpoint loader should put each parameter of `params[prefix]`: `(path, shape) -> Sharding`.
@@ -171,7 +140,7 @@ class Engine:
         if self.mode == "pmap":
             host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
             return lambda path, shape: host
-        return lambda path, shape: self._named("/".join([prefix, *map(str, path)]), tuple(shape))
+        return rule_from_state(self._abstract[prefix], self._mesh)
 
     def place(self, params) -> None:
         """Put concrete `params` (same structure as at construction) where the mode needs them."""

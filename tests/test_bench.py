@@ -92,3 +92,99 @@ def test_table_only_rebuilds_readme(tmp_path, monkeypatch):
     assert run_all.main(["--table-only", "--results", str(tmp_path)]) == 0
     assert "134 ms" in (tmp_path / "README.md").read_text()
     assert run_all.main(["--only", "nonexistent", "--table-only", "--results", str(tmp_path)]) == 2
+
+
+# ----------------------------------------------------------------------------- train_step / fluxgen / restore
+
+
+def _table_rows(tmp_path, name, records):
+    _write(tmp_path / f"{name}.jsonl", records)
+    return {r.figure: r for r in rt.figures(tmp_path)}
+
+
+def test_a_figure_measured_again_shows_its_latest_value_and_the_load_average(tmp_path):
+    common = dict(benchmark="b", cpu="AMD EPYC", cores=2)
+    rows = _table_rows(tmp_path, "x", [
+        dict(common, date="2026-12-01", load_avg_before=[0.5, 0, 0], load_avg_after=[0.7, 0, 0],
+             figures=[dict(figure="f", value=1.0, unit="s", repeats=3), dict(figure="g", value=2.0, unit="s")]),
+        dict(common, date="2026-12-02", load_avg_before=[24.0, 0, 0], load_avg_after=[21.5, 0, 0],
+             figures=[dict(figure="f", value=5.0, unit="s", repeats=2)])])
+    assert (rows["f"].value, rows["f"].repeats, rows["f"].date) == ("5 s", "2", "2026-12-02")
+    assert rows["f"].machine == "AMD EPYC, 2 cores, load 24.0" and rows["g"].machine == "AMD EPYC, 2 cores, load 0.7"
+    assert len(rt.figures(tmp_path)) == 2
+
+
+def test_new_benchmarks_are_registered_with_quick_runs():
+    names = run_all.discover()
+    assert {"train_step", "fluxgen", "restore"} <= set(names) and "torch_twin" not in names
+    for n in ("train_step", "fluxgen", "restore"):
+        assert run_all.plan(n, True) == [["--quick"]] and run_all.plan(n, False) == [[]]
+
+
+def test_train_step_rows(tmp_path):
+    from bench import train_step
+
+    step = dict(model="small", res=256, batch=1, per_device_batch=1, devices=1, step_median_s=0.5, compile_s=40.0,
+                torch_median_s=2.0, torch_over_flax=4.0, cpu="AMD EPYC", cores=2, date="2026-12-02", repeats=3)
+    rows = _table_rows(tmp_path, "train_step", [train_step.step_record(step)])
+    what = "small 256², batch 1 (1/device)"
+    assert rows[f"{what}, 1 CPU device(s): Flax step"].value == "500 ms"
+    assert rows[f"{what}, 1 CPU device(s): Flax images/s"].value == "2 img/s"
+    assert rows[f"{what}: PyTorch step time / Flax step time (1 device)"].value == "4.00x"
+    args = train_step.parse(["--quick"])
+    assert (args.model, args.res, args.compile_res, args.devices) == ("tiny", 64, [], [1, 8])
+    assert train_step.parse([]).compile_res == [512, 1024]
+
+
+def test_fluxgen_and_restore_rows(tmp_path):
+    from bench import fluxgen, restore
+
+    gen = dict(model="small", res=256, steps=4, devices=8, repeats=2, torch_per_image_s=3.0,
+               host_per_image_s=dict(score=0.1, encode_png=0.01, degrade=0.2),
+               pmap=dict(images_per_s=0.5, first_call_s=30.0, per_image_s=dict(sampling=1.5, decoding=0.5)),
+               sharded=dict(images_per_s=0.25, first_call_s=31.0, per_image_s=dict(sampling=3.5, decoding=0.5)))
+    rows = {f["figure"]: f for f in fluxgen.figures(gen)}
+    what = "small 256², 4 steps, 8 CPU devices x 1 image"
+    assert rows[f"{what}: FluxPipeline time / ours (pmap)"]["value"] == 1.5  # 3 s vs 2 s per image
+    assert rows[f"{what}: FluxPipeline time / ours (sharded)"]["value"] == 0.75
+    assert rows[f"{what}, pmap: per image sampling / decoding"]["value"] == "1.5 / 0.5 s"
+    res = dict(model="small", res=512, lq=128, steps=4, devices=8, images_per_call=8, repeats=1, torch_per_image_s=10.0,
+               pmap=dict(images_per_s=0.2, first_call_s=60.0), sharded=dict(images_per_s=0.1, first_call_s=61.0),
+               **{"one device": dict(images_per_s=0.15, first_call_s=20.0)})
+    rows = {f["figure"]: f for f in restore.figures(res)}
+    what = "small 128² -> 512², 4 steps, 8 images"
+    assert rows[f"{what}: PyTorch time / ours (pmap)"]["value"] == 2.0
+    assert rows[f"{what}, 1 CPU device: images/s"]["value"] == 0.15
+    assert rows[f"{what}, 8 CPU devices, sharded: first call (compile + run)"]["repeats"] == 1
+
+
+def test_torch_twins_hold_exactly_the_flax_weights():
+    """bench/torch_twin.py: Flax -> diffusers gives back the diffusers weights the Flax models were made from."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    from bench import torch_twin
+    from fluxir_jax.models.autoencoder import AE_PRESETS
+    from tests.models.flux_reference import TINY_DIFFUSERS, flax_from_diffusers, randomize_torch_
+    from tests.models.test_autoencoder import make_model
+
+    dm = FluxTransformer2DModel(guidance_embeds=True, **TINY_DIFFUSERS).eval()
+    randomize_torch_(dm, 0)
+    dv = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16, 16, 16),
+                       down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                       layers_per_block=1, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
+                       scaling_factor=0.3611, shift_factor=0.1159).eval()
+    randomize_torch_(dv, 1)
+    twins = ((dm, torch_twin.diffusers_flux(flax_from_diffusers(dm))),
+             (dv, torch_twin.diffusers_vae(make_model({k: v.numpy().copy() for k, v in dv.state_dict().items()}),
+                                           dataclasses.replace(AE_PRESETS["tiny"]))))
+    for ref, twin in twins:
+        want, got = ref.state_dict(), twin.state_dict()
+        assert set(got) == set(want)
+        for k in want:
+            assert torch.equal(got[k], want[k]), k
+        assert not any(p.requires_grad for p in twin.parameters())
+    assert np.isclose(twins[1][1].config.scaling_factor, 0.3611)

@@ -43,13 +43,27 @@ def test_as_rgb_float_accepts_gray_rgba_and_float():
         as_rgb_float(np.zeros((4, 4, 2), np.uint8))
 
 
-def test_fsdp_rule_shards_the_largest_dimension_never_the_layer_axis():
-    P = infer.PartitionSpec
-    assert infer.fsdp_spec("img_in/kernel", (64, 256), 8, 1) == P(None, "fsdp")
-    assert infer.fsdp_spec("double_blocks/img_mlp/0/kernel", (19, 3072, 12288), 8, 2) == P(None, "tensor", "fsdp")
-    assert infer.fsdp_spec("double_blocks/img_attn/norm/scale", (16, 4), 8, 1) == P(None, None)  # layer axis never
-    assert infer.fsdp_spec("final_layer/linear/bias", (64,), 8, 1) == P()
-    assert infer.fsdp_spec("txt", (5, 7), 8, 1) == P(None, None)  # nothing divisible: replicated
+def test_sharded_engine_places_parameters_by_the_one_rules_table():
+    """infer.Engine (sharded) and the checkpoint loaders it guides use parallel.PARAM_RULES / LOGICAL_RULES."""
+    from flax import nnx
+
+    from fluxir_jax import parallel
+    from fluxir_jax.models import presets
+    from fluxir_jax.models.flux import Flux
+
+    _, abstract = nnx.split(nnx.eval_shape(lambda: Flux(presets.get("tiny"), rngs=nnx.Rngs(0))))
+    engine = infer.Engine({"base": abstract}, parallel="sharded", mesh=infer.MeshShape(fsdp=4, tensor=2))
+    rule = engine.load_sharding("base")
+    want = {path: s for path, s in nnx.to_flat_state(parallel.state_shardings(abstract, engine._mesh))}
+    specs = {}
+    for path, var in nnx.to_flat_state(abstract):
+        got = rule(path, var.shape)
+        assert got == want[path], path
+        specs["/".join(map(str, path))] = got.spec
+    assert "fsdp" in specs["img_in/kernel"]
+    stacked = {k: v for k, v in specs.items() if k.startswith(("double_blocks/", "single_blocks/"))}
+    assert stacked and all(len(v) == 0 or v[0] is None for v in stacked.values())  # the layer axis never
+    assert any("fsdp" in v for v in stacked.values()) and any("tensor" in v for v in stacked.values())
     assert infer.MeshShape(data=2).resolve(8) == (2, 4, 1)
     with pytest.raises(UserError):
         infer.MeshShape(data=3).resolve(8)
