@@ -47,7 +47,7 @@ def case_overrides(case: str, accelerator: str) -> list[str]:
 @contextlib.contextmanager
 def _locked(path: pathlib.Path):
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
+    with open(pathlib.Path(tempfile.gettempdir()) / "fluxir_tpu_memory.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
@@ -56,10 +56,13 @@ def merge(path: pathlib.Path, key: str, entry: dict) -> None:
     """Add or replace `key` in the results file (several bench processes may run at once)."""
     with _locked(path):
         data = json.loads(path.read_text()) if path.is_file() else {}
-        data["machine"] = f"{cpu_name()} ({os.cpu_count()} CPUs, shared), libtpu compile-only; no TPU attached"
+        data.update(benchmark="TPU memory (compile-only)", cpu=cpu_name(), cores=os.cpu_count(),
+                    device="no TPU attached: libtpu compile-only on this CPU machine (shared)",
+                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
         data["what"] = ("fluxir train configs/train/fluxir-dev.yaml --compile-only --topology NAME: per-chip memory from "
                         "XLA's memory_analysis, FLOPs, XLA's estimated seconds and est. MFU (estimates), compile time")
         data.setdefault("cases", {})[key] = entry
+        data["figures"] = [f for k, e in sorted(data["cases"].items()) for f in figures(k, e)]
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(data, indent=1))
         tmp.replace(path)
@@ -88,10 +91,28 @@ def run_case(config: pathlib.Path, accelerator: str, overrides: list[str], timeo
         return entry
 
 
+def figures(key: str, entry: dict) -> list[dict]:
+    """Table rows (bench/results_table.py) of one case."""
+    rec = entry.get("record")
+    if not rec:
+        return [{"figure": f"{key}: result", "value": entry.get("error", "failed"), "repeats": 1}]
+    gib = 1024**3
+    mem = rec["per_chip_bytes"]
+    rows = [("per-chip bytes" if mem.get("total") else "per-chip temporaries (compiler refused)",
+             (mem.get("total") or mem.get("temporaries") or 0) / gib, "GiB"),
+            ("fits HBM", "yes" if rec["fits"] else "no", ""), ("compile time", rec["compile_seconds"], "s")]
+    if rec.get("est_mfu") is not None:
+        rows += [("XLA FLOPs per step (whole step)", rec["flops_per_step"]["xla"], "FLOP"),
+                 ("est. step time (estimate)", rec["est_step_seconds"], "s"), ("est. MFU (estimate)", 100 * rec["est_mfu"], "%")]
+    return [{"figure": f"{key}: {name}", "value": value, "unit": unit, "repeats": 1} for name, value, unit in rows]
+
+
 def summary(key: str, entry: dict) -> str:
     rec = entry.get("record")
     if not rec:
         return f"{key}: {entry.get('error')}"
+    if rec.get("est_mfu") is None:
+        return f"{key}: does not fit: {entry.get('message') or rec.get('compiler_error')}"
     gib = 1024**3
     return (f"{key}: {rec['per_chip_bytes']['total'] / gib:.1f} / {rec['hbm_bytes'] / gib:.0f} GiB per chip, "
             f"fits={rec['fits']}, {rec['flops_per_step']['analytic']:.3g} FLOPs (analytic), "
