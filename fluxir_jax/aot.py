@@ -241,8 +241,8 @@ def topology_record(accelerator: str, mesh, compiled, compile_seconds: float, an
         xla_flops = xla_seconds = None
         est = bound
         how = ("The whole-step xla figures were not derived (null) " + ("because it does not fit; " if not fits else "")
-               + "est_step_seconds = analytic FLOPs / (chips * peak bf16 FLOP/s), a FLOP-bound lower bound; "
-               "est_mfu = analytic / (chips * peak * est_step_seconds). Estimates: no TPU ran.")
+               + "est_step_seconds = analytic FLOPs / (chips * peak bf16 FLOP/s), a FLOP-bound lower bound (an "
+               "estimate: no TPU ran); est_mfu is null (it would be 100% by construction).")
     return {
         "accelerator": accelerator, "topology": acc.topology, "chips": chips,
         "device_kind": mesh.devices.flat[0].device_kind,
@@ -251,7 +251,7 @@ def topology_record(accelerator: str, mesh, compiled, compile_seconds: float, an
         "flops_per_step": {"analytic": analytic, "xla": xla_flops, "xla_scan_body_once": once_flops * chips},
         "xla_seconds": xla_seconds, "xla_seconds_scan_body_once": once_seconds,
         "peak_flops_per_chip": peak,
-        "est_step_seconds": est, "est_mfu": analytic / (chips * peak * est) if est > 0 else None,
+        "est_step_seconds": est, "est_mfu": analytic / (chips * peak * est) if est > 0 and whole is not None else None,
         "compile_seconds": round(compile_seconds, 2),
         "method": (f"{method} flops_per_step.analytic: matmul/conv FLOPs of the jaxpr over all chips, scans times their "
                    f"trip counts, remat recompute included. {how}"),

@@ -18,7 +18,8 @@ def _check(rec, program):
     assert rec["program"] == program and rec["device_kind"] == "TPU v5" and rec["chips"] == 4 and rec["fits"]
     mem = rec["per_chip_bytes"]
     assert mem["total"] > 0 and mem["temporaries"] > 0 and mem["code"] > 0
-    assert rec["flops_per_step"]["analytic"] > 0 and rec["est_step_seconds"] > 0 and 0 < rec["est_mfu"] <= 1
+    assert rec["flops_per_step"]["analytic"] > 0 and rec["est_step_seconds"] > 0
+    assert rec["flops_per_step"]["xla"] is None and rec["est_mfu"] is None  # no whole-program XLA figures here
 
 
 def test_gen_topology_record(tiny_models, capsys, tmp_path):
