@@ -18,6 +18,7 @@ def _run(capsys, *argv):
     return rc, out, err
 
 
+@pytest.mark.slow  # three TPU compiles (the scanned step + two unrolled variants): ~1-2 min of CPU
 def test_tiny_train_step_for_v5p_8(capsys, tmp_path):
     out_file = tmp_path / "sub" / "record.json"
     rc, out, err = _run(capsys, "--compile-only", "--topology", "v5p-8", "--out", out_file, f"run_dir={tmp_path / 'run'}")
