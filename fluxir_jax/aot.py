@@ -292,7 +292,7 @@ def tpu_topology_fits(compiled, accelerator: str) -> bool:
     return tpu_topology.memory_bytes(compiled)["total"] <= tpu_topology.parse_accelerator(accelerator).hbm_bytes
 
 
-def compile_sharded_program(program: Callable, abstract_params, abstract_batch, accelerator: str, mesh_sizes,
+def compile_sharded_program(fn: Callable, abstract_params, abstract_batch, accelerator: str, mesh_sizes,
                             method: str, **extra) -> dict:
     """The `--topology` record of an `infer.Engine` program in its sharded mode (gen, restore).
 
@@ -315,9 +315,9 @@ def compile_sharded_program(program: Callable, abstract_params, abstract_batch, 
         lambda p, x: NamedSharding(mesh, infer.fsdp_spec(infer._path_str(p), tuple(x.shape), sizes[1], sizes[2])),
         abstract_params)
     batch_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    jitted = jax.jit(program, in_shardings=(param_sh, batch_sh), out_shardings=batch_sh)
+    jitted = jax.jit(fn, in_shardings=(param_sh, batch_sh), out_shardings=batch_sh)
     with jax.set_mesh(mesh):
-        analytic = analytic_flops(program, abstract_params, abstract_batch)
+        analytic = analytic_flops(fn, abstract_params, abstract_batch)
     try:
         compiled, seconds = compile_on(jitted, (abstract_params, abstract_batch), mesh)
     except OutOfHBM as e:

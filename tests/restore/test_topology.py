@@ -2,6 +2,8 @@
 import json
 import pathlib
 
+import pytest
+
 from fluxir_jax import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -22,6 +24,7 @@ def _check(rec, program):
     assert rec["flops_per_step"]["xla"] is None and rec["est_mfu"] is None  # no whole-program XLA figures here
 
 
+@pytest.mark.slow  # one TPU compile of the tiny sampler + decode: 65 s on the loaded 2-core machine
 def test_gen_topology_record(tiny_models, capsys, tmp_path):
     ckpt, _ = tiny_models
     rec = _record(capsys, ["gen", str(ROOT / "configs" / "gen" / "tiny.yaml"), f"base={ckpt}", f"out={tmp_path}",
@@ -32,6 +35,7 @@ def test_gen_topology_record(tiny_models, capsys, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["compile.json"]  # nothing generated
 
 
+@pytest.mark.slow  # one TPU compile of the tiny restore program: 90 s on the loaded 2-core machine
 def test_restore_topology_record(tiny_models, capsys, tmp_path):
     ckpt, adapter = tiny_models
     rec = _record(capsys, ["restore", "--checkpoint", ckpt, "--adapter", adapter, "--topology", "v5p-8", "--lq-size", "16",
