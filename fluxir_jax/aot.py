@@ -11,6 +11,7 @@ recomputation and every scanned layer are counted. XLA's `cost_analysis` counts 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable
 
 import jax
@@ -118,3 +119,220 @@ def xla_flops_unrolled(build: Callable[[int, int], tuple[Any, tuple]], depth: in
     per_double = cost(2, 1) - c11 if depth > 1 else 0.0
     per_single = cost(1, 2) - c11 if depth_single > 1 else 0.0
     return c11 + (depth - 1) * per_double + (depth_single - 1) * per_single
+
+
+# ----------------------------------------------------------------------------- TPU slice records
+
+EST_MODEL = ("est_step_seconds = max(analytic FLOPs / (chips * peak bf16 FLOP/s), whole-step XLA optimal_seconds per "
+             "chip); est_mfu = analytic FLOPs / (chips * peak * est_step_seconds). Both are estimates: no TPU ran.")
+KNOBS = ("model.remat_policy (full or offload_* keep the least in HBM), mesh.fsdp (shard weights and optimizer state "
+         "over more chips), a smaller per-chip batch (batch_size, or optim.accum_steps to keep the global batch), "
+         "a bigger slice")
+
+
+class OutOfHBM(Exception):
+    """The TPU compiler refused the program: it needs more HBM than a chip has (RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, message: str, seconds: float):
+        super().__init__(message)
+        self.message, self.seconds = message, seconds
+        sizes = [float(v) * {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}[u]
+                 for v, u in re.findall(r"\(([\d.]+)([KMGT])\)", message)]
+        self.required_bytes = int(sizes[0]) if sizes else None
+
+
+def compile_on(jitted, args, mesh) -> tuple[Any, float]:
+    """Compile `jitted` for abstract `args` on a (TPU topology) mesh, outside the persistent cache; (compiled, s).
+
+    Raises OutOfHBM when libtpu's compiler stops because the program does not fit a chip's HBM.
+    """
+    import time
+
+    from fluxir_jax import tpu_topology
+
+    t0 = time.perf_counter()
+    try:
+        with tpu_topology._without_persistent_cache(), jax.set_mesh(mesh):
+            compiled = jitted.lower(*args).compile()
+    except jax.errors.JaxRuntimeError as e:
+        text = str(e)
+        if "RESOURCE_EXHAUSTED" not in text and "memory" not in text.lower():
+            raise
+        first = next((line.strip() for line in text.splitlines() if "memory" in line.lower()), text.splitlines()[0])
+        raise OutOfHBM(first, time.perf_counter() - t0) from None
+    return compiled, time.perf_counter() - t0
+
+
+def out_of_hbm_record(accelerator: str, mesh, err: OutOfHBM, method: str, analytic: float, **extra) -> dict:
+    """The record of a program the TPU compiler refused for lack of HBM (figures from its message)."""
+    from fluxir_jax import tpu_topology
+
+    acc = tpu_topology.parse_accelerator(accelerator)
+    chips = int(mesh.devices.size)
+    return {
+        "accelerator": accelerator, "topology": acc.topology, "chips": chips,
+        "device_kind": mesh.devices.flat[0].device_kind, "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "per_chip_bytes": {"arguments": None, "temporaries": err.required_bytes, "outputs": None, "code": None,
+                           "total": None},
+        "hbm_bytes": acc.hbm_bytes, "fits": False, "compiler_error": err.message,
+        "flops_per_step": {"analytic": analytic, "xla": None}, "xla_seconds": None,
+        "peak_flops_per_chip": acc.peak_bf16_flops, "est_step_seconds": None, "est_mfu": None,
+        "compile_seconds": round(err.seconds, 2),
+        "method": (f"{method} The TPU compiler stopped with RESOURCE_EXHAUSTED: per_chip_bytes.temporaries is the "
+                   "requirement it reported (the other figures are unknown); no step estimate for a program that "
+                   "cannot run."),
+        **extra,
+    }
+
+
+def whole_program_cost(compile_variant: Callable[[int, int], Any], depth: int, depth_single: int,
+                       base: int = 1) -> dict[str, float]:
+    """Per-chip XLA FLOPs and optimal_seconds of the program at full depth, from small unrolled compiles.
+
+    `compile_variant(d, s)` returns the compiled program with d double and s single blocks, unrolled;
+    it is called at (base, base), (base + 1, base), (base, base + 1) (`tpu_topology.extrapolate_flops`).
+    base 1 keeps the flux-dev compiles small (measured on the tiny model: 1.2% from a fully unrolled
+    count; base 2: 0.2%).
+    """
+    from fluxir_jax import tpu_topology
+
+    cache: dict[tuple[int, int], tuple[float, float]] = {}
+
+    def at(counts):
+        key = (counts["double"], counts["single"])
+        if key not in cache:
+            flops, seconds = tpu_topology.cost(compile_variant(*key))
+            cache[key] = (flops, seconds or 0.0)
+        return cache[key]
+
+    trips = {"double": depth, "single": depth_single}
+    flops = tpu_topology.extrapolate_flops(lambda c: at(c)[0], trips, base)
+    seconds = tpu_topology.extrapolate_flops(lambda c: at(c)[1], trips, base)
+    return {"flops": flops["total"], "seconds": seconds["total"], "variants": len(cache), "base": base}
+
+
+def topology_record(accelerator: str, mesh, compiled, compile_seconds: float, analytic: float, whole: dict | None,
+                    method: str, repeat: int = 1, **extra) -> dict:
+    """The `--topology` JSON record of one compiled program (docs/tpu.md describes every key).
+
+    `analytic` is the whole program's FLOPs over all chips (jaxpr count); `whole` the per-chip XLA
+    figures at full depth (`whole_program_cost`) for one of `repeat` identical passes (micro-batches),
+    or None when they were not derived (then the xla figures are None and the estimate is FLOP-bound only).
+    """
+    from fluxir_jax import tpu_topology
+
+    acc = tpu_topology.parse_accelerator(accelerator)
+    chips = int(mesh.devices.size)
+    mem = tpu_topology.memory_bytes(compiled)
+    once_flops, once_seconds = tpu_topology.cost(compiled)
+    peak = acc.peak_bf16_flops
+    fits = mem["total"] <= acc.hbm_bytes
+    bound = analytic / (chips * peak)
+    if whole is not None:
+        xla_flops, xla_seconds = repeat * whole["flops"] * chips, repeat * whole["seconds"]
+        est = max(bound, xla_seconds)
+        how = (f"flops_per_step.xla: XLA cost_analysis per chip x {chips} chips. XLA counts a scanned loop body once, so "
+               f"the whole-step xla figures (flops, xla_seconds) are extrapolated from {whole.get('variants', 0)} "
+               f"unrolled compiles (double, single blocks) = (b, b), (b+1, b), (b, b+1), b = {whole.get('base')} "
+               "(total = F(b,b) + (n-b) x per-block difference, per kind of block)"
+               f"{f' x {repeat} micro-batches' if repeat > 1 else ''}; xla_seconds is per chip (the chips run in "
+               f"parallel). {EST_MODEL}")
+    else:
+        xla_flops = xla_seconds = None
+        est = bound
+        how = ("The whole-step xla figures were not derived (null) " + ("because it does not fit; " if not fits else "")
+               + "est_step_seconds = analytic FLOPs / (chips * peak bf16 FLOP/s), a FLOP-bound lower bound (an "
+               "estimate: no TPU ran); est_mfu is null (it would be 100% by construction).")
+    return {
+        "accelerator": accelerator, "topology": acc.topology, "chips": chips,
+        "device_kind": mesh.devices.flat[0].device_kind,
+        "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "per_chip_bytes": mem, "hbm_bytes": acc.hbm_bytes, "fits": fits,
+        "flops_per_step": {"analytic": analytic, "xla": xla_flops, "xla_scan_body_once": once_flops * chips},
+        "xla_seconds": xla_seconds, "xla_seconds_scan_body_once": once_seconds,
+        "peak_flops_per_chip": peak,
+        "est_step_seconds": est, "est_mfu": analytic / (chips * peak * est) if est > 0 and whole is not None else None,
+        "compile_seconds": round(compile_seconds, 2),
+        "method": (f"{method} flops_per_step.analytic: matmul/conv FLOPs of the jaxpr over all chips, scans times their "
+                   f"trip counts, remat recompute included. {how}"),
+        **extra,
+    }
+
+
+def fit_message(record: dict, knobs: str = KNOBS) -> str:
+    """One line: why a record does not fit and what would help."""
+    gib = 1024**3
+    mem = record["per_chip_bytes"]
+    hbm = f"{record['hbm_bytes'] / gib:.0f} GiB HBM"
+    if mem.get("total") is None:
+        need = f"{mem['temporaries'] / gib:.1f} GiB of temporaries" if mem.get("temporaries") else "more"
+        what = f"the TPU compiler needs {need} per chip > {hbm} ({record.get('compiler_error', '')})"
+    else:
+        what = (f"{mem['total'] / gib:.1f} GiB per chip > {hbm} (arguments {mem['arguments'] / gib:.1f}, temporaries "
+                f"{mem['temporaries'] / gib:.1f}, outputs {mem['outputs'] / gib:.1f} GiB)")
+    return f"does not fit {record['accelerator']}: {what}; knobs that would help: {knobs}"
+
+
+def write_record(record: dict, path) -> None:
+    """Write the record as JSON atomically (temp file + rename)."""
+    import json
+    import pathlib
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
+
+
+def tpu_topology_fits(compiled, accelerator: str) -> bool:
+    """Whether the compiled program's per-chip bytes fit the HBM of `accelerator`'s chips."""
+    from fluxir_jax import tpu_topology
+
+    return tpu_topology.memory_bytes(compiled)["total"] <= tpu_topology.parse_accelerator(accelerator).hbm_bytes
+
+
+def compile_sharded_program(fn: Callable, abstract_params, abstract_batch, accelerator: str, mesh_sizes,
+                            method: str, **extra) -> dict:
+    """The `--topology` record of an `infer.Engine` program in its sharded mode (gen, restore).
+
+    `mesh_sizes` is an `infer.MeshShape` (one -1 fills the slice); parameters take the engine's
+    shardings (`parallel.state_shardings`), the batch (leading axis, global) is split over (data, fsdp). Only the
+    main program is compiled: its whole-program XLA figures are not derived (see topology_record).
+    """
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from fluxir_jax import tpu_topology
+    from fluxir_jax.errors import UserError
+    from fluxir_jax.parallel import state_shardings
+
+    tpu_topology.parse_accelerator(accelerator)
+    sizes = mesh_sizes.resolve(len(tpu_topology.topology_devices(accelerator)))
+    mesh = tpu_topology.topology_mesh(accelerator, sizes)
+    n = jax.tree.leaves(abstract_batch)[0].shape[0]
+    if n % (sizes[0] * sizes[1]):
+        raise UserError(f"batch {n} does not split over data x fsdp = {sizes[0] * sizes[1]} chips of {accelerator}")
+    param_sh = state_shardings(abstract_params, mesh)  # the engine's sharded mode: one rules table
+    batch_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    jitted = jax.jit(fn, in_shardings=(param_sh, batch_sh), out_shardings=batch_sh)
+    with jax.set_mesh(mesh):
+        analytic = analytic_flops(fn, abstract_params, abstract_batch)
+    try:
+        compiled, seconds = compile_on(jitted, (abstract_params, abstract_batch), mesh)
+    except OutOfHBM as e:
+        return out_of_hbm_record(accelerator, mesh, e, method, analytic, **extra)
+    return topology_record(accelerator, mesh, compiled, seconds, analytic, None, method, **extra)
+
+
+def emit_record(record: dict, path, command: str) -> int:
+    """Write the record, print it as the last line; 0, or 2 with a one-line reason when it does not fit."""
+    import json
+    import sys
+
+    if path is not None:
+        write_record(record, path)
+    print(json.dumps(record), flush=True)
+    if not record["fits"]:
+        print(f"fluxir {command}: error: {fit_message(record, record.get('knobs', KNOBS))}", file=sys.stderr)
+        return 2
+    return 0

@@ -321,6 +321,10 @@ def run(args: argparse.Namespace) -> int:
         summary = run_select(args.rest[0], args.rest[1:])
     else:
         cfg = load_config(args.config, args.rest)
+        if args.topology:
+            from fluxir_jax import fluxgen_topology
+
+            return fluxgen_topology.run(cfg, args.topology)
         summary = run_gen(cfg)
         if "process" in summary:
             print(f"fluxir gen: process {summary['process']} of {summary['processes']} done; "
@@ -340,4 +344,7 @@ def register(subparsers) -> None:
     p.add_argument("config", help="gen config YAML (configs/gen/...), or `select` followed by OUT")
     p.add_argument("rest", nargs="*", metavar="key=value",
                    help="config overrides (e.g. count=64 select.percentile=10); after `select`: OUT then overrides")
+    p.add_argument("--topology", metavar="NAME",
+                   help="generate nothing: compile the sample + decode program for this Cloud TPU slice (v5p-8, v6e-8, "
+                        "...) from abstract shapes, print the memory/FLOP record and write OUT/compile.json (docs/tpu.md)")
     p.set_defaults(func=run)

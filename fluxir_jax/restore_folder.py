@@ -218,6 +218,13 @@ def format_summary(summary: dict) -> str:
 
 def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    if args.topology:
+        from fluxir_jax import restore_topology
+
+        return restore_topology.run(args, cfg)
+    for flag, name in (("input", "--input"), ("out", "-o/--out")):
+        if not getattr(args, flag):
+            raise UserError(f"{name} is required (except with --topology)")
     for flag in ("checkpoint", "adapter"):
         if not pathlib.Path(getattr(args, flag)).is_dir():
             raise UserError(f"--{flag} {getattr(args, flag)}: no such folder")
@@ -233,10 +240,16 @@ def register(subparsers) -> None:
                                           "restore_summary.json. key=value fields: configs/restore/default.yaml.")
     p.add_argument("--checkpoint", required=True, help="converted FLUX checkpoint folder (fluxir convert)")
     p.add_argument("--adapter", required=True, help="FluxIR adapter checkpoint folder (adapter.json + params/)")
-    p.add_argument("--input", required=True, help="LQ image file or folder (searched recursively)")
-    p.add_argument("-o", "--out", required=True, help="output folder (relative paths of the inputs are kept)")
+    p.add_argument("--input", help="LQ image file or folder (searched recursively); required unless --topology")
+    p.add_argument("-o", "--out", help="output folder (relative paths of the inputs are kept); required unless --topology "
+                                       "(then compile.json is written there if given)")
     p.add_argument("--config", help="RestoreConfig YAML file (default: built-in defaults, configs/restore/default.yaml)")
     p.add_argument("--overwrite", action="store_true", help="restore images whose output already exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="RestoreConfig overrides, e.g. steps=8 tile.size=512")
+    p.add_argument("--topology", metavar="NAME",
+                   help="restore nothing: compile the restore program for this Cloud TPU slice (v5p-8, v6e-8, ...) "
+                        "from abstract shapes and print the memory/FLOP record (docs/tpu.md)")
+    p.add_argument("--lq-size", type=int, default=256, metavar="PIXELS",
+                   help="with --topology: side of the square LQ image the program is compiled for (default 256)")
     p.set_defaults(func=run)

@@ -167,6 +167,56 @@ def compile_only(cfg: TrainConfig, mesh, log=print) -> dict:
             "lower_s": rep["lower_s"], "compile_s": rep["compile_s"]}
 
 
+def compile_topology(cfg: TrainConfig, topology: str, log=print) -> dict:
+    """The `--compile-only --topology NAME` record: the real step compiled for a Cloud TPU slice.
+
+    The mesh is `cfg.mesh` over the slice's chips (-1 fills); nothing is read or allocated. The
+    whole-step XLA figures come from unrolled 2/3-block compiles of one micro-batch (times
+    optim.accum_steps), see `aot.topology_record`.
+    """
+    import dataclasses
+
+    from fluxir_jax import aot, tpu_topology
+
+    tpu_topology.parse_accelerator(topology)  # unknown name: one line before anything is compiled
+    devices = tpu_topology.topology_devices(topology, cfg.mesh.dcn_data)
+    sizes = parallel.resolve_sizes(cfg.mesh, len(devices))
+    shape = (sizes["data"] * cfg.mesh.dcn_data, sizes["fsdp"], sizes["tensor"])
+    mesh = tpu_topology.topology_mesh(topology, shape, parallel.AXES, cfg.mesh.dcn_data)
+    check_devices(cfg, mesh)
+    quiet = lambda *a: None  # noqa: E731
+    trainer = Trainer(cfg, mesh, abstract=True, log=log)  # eager set-up runs on this host, not under the TPU mesh
+    args = trainer.abstract_args()
+    with jax_mesh(mesh):  # tracing sees the TPU mesh (splash attention's shard_map)
+        analytic = aot.analytic_flops(trainer.step_fn, *args)
+    accum = cfg.optim.accum_steps
+    what = "train step (forward, backward, AdamW update)."
+    info = dict(program="train_step", base=cfg.base, batch_size=cfg.batch_size, per_chip_batch=cfg.batch_size / mesh.devices.size,
+                accum_steps=accum, crop_size=cfg.crop_size, remat_policy=cfg.model.remat_policy, attention=cfg.model.attention)
+    try:
+        compiled, seconds = aot.compile_on(trainer.jitted, args, mesh)
+    except aot.OutOfHBM as e:
+        return aot.out_of_hbm_record(topology, mesh, e, what, analytic, **info)
+    micro = dataclasses.replace(cfg, batch_size=cfg.batch_size // accum,
+                                optim=dataclasses.replace(cfg.optim, accum_steps=1))
+    bc = trainer.models.base_config
+
+    def variant(d, s):
+        small = dataclasses.replace(bc, depth=d, depth_single_blocks=s, scan_layers=False)
+        t = Trainer(micro, mesh, abstract=True, log=quiet, base_config=small)
+        return aot.compile_on(t.jitted, t.abstract_args(), mesh)[0]
+
+    fits = aot.tpu_topology_fits(compiled, topology)
+    whole = aot.whole_program_cost(variant, bc.depth, bc.depth_single_blocks) if fits else None  # no extra compiles
+    return aot.topology_record(topology, mesh, compiled, seconds, analytic, whole, what, repeat=accum, **info)
+
+
+def jax_mesh(mesh):
+    import jax
+
+    return jax.set_mesh(mesh)
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -387,5 +437,44 @@ def register(sub) -> None:
                    help="config overrides key.sub=value (e.g. mesh.fsdp=8 steps=100)")
     p.add_argument("--compile-only", action="store_true",
                    help="lower and compile the step from abstract shapes, print a JSON memory/FLOP report, exit")
-    p.set_defaults(func=main)
+    p.add_argument("--topology", metavar="NAME",
+                   help="with --compile-only: compile for this Cloud TPU slice (v5p-8, v6e-8, v5litepod-16, ...) "
+                        "from this machine and report per-chip memory, fits, FLOPs, estimated step time and MFU "
+                        "(docs/tpu.md); exit 2 if it does not fit")
+    p.add_argument("-o", "--out", metavar="FILE", help="with --topology: write the record here (default run_dir/compile.json)")
+    p.set_defaults(func=_dispatch)
     distributed.add_args(p)
+
+
+def _pop_flag(rest: list[str], *names: str) -> str | None:
+    """Remove `NAME VALUE` / `NAME=VALUE` from the REMAINDER overrides; the value or None."""
+    for i, item in enumerate(rest):
+        for name in names:
+            if item == name:
+                if i + 1 >= len(rest):
+                    raise UserError(f"{name} needs a value")
+                value = rest[i + 1]
+                del rest[i:i + 2]
+                return value
+            if item.startswith(name + "="):
+                del rest[i]
+                return item.split("=", 1)[1]
+    return None
+
+
+def _dispatch(args) -> int:
+    """`--topology` (which implies --compile-only) compiles for a TPU slice; everything else is `main`."""
+    rest = list(args.overrides)
+    args.topology = _pop_flag(rest, "--topology") or args.topology
+    args.out = _pop_flag(rest, "--out", "-o") or args.out
+    if not args.topology:
+        if args.out:
+            raise UserError("--out is for --compile-only --topology NAME (plain --compile-only writes run_dir/compile.json)")
+        return main(args)
+    from fluxir_jax import aot
+
+    overrides = [o for o in rest if o != "--compile-only"]
+    cfg = train_config.load(args.config, overrides)
+    train_config.check_static(cfg)
+    record = compile_topology(cfg, args.topology, log=lambda *a: None)
+    return aot.emit_record(record, args.out or pathlib.Path(cfg.run_dir) / "compile.json", "train")

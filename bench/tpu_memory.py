@@ -1,0 +1,149 @@
+"""Per-chip memory, fits, FLOPs, estimated step time / MFU and compile time of the paper's training
+run (configs/train/fluxir-dev.yaml: flux-dev, 512^2, global batch 64) compiled for TPU slices on
+this CPU machine (`fluxir train ... --compile-only --topology NAME`, libtpu's real compiler).
+
+    .venv/bin/python bench/tpu_memory.py                          # the whole grid (slow: flux-dev compiles)
+    .venv/bin/python bench/tpu_memory.py --accelerators v6e-8 --cases config full
+    .venv/bin/python bench/tpu_memory.py --quick                  # tiny config on v5p-8 (smoke)
+
+Grid per accelerator: `config` (the knobs the config chooses), `full` (remat_policy=full, same
+batch), `1024` (1024^2 crops, per-chip batch 1). Every case runs in its own process; its record is
+merged into bench/results/tpu_memory.json (keyed by accelerator and case) as soon as it ends, so
+partial grids keep what finished. Step time and MFU are estimates (see docs/tpu.md): no TPU ran.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import RESULTS, cpu_name  # noqa: E402
+
+CONFIG = ROOT / "configs" / "train" / "fluxir-dev.yaml"
+TINY = ROOT / "configs" / "train" / "tiny.yaml"
+CHIPS = {"v5p-8": 4, "v6e-8": 8}
+
+
+def case_overrides(case: str, accelerator: str) -> list[str]:
+    if case == "config":
+        return []
+    if case == "full":
+        return ["model.remat_policy=full"]
+    if case == "1024":
+        return ["crop_size=1024", f"batch_size={CHIPS[accelerator]}", "optim.accum_steps=1"]
+    raise SystemExit(f"unknown case {case!r}")
+
+
+@contextlib.contextmanager
+def _locked(path: pathlib.Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(pathlib.Path(tempfile.gettempdir()) / "fluxir_tpu_memory.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def merge(path: pathlib.Path, key: str, entry: dict) -> None:
+    """Add or replace `key` in the results file (several bench processes may run at once)."""
+    with _locked(path):
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        data.update(benchmark="TPU memory (compile-only)", cpu=cpu_name(), cores=os.cpu_count(),
+                    device="no TPU attached: libtpu compile-only on this CPU machine (shared)",
+                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+        data["what"] = ("fluxir train configs/train/fluxir-dev.yaml --compile-only --topology NAME: per-chip memory from "
+                        "XLA's memory_analysis, FLOPs, XLA's estimated seconds and est. MFU (estimates), compile time")
+        data.setdefault("cases", {})[key] = entry
+        data["figures"] = [f for k, e in sorted(data["cases"].items()) for f in figures(k, e)]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(path)
+
+
+def run_case(config: pathlib.Path, accelerator: str, overrides: list[str], timeout: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "compile.json"
+        cmd = [sys.executable, "-m", "fluxir_jax.cli", "train", str(config), "--compile-only", "--topology", accelerator,
+               "--out", str(out), f"run_dir={tmp}/run", *overrides]
+        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"overrides": overrides, "error": f"timed out after {timeout:.0f} s"}
+        wall = time.perf_counter() - t0
+        entry = {"overrides": overrides, "exit_code": proc.returncode, "wall_seconds": round(wall, 1)}
+        if out.is_file():
+            entry["record"] = json.loads(out.read_text())
+        else:
+            entry["error"] = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        if proc.returncode == 2 and proc.stderr.strip():
+            entry["message"] = proc.stderr.strip().splitlines()[-1]
+        return entry
+
+
+def figures(key: str, entry: dict) -> list[dict]:
+    """Table rows (bench/results_table.py) of one case."""
+    rec = entry.get("record")
+    if not rec:
+        return [{"figure": f"{key}: result", "value": entry.get("error", "failed"), "repeats": 1}]
+    gib = 1024**3
+    mem = rec["per_chip_bytes"]
+    rows = [("per-chip bytes" if mem.get("total") else "per-chip temporaries (compiler refused)",
+             (mem.get("total") or mem.get("temporaries") or 0) / gib, "GiB"),
+            ("fits HBM", "yes" if rec["fits"] else "no", ""), ("compile time", rec["compile_seconds"], "s")]
+    if rec.get("est_mfu") is not None:
+        rows += [("XLA FLOPs per step (whole step)", rec["flops_per_step"]["xla"], "FLOP"),
+                 ("est. step time (estimate)", rec["est_step_seconds"], "s"), ("est. MFU (estimate)", 100 * rec["est_mfu"], "%")]
+    return [{"figure": f"{key}: {name}", "value": value, "unit": unit, "repeats": 1} for name, value, unit in rows]
+
+
+def summary(key: str, entry: dict) -> str:
+    rec = entry.get("record")
+    if not rec:
+        return f"{key}: {entry.get('error')}"
+    if rec.get("est_mfu") is None:
+        return f"{key}: does not fit: {entry.get('message') or rec.get('compiler_error')}"
+    gib = 1024**3
+    return (f"{key}: {rec['per_chip_bytes']['total'] / gib:.1f} / {rec['hbm_bytes'] / gib:.0f} GiB per chip, "
+            f"fits={rec['fits']}, {rec['flops_per_step']['analytic']:.3g} FLOPs (analytic), "
+            f"{rec['flops_per_step']['xla']:.3g} (XLA), est. step {rec['est_step_seconds']:.3g} s, "
+            f"est. MFU {rec['est_mfu']:.1%}, compile {rec['compile_seconds']:.0f} s (wall {entry['wall_seconds']:.0f} s)")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--accelerators", nargs="+", default=["v5p-8", "v6e-8"], choices=sorted(CHIPS),
+                    help="TPU slices to compile for")
+    ap.add_argument("--cases", nargs="+", default=["config", "full", "1024"], help="grid cases: config, full, 1024")
+    ap.add_argument("--quick", action="store_true", help="smoke run: the tiny config on v5p-8 only")
+    ap.add_argument("--timeout", type=float, default=7200, help="seconds per case")
+    args = ap.parse_args(argv)
+    path = RESULTS / "tpu_memory.json"
+    failed = 0
+    if args.quick:
+        entry = run_case(TINY, "v5p-8", [], args.timeout)
+        merge(path, "tiny/v5p-8", entry)
+        print(summary("tiny/v5p-8", entry))
+        return 0 if "record" in entry else 1
+    for acc in args.accelerators:
+        for case in args.cases:
+            key = f"{acc}/{case}"
+            entry = run_case(CONFIG, acc, case_overrides(case, acc), args.timeout)
+            merge(path, key, entry)
+            print(summary(key, entry), flush=True)
+            failed += "record" not in entry
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

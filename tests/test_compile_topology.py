@@ -1,0 +1,73 @@
+"""`fluxir train CONFIG --compile-only --topology NAME`: the real train step compiled for a TPU slice here."""
+import json
+import pathlib
+
+import pytest
+
+from fluxir_jax import aot, cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "train" / "tiny.yaml")
+REQUIRED = {"accelerator", "chips", "device_kind", "mesh", "per_chip_bytes", "hbm_bytes", "fits", "flops_per_step",
+            "xla_seconds", "est_step_seconds", "est_mfu", "compile_seconds", "method"}
+
+
+def _run(capsys, *argv):
+    rc = cli.main(["train", TINY, *map(str, argv)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.slow  # three TPU compiles (the scanned step + two unrolled variants): ~1-2 min of CPU
+def test_tiny_train_step_for_v5p_8(capsys, tmp_path):
+    out_file = tmp_path / "sub" / "record.json"
+    rc, out, err = _run(capsys, "--compile-only", "--topology", "v5p-8", "--out", out_file, f"run_dir={tmp_path / 'run'}")
+    assert rc == 0, err
+    rec = json.loads(out.strip().splitlines()[-1])
+    assert REQUIRED <= set(rec)
+    assert rec["device_kind"] == "TPU v5" and rec["chips"] == 4 and rec["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    mem = rec["per_chip_bytes"]
+    assert {"arguments", "temporaries", "outputs", "code", "total"} <= set(mem)
+    assert mem["total"] == mem["arguments"] + mem["outputs"] + mem["temporaries"] + mem["code"] - mem["aliased"] > 0
+    assert rec["hbm_bytes"] == 95 * 1024**3 and rec["fits"] is True
+    flops = rec["flops_per_step"]
+    # XLA also counts elementwise work; both count the whole step (no loop body counted once)
+    assert 0.9 * flops["analytic"] < flops["xla"] < 1.5 * flops["analytic"], flops
+    assert rec["xla_seconds"] > 0 and rec["est_step_seconds"] >= rec["xla_seconds"]
+    assert rec["est_step_seconds"] >= flops["analytic"] / (4 * rec["peak_flops_per_chip"])
+    assert rec["est_mfu"] == pytest.approx(flops["analytic"] / (4 * rec["peak_flops_per_chip"] * rec["est_step_seconds"]))
+    assert "estimate" in rec["method"] and "extrapolated" in rec["method"]
+    assert json.loads(out_file.read_text()) == rec
+    assert not (tmp_path / "run").exists()  # --out given: nothing in run_dir
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--topology", "v9x-8"], "unknown TPU accelerator 'v9x-8'"),
+    (["--topology=v5p-8", "mesh.data=3", "mesh.fsdp=1"], "mesh sizes data=3 x fsdp=1 x tensor=1"),
+    (["--topology", "v5p-8", "batch_size=6"], "batch_size=6"),
+])
+def test_bad_topology_or_mesh_exits_2_with_one_line(capsys, tmp_path, argv, needle):
+    rc, out, err = _run(capsys, "--compile-only", *argv, f"run_dir={tmp_path}")
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_config_that_does_not_fit_exits_2_naming_knobs(capsys, tmp_path):
+    """v5e-4 chips have 16 GiB; 65536 tiny 64^2 crops per step need far more (the TPU compiler says how much)."""
+    rc, out, err = _run(capsys, "--compile-only", "--topology", "v5litepod-4", "batch_size=65536", f"run_dir={tmp_path}")
+    assert rc == 2, err
+    rec = json.loads(out.strip().splitlines()[-1])
+    assert rec["fits"] is False and rec["chips"] == 4 and rec["hbm_bytes"] == 16 * 1024**3
+    need = rec["per_chip_bytes"]["total"] or rec["per_chip_bytes"]["temporaries"]
+    assert need > rec["hbm_bytes"]
+    line = err.strip().splitlines()[-1]
+    assert "does not fit v5litepod-4" in line
+    for knob in ("model.remat_policy", "mesh.fsdp", "batch_size", "optim.accum_steps"):
+        assert knob in line
+    assert json.loads((tmp_path / "compile.json").read_text()) == rec
+
+
+def test_out_of_hbm_message_is_parsed():
+    err = aot.OutOfHBM("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+                       "(47.63G) exceeds available HBM (31.25G).", 1.0)
+    assert err.required_bytes == int(47.63 * 1024**3)
