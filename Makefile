@@ -27,12 +27,17 @@ demo: $(STAMP)
 	XLA_FLAGS="$(XLA_FLAGS) --xla_force_host_platform_device_count=8" JAX_PLATFORMS=cpu \
 		$(BIN)/fluxir demo -o demo_out --overwrite $(DEMO_ARGS)
 
+# pytest-xdist: TEST_WORKERS processes, one test file per worker at a time (module fixtures are built
+# once); they share the compilation cache. TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST)
 
 # Everything but the tests marked slow (the multi-GB conversion, full-size compiles).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow"
 
 # make bench BENCH_ARGS=--quick: smoke runs into bench/results/quick/; --table-only: rebuild the README only
 bench: $(STAMP)

@@ -51,7 +51,8 @@ class Plan:
 
 
 FULL = Plan(gen_count=8, train_steps=300, restore_steps=8, checkpoint_every=100, val_every=100)
-QUICK = Plan(gen_count=8, train_steps=30, restore_steps=4, checkpoint_every=15, val_every=15)
+# quick: one checkpoint and one validation (at the last step); every program is still compiled once
+QUICK = Plan(gen_count=8, train_steps=30, restore_steps=4, checkpoint_every=30, val_every=30)
 
 
 def _config(*parts: str) -> str:

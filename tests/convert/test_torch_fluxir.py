@@ -51,6 +51,8 @@ def base():
 
 @pytest.fixture(scope="module")
 def vae():
+    """A tiny FLUX-shaped diffusers VAE with random weights, and the same weights in our AutoEncoder
+    (converted as `fluxir convert` does); tests/train/test_objective_torch.py uses it too."""
     from diffusers import AutoencoderKL
 
     dv = AutoencoderKL(

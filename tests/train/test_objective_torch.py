@@ -14,27 +14,10 @@ from flax import nnx
 from fluxir_convert import torch_fluxir
 from fluxir_jax import train
 from fluxir_jax.models import adapter_io
-from tests.convert.test_torch_fluxir import B, H, T, W, base, pair  # noqa: F401  (fixtures)
-from tests.models.flux_reference import randomize_torch_, rel_err
-from tests.models.test_autoencoder import make_model
+from tests.convert.test_torch_fluxir import B, H, T, W, base, pair, vae  # noqa: F401  (fixtures)
+from tests.models.flux_reference import rel_err
 
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def vae():
-    """A tiny FLUX-shaped diffusers VAE with random weights, and the same weights in our AutoEncoder."""
-    from diffusers import AutoencoderKL
-
-    dv = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
-        scaling_factor=0.3611, shift_factor=0.1159,
-    ).eval()
-    randomize_torch_(dv, 1)
-    dv.requires_grad_(False)
-    return dv, make_model({k: v.detach().numpy().copy() for k, v in dv.state_dict().items()})
 
 
 @pytest.mark.slow  # value_and_grad through the tiny Flux + VAE: compile-bound on CPU
