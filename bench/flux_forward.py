@@ -75,27 +75,11 @@ def main():
                warmup=args.warmup)
     if not args.no_torch and args.dtype == "float32":
         import torch
-        from diffusers import FluxTransformer2DModel
 
-        from fluxir_convert.flux_map import bfl_to_diffusers, flax_to_bfl
+        from bench.torch_twin import diffusers_flux
 
         torch.set_num_threads(os.cpu_count())
-        dm = FluxTransformer2DModel(
-            patch_size=1, in_channels=cfg.in_channels, num_layers=cfg.depth, num_single_layers=cfg.depth_single_blocks,
-            attention_head_dim=cfg.head_dim, num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_in_dim,
-            pooled_projection_dim=cfg.vec_in_dim, guidance_embeds=cfg.guidance_embed, axes_dims_rope=cfg.axes_dim,
-        ).eval()
-        bfl = {}
-        for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-            arr = np.asarray(var.get_value())
-            if path[0] in ("double_blocks", "single_blocks"):
-                for i in range(arr.shape[0]):
-                    k, v = flax_to_bfl(path, arr[i], i)
-                    bfl[k] = v
-            else:
-                k, v = flax_to_bfl(path, arr)
-                bfl[k] = v
-        dm.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in bfl_to_diffusers(bfl).items()})
+        dm = diffusers_flux(model)  # same weights as `model`
         targs = dict(hidden_states=torch.from_numpy(x["img"]), encoder_hidden_states=torch.from_numpy(x["txt"]),
                      pooled_projections=torch.from_numpy(x["y"]), timestep=torch.from_numpy(x["t"]),
                      img_ids=torch.from_numpy(img_ids), txt_ids=torch.from_numpy(txt_ids), guidance=torch.from_numpy(x["g"]), return_dict=False)
