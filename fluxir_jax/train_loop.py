@@ -140,8 +140,6 @@ class Trainer:
 
 def compile_only(cfg: TrainConfig, mesh, log=print) -> dict:
     """Lower + compile the step from abstract shapes (no data, no weights): memory and FLOPs."""
-    import dataclasses
-
     import jax
 
     from fluxir_jax import aot
@@ -153,8 +151,7 @@ def compile_only(cfg: TrainConfig, mesh, log=print) -> dict:
     bc = trainer.models.base_config
 
     def variant(d, s):
-        small = dataclasses.replace(bc, depth=d, depth_single_blocks=s, scan_layers=False)
-        t = Trainer(cfg, mesh, abstract=True, log=lambda *a: None, base_config=small)
+        t = _unrolled_trainer(cfg, mesh, bc, d, s)
         return t.jitted, t.abstract_args()
 
     n = len(mesh.devices.flat)
@@ -176,6 +173,8 @@ def compile_topology(cfg: TrainConfig, topology: str, log=print) -> dict:
     """
     import dataclasses
 
+    import jax
+
     from fluxir_jax import aot, tpu_topology
 
     tpu_topology.parse_accelerator(topology)  # unknown name: one line before anything is compiled
@@ -184,10 +183,9 @@ def compile_topology(cfg: TrainConfig, topology: str, log=print) -> dict:
     shape = (sizes["data"] * cfg.mesh.dcn_data, sizes["fsdp"], sizes["tensor"])
     mesh = tpu_topology.topology_mesh(topology, shape, parallel.AXES, cfg.mesh.dcn_data)
     check_devices(cfg, mesh)
-    quiet = lambda *a: None  # noqa: E731
     trainer = Trainer(cfg, mesh, abstract=True, log=log)  # eager set-up runs on this host, not under the TPU mesh
     args = trainer.abstract_args()
-    with jax_mesh(mesh):  # tracing sees the TPU mesh (splash attention's shard_map)
+    with jax.set_mesh(mesh):  # tracing sees the TPU mesh (splash attention's shard_map)
         analytic = aot.analytic_flops(trainer.step_fn, *args)
     accum = cfg.optim.accum_steps
     what = "train step (forward, backward, AdamW update)."
@@ -202,8 +200,7 @@ def compile_topology(cfg: TrainConfig, topology: str, log=print) -> dict:
     bc = trainer.models.base_config
 
     def variant(d, s):
-        small = dataclasses.replace(bc, depth=d, depth_single_blocks=s, scan_layers=False)
-        t = Trainer(micro, mesh, abstract=True, log=quiet, base_config=small)
+        t = _unrolled_trainer(micro, mesh, bc, d, s)
         return aot.compile_on(t.jitted, t.abstract_args(), mesh)[0]
 
     fits = aot.tpu_topology_fits(compiled, topology)
@@ -211,10 +208,12 @@ def compile_topology(cfg: TrainConfig, topology: str, log=print) -> dict:
     return aot.topology_record(topology, mesh, compiled, seconds, analytic, whole, what, repeat=accum, **info)
 
 
-def jax_mesh(mesh):
-    import jax
+def _unrolled_trainer(cfg: TrainConfig, mesh, base_config, depth: int, depth_single: int) -> Trainer:
+    """An abstract Trainer whose base has `depth` / `depth_single` unrolled blocks (XLA FLOP variants)."""
+    import dataclasses
 
-    return jax.set_mesh(mesh)
+    small = dataclasses.replace(base_config, depth=depth, depth_single_blocks=depth_single, scan_layers=False)
+    return Trainer(cfg, mesh, abstract=True, log=lambda *a: None, base_config=small)
 
 
 # ----------------------------------------------------------------------------- training
