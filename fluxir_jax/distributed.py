@@ -33,7 +33,7 @@ DETECTED_CLUSTERS = ("gcetpu", "gketpu", "slurm", "ompi")
 def add_args(p: argparse.ArgumentParser) -> None:
     """The multi-host flags of a command that runs device programs."""
     g = p.add_argument_group("multi-host", "one process per host, all with the same command; not needed on "
-                             "Cloud TPU pods (detected). Put these flags before CONFIG (docs/multihost.md)")
+                             "Cloud TPU pods (detected). (docs/multihost.md)")
     g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help=f"address of process 0's coordinator service (or ${ENV_COORDINATOR})")
     g.add_argument("--num-processes", type=int, default=None, metavar="N",

@@ -406,9 +406,7 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
 def main(args) -> int:
     import jax
 
-    overrides = [o for o in args.overrides if o != "--compile-only"]
-    args.compile_only = args.compile_only or len(overrides) != len(args.overrides)
-    cfg = train_config.load(args.config, overrides)
+    cfg = train_config.load(args.config, list(args.overrides))
     train_config.check_static(cfg)
     if args.compile_only:
         mesh = parallel.make_mesh(cfg.mesh)
@@ -427,13 +425,7 @@ def main(args) -> int:
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser("train", help="train the FluxIR adapter on a frozen FLUX.1 base (sharded, resumable)",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("config", help="train config YAML (e.g. configs/train/tiny.yaml)")
-    # REMAINDER so that --compile-only may also follow the overrides (argparse cannot mix them otherwise)
-    p.add_argument("overrides", nargs=argparse.REMAINDER,
-                   help="config overrides key.sub=value (e.g. mesh.fsdp=8 steps=100)")
+def _add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-only", action="store_true",
                    help="lower and compile the step from abstract shapes, print a JSON memory/FLOP report, exit")
     p.add_argument("--topology", metavar="NAME",
@@ -441,39 +433,46 @@ def register(sub) -> None:
                         "from this machine and report per-chip memory, fits, FLOPs, estimated step time and MFU "
                         "(docs/tpu.md); exit 2 if it does not fit")
     p.add_argument("-o", "--out", metavar="FILE", help="with --topology: write the record here (default run_dir/compile.json)")
-    p.set_defaults(func=_dispatch)
     distributed.add_args(p)
 
 
-def _pop_flag(rest: list[str], *names: str) -> str | None:
-    """Remove `NAME VALUE` / `NAME=VALUE` from the REMAINDER overrides; the value or None."""
-    for i, item in enumerate(rest):
-        for name in names:
-            if item == name:
-                if i + 1 >= len(rest):
-                    raise UserError(f"{name} needs a value")
-                value = rest[i + 1]
-                del rest[i:i + 2]
-                return value
-            if item.startswith(name + "="):
-                del rest[i]
-                return item.split("=", 1)[1]
-    return None
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train the FluxIR adapter on a frozen FLUX.1 base (sharded, resumable)",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help="train config YAML (e.g. configs/train/tiny.yaml)")
+    # REMAINDER so that flags may also follow the overrides (argparse cannot mix them otherwise);
+    # _dispatch parses the flags found among them
+    p.add_argument("overrides", nargs=argparse.REMAINDER,
+                   help="config overrides key.sub=value (e.g. mesh.fsdp=8 steps=100); flags may come before or after")
+    _add_flags(p)
+    p.set_defaults(func=_dispatch)
+
+
+def _split_flags(args) -> None:
+    """Move the flags that follow CONFIG (left among the REMAINDER overrides) into `args`."""
+    flags = argparse.ArgumentParser(prog="fluxir train", add_help=False, allow_abbrev=False)
+    _add_flags(flags)
+    found, rest = flags.parse_known_args(list(args.overrides))
+    for bad in rest:
+        if bad.startswith("-"):
+            raise UserError(f"fluxir train: unknown flag {bad} (flags: --compile-only, --topology, --out, "
+                            "--coordinator, --num-processes, --process-id)")
+    for name, value in vars(found).items():
+        if value not in (None, False):
+            setattr(args, name, value)
+    args.overrides = rest
 
 
 def _dispatch(args) -> int:
     """`--topology` (which implies --compile-only) compiles for a TPU slice; everything else is `main`."""
-    rest = list(args.overrides)
-    args.topology = _pop_flag(rest, "--topology") or args.topology
-    args.out = _pop_flag(rest, "--out", "-o") or args.out
+    _split_flags(args)
     if not args.topology:
         if args.out:
             raise UserError("--out is for --compile-only --topology NAME (plain --compile-only writes run_dir/compile.json)")
         return main(args)
     from fluxir_jax import aot
 
-    overrides = [o for o in rest if o != "--compile-only"]
-    cfg = train_config.load(args.config, overrides)
+    cfg = train_config.load(args.config, list(args.overrides))
     train_config.check_static(cfg)
     record = compile_topology(cfg, args.topology, log=lambda *a: None)
     return aot.emit_record(record, args.out or pathlib.Path(cfg.run_dir) / "compile.json", "train")

@@ -95,3 +95,23 @@ def test_sizes_below_a_gib_are_mib():
 
     assert format_size(5 * 2**20) == "5.0 MiB" and format_size(2**30 - 2**20) == "1023.0 MiB"
     assert format_size(2**30) == "1.00 GiB" and format_size(23.8 * 2**30) == "23.80 GiB"
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--coordinator", "h:1", "--num-processes", "2", "--process-id", "1", "--compile-only", "C.yaml", "steps=3", "mesh.fsdp=2"],
+    ["train", "C.yaml", "steps=3", "--coordinator", "h:1", "--num-processes=2", "mesh.fsdp=2", "--process-id", "1", "--compile-only"],
+])
+def test_train_flags_may_follow_the_config(argv):
+    """Flags before or after CONFIG parse the same; the rest are the overrides, in order."""
+    from fluxir_jax import train_loop
+
+    args = cli.build_parser().parse_args(argv)
+    train_loop._split_flags(args)
+    assert (args.config, args.overrides) == ("C.yaml", ["steps=3", "mesh.fsdp=2"])
+    assert (args.coordinator, args.num_processes, args.process_id, args.compile_only) == ("h:1", 2, 1, True)
+
+
+def test_train_unknown_flag_after_the_config_is_exit_2(capsys):
+    assert cli.main(["train", "configs/train/tiny.yaml", "steps=3", "--bogus"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "unknown flag --bogus" in err
