@@ -297,13 +297,15 @@ def compile_sharded_program(fn: Callable, abstract_params, abstract_batch, accel
     """The `--topology` record of an `infer.Engine` program in its sharded mode (gen, restore).
 
     `mesh_sizes` is an `infer.MeshShape` (one -1 fills the slice); parameters take the engine's
-    shardings (`parallel.state_shardings`), the batch (leading axis, global) is split over (data, fsdp). Only the
-    main program is compiled: its whole-program XLA figures are not derived (see topology_record).
+    shardings (`parallel.state_shardings`), the batch (leading axis, global) is split over (data, fsdp), and
+    each weight is gathered whole before use as the engine does (`gather_weights`, models/weight_gather.py).
+    Only the main program is compiled: its whole-program XLA figures are not derived (see topology_record).
     """
     from jax.sharding import NamedSharding, PartitionSpec
 
     from fluxir_jax import tpu_topology
     from fluxir_jax.errors import UserError
+    from fluxir_jax.models.weight_gather import gather_unscanned, gathering
     from fluxir_jax.parallel import state_shardings
 
     tpu_topology.parse_accelerator(accelerator)
@@ -314,11 +316,13 @@ def compile_sharded_program(fn: Callable, abstract_params, abstract_batch, accel
         raise UserError(f"batch {n} does not split over data x fsdp = {sizes[0] * sizes[1]} chips of {accelerator}")
     param_sh = state_shardings(abstract_params, mesh)  # the engine's sharded mode: one rules table
     batch_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    jitted = jax.jit(fn, in_shardings=(param_sh, batch_sh), out_shardings=batch_sh)
-    with jax.set_mesh(mesh):
-        analytic = analytic_flops(fn, abstract_params, abstract_batch)
+    gathered = lambda params, batch: fn(gather_unscanned(params), batch)  # noqa: E731
+    jitted = jax.jit(gathered, in_shardings=(param_sh, batch_sh), out_shardings=batch_sh)
+    with jax.set_mesh(mesh), gathering(mesh):
+        analytic = analytic_flops(gathered, abstract_params, abstract_batch)
     try:
-        compiled, seconds = compile_on(jitted, (abstract_params, abstract_batch), mesh)
+        with gathering(mesh):
+            compiled, seconds = compile_on(jitted, (abstract_params, abstract_batch), mesh)
     except OutOfHBM as e:
         return out_of_hbm_record(accelerator, mesh, e, method, analytic, **extra)
     return topology_record(accelerator, mesh, compiled, seconds, analytic, None, method, **extra)

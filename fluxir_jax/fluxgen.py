@@ -11,8 +11,7 @@ chunks of `score_batch` images, and stored as PNG in `pool/` (dataset.py format:
 `host_range(count, process_index, process_count)` and commits one shard of `pool/` every
 `shard_size` images; a rerun after a kill resumes from the last committed shard (ids and bytes
 as an uninterrupted run: everything is a function of the image index, and not of the batch
-size or the device count; pmap and sharded agree exactly unless the parameters are FSDP-sharded,
-see `make_program`). A helper thread scores, encodes
+size, the device count or the parallel mode, see `make_program`). A helper thread scores, encodes
 and commits shard k while the devices generate shard k + 1, and worker processes degrade each
 committed shard (second-order pipeline, `numpy.random.default_rng(seed)`) into `degraded/`. Once the
 pool is complete: percentile selection (`fluxgen_select.select`), `pairs/` (the kept images
@@ -55,13 +54,12 @@ def make_program(graphdefs: dict, flux_cfg, vae_cfg, cfg: GenConfig, per_example
     [shards, b / shards] and the per-device `lax.map` is vmapped over the shards, which the
     partitioner spreads over the devices: every device computes batch-1 images as in pmap mode.
 
-    Measured on the tiny preset, 8 CPU devices (192 px, 2 steps): pmap bytes are identical for
-    1 or 8 devices and batch 4, 8 or 16; sharded bytes are identical for batch 8 and 16, and
-    identical to pmap when the parameters are replicated (mesh data=8, fsdp=1). With the
-    parameters FSDP-sharded (the default mesh) the partitioner splits contractions over the
-    devices and sums the partial products in another order: about 3.5e-5 of the bytes move one
-    level (never more) against pmap or another fsdp size. Exactness there would need each
-    layer's weights all-gathered before its matmuls (a change inside the model's layer scan).
+    The sharded engine gathers each weight whole before use (`infer.Engine(gather_weights=True)`,
+    `models/weight_gather.py`: a block's weights inside the layer scan), so no contraction is
+    split over the FSDP-sharded devices. Measured on the tiny preset, 8 CPU devices (192 px,
+    2 steps): the bytes are identical for pmap and sharded, 1 or 8 devices, batch 4, 8 or 16.
+    (Without the gathering, about 3.5e-5 of the bytes moved one level against pmap: the
+    partitioner summed partial products across devices in another order.)
     """
     import jax
     import jax.numpy as jnp

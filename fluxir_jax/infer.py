@@ -14,7 +14,12 @@ batch size or the device count. Two modes:
              parameters are sharded by the project's one rules table (`parallel.PARAM_RULES` /
              `LOGICAL_RULES`, as in training: `embed` over fsdp, `mlp` / `heads` over tensor,
              never the scanned layer axis), the batch over (data, fsdp). For models that do not
-             fit one device.
+             fit one device. With `gather_weights` (the default) each weight is all-gathered
+             whole before use (`models/weight_gather.py`: the blocks one at a time inside the
+             layer scan, the rest at the start of the program), so no contraction is split
+             over devices: the bytes are pmap's, for any mesh. Off: the partitioner may split
+             contractions over fsdp and sum partial products in another order (last-bit
+             differences), with less gathered memory.
     auto     pmap when one replica of `params` takes at most `replica_fraction` of a device's
              memory (devices that report no memory limit, e.g. CPU, count as fitting), else
              sharded.
@@ -36,8 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from fluxir_jax.parallel import rule_from_state, state_shardings
 from fluxir_jax.errors import UserError
+from fluxir_jax.models.weight_gather import gather_unscanned, gathering
+from fluxir_jax.parallel import rule_from_state, state_shardings
 
 PARALLEL_MODES = ("auto", "pmap", "sharded")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -101,7 +107,7 @@ class Engine:
     """
 
     def __init__(self, params, *, parallel: str = "auto", devices: int = 0, batch_per_device: int = 1,
-                 mesh: MeshShape = MeshShape(), replica_fraction: float = 0.6):
+                 mesh: MeshShape = MeshShape(), replica_fraction: float = 0.6, gather_weights: bool = True):
         if parallel not in PARALLEL_MODES:
             raise UserError(f"parallel={parallel!r} is not one of {', '.join(PARALLEL_MODES)}")
         if batch_per_device < 1:
@@ -116,6 +122,7 @@ class Engine:
             limit = device_memory(self.devices[0])
             parallel = "pmap" if limit is None or self.replica_bytes <= replica_fraction * limit else "sharded"
         self.mode = parallel
+        self.gather_weights = gather_weights and parallel == "sharded"
         n = len(self.devices)
         self.params = None
         if self.mode == "pmap":
@@ -162,7 +169,8 @@ class Engine:
             if self.mode == "pmap":
                 fn = jax.pmap(program, in_axes=(0, 0), devices=self.devices)
             else:
-                fn = jax.jit(program, in_shardings=(self._param_shardings, self._batch_sharding),
+                run = (lambda params, batch: program(gather_unscanned(params), batch)) if self.gather_weights else program
+                fn = jax.jit(run, in_shardings=(self._param_shardings, self._batch_sharding),
                              out_shardings=self._batch_sharding)
             self._compiled[program] = fn
         return fn
@@ -196,5 +204,7 @@ class Engine:
             out = fn(self.params, chunk)
             out = jax.tree.map(lambda x: np.asarray(x).reshape(g, *x.shape[2:]), out)
         else:
-            out = jax.tree.map(np.asarray, fn(self.params, jax.device_put(chunk, self._batch_sharding)))
+            with gathering(self._mesh if self.gather_weights else None):
+                out = fn(self.params, jax.device_put(chunk, self._batch_sharding))
+            out = jax.tree.map(np.asarray, out)
         return jax.tree.map(lambda x: x[:k], out)

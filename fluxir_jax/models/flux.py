@@ -9,7 +9,8 @@
 The 19 double and 38 single blocks are one `DoubleStreamBlock` / `SingleStreamBlock` module
 each whose parameters carry a leading layer axis (`double_blocks/img_attn/qkv/kernel` is
 [depth, C, 3C]); the forward pass runs them with `lax.scan`, so compile time does not grow
-with depth. `remat_policy` chooses what the backward pass recomputes.
+with depth. `remat_policy` chooses what the backward pass recomputes. Sharded inference
+gathers each block's weights inside the scan (`models/weight_gather.py`).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from fluxir_jax.models.layers import (
     linear,
     timestep_embedding,
 )
+from fluxir_jax.models.weight_gather import gather
 
 REMAT_POLICIES = (
     "none", "full", "save_dots_no_batch", "save_attention", "save_qkv_attention",
@@ -312,8 +314,13 @@ class Flux(nnx.Module):
         return self._loop(body, x, params, per_layer, self.config.depth_single_blocks, intermediates)
 
     def _loop(self, body, carry, params, per_layer_ctrl, n: int, intermediates: bool = False):
-        """Run `body` over the n stacked layers; returns (carry, per-layer outputs or None)."""
-        step = _remat(body, self.config.remat_policy)
+        """Run `body` over the n stacked layers; returns (carry, per-layer outputs or None).
+
+        Under `weight_gather.gathering(mesh)` (sharded inference) each layer's parameters are
+        all-gathered inside the loop, just before the layer runs (a no-op otherwise).
+        """
+        step = _remat(lambda c, layer_params, layer_ctrl: body(c, gather(layer_params), layer_ctrl),
+                      self.config.remat_policy)
         if self.config.scan_layers:
             def scan_body(c, xs):
                 c = step(c, *xs)
