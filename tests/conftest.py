@@ -1,12 +1,14 @@
-"""Test-wide set-up: 8 emulated CPU devices and the persistent JAX compilation cache.
+"""Test-wide set-up: 8 emulated CPU devices, fast-compile XLA flags and the persistent JAX compilation cache.
 
-Both must be in place before JAX is imported anywhere, which is why they live here.
+All must be in place before JAX is imported anywhere, which is why they live here.
 """
 import os
 import pathlib
 
+from tests.xla_flags import xla_flags
+
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = xla_flags(8, os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_ROOT / ".cache" / "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
