@@ -28,9 +28,10 @@ demo: $(STAMP)
 		$(BIN)/fluxir demo -o demo_out --overwrite $(DEMO_ARGS)
 
 # pytest-xdist: TEST_WORKERS processes, one test file per worker at a time (module fixtures are built
-# once); they share the compilation cache. TEST_WORKERS=0 runs everything in one process.
+# once), the heaviest files first (tests/conftest.py HEAVY_FIRST); they share the compilation cache.
+# TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
-XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(XDIST)

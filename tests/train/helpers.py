@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+from tests.xla_flags import xla_flags
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "train" / "tiny.yaml"
 
@@ -22,10 +24,10 @@ def write_pairs(path: pathlib.Path, n: int = 8) -> pathlib.Path:
     return path
 
 
-def cli_env() -> dict:
-    """Environment for `fluxir` subprocesses: 8 CPU devices and the tests' compilation cache."""
+def cli_env(devices: int = 8) -> dict:
+    """Environment for `fluxir` subprocesses: `devices` CPU devices, the tests' XLA flags and compilation cache."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["XLA_FLAGS"] = xla_flags(devices)
     env["JAX_PLATFORMS"] = "cpu"
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".cache" / "jax"))
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

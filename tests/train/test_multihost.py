@@ -72,8 +72,7 @@ def _assert_adapters_close(got: dict, want: dict) -> None:
 
 def _two_processes(run_dir, pairs) -> list[subprocess.Popen]:
     port = _free_port()
-    env = cli_env()
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    env = cli_env(devices=4)
     procs = []
     for i in range(2):
         args = ["train", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
