@@ -20,6 +20,7 @@ import pytest
 from fluxir_jax import cli
 from fluxir_jax.data.dataset import PairedSource
 from fluxir_jax.fluxgen_select import read_headers, select
+from tests.xla_flags import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "gen" / "tiny.yaml")
@@ -103,7 +104,7 @@ def test_bytes_independent_of_batch_and_devices(ckpt, reference, tmp_path):
     other = gen(ckpt, tmp_path / "b16", "batch_size=16", "parallel=pmap", "workers=0")
     for kind in ("pool", "pairs", "degraded"):
         assert shard_bytes(other / kind) == shard_bytes(reference / kind), kind
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")  # the in-process reference's flags, 1 device
     one = tmp_path / "one"
     subprocess.run([sys.executable, "-m", "fluxir_jax.cli", "gen", TINY, f"base={ckpt}", f"out={one}", *COMMON,
                     "batch_size=4", "workers=0"], env=env, cwd=ROOT, check=True, capture_output=True)
