@@ -125,13 +125,13 @@ def compile_record(res: int) -> dict:
                 device="cpu", **machine(), figures=figs)
 
 def step_config(args, n: int):
-    """configs/train/fluxir-dev.yaml (the paper's step) on the `args.model` preset: float32, no remat, 128 text tokens."""
+    """configs/train/fluxir-dev.yaml (the paper's step) on the `args.model` preset: float32, no remat, 128 text tokens, no accumulation."""
     from fluxir_jax import train_config
 
     over = [f"base={args.model}", f"crop_size={args.res}", f"batch_size={n * args.per_device_batch}", "mesh.data=1",
             f"mesh.fsdp={n}", "model.dtype=float32", "model.vae_dtype=float32", "model.remat_policy=none",
             f"adapter.text_len={16 if args.quick else 128}", f"loss.pixel_crop={min(256, args.res)}",
-            "data.workers=0"]
+            "optim.accum_steps=1", "data.workers=0"]
     return train_config.load(str(ROOT / "configs/train/fluxir-dev.yaml"), over), over
 
 
