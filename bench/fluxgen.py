@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import resource
 import sys
 import tempfile
 import time
@@ -44,6 +45,7 @@ def parse(argv=None):
     ap.add_argument("--torch-threads", type=int, default=0, help="PyTorch threads (0: one per core)")
     ap.add_argument("--no-torch", action="store_true", help="skip diffusers' FluxPipeline")
     ap.add_argument("--quick", action="store_true", help="smoke run on the tiny preset")
+    ap.add_argument("--note", default=None, help="a remark stored with the record (e.g. why fewer repeats)")
     a = ap.parse_args(argv)
     a.model = a.model or ("tiny" if a.quick else "small")
     a.res = a.res or (192 if a.quick else 256)
@@ -131,10 +133,10 @@ def torch_pipeline(args, cfg, base, vae, text, noise_tokens, want: np.ndarray) -
               guidance_scale=cfg.guidance, latents=torch.from_numpy(np.asarray(noise_tokens, np.float32)), output_type="np")
     with torch.inference_mode():
         out = pipe(**kw).images  # warm-up, and the images for the check
-        med, _ = timed(lambda: pipe(**kw), args.repeats)
+        med, all_s = timed(lambda: pipe(**kw), args.repeats)
     got = np.round(np.clip(out, 0, 1) * 255.0)
     rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-    return dict(torch_batch_s=round(med, 3), torch_per_image_s=round(med / b, 4), torch=torch.__version__,
+    return dict(torch_batch_s=round(med, 3), torch_all_s=[round(x, 3) for x in all_s], torch_per_image_s=round(med / b, 4), torch=torch.__version__,
                 torch_threads=torch.get_num_threads(), torch_vs_ours_image_rel_diff=rel)
 
 
@@ -179,7 +181,7 @@ def main():
         rec[mode] = dict(first_call_s=round(first, 2), program_s=round(gen_s, 3), program_all_s=[round(x, 3) for x in gen_all],
                          decode_s=round(dec_s, 3), images_per_s=round(n / gen_s, 3),
                          per_image_s=dict(sampling=round((gen_s - dec_s) / n, 4), decoding=round(dec_s / n, 4)))
-        del engine
+        engine = None  # free this mode's placed weights before the next
     host = host_stages(cfg, images, args.repeats)
     rec["host_per_image_s"] = {k: round(v, 4) for k, v in host.items()}
     if not args.no_torch:
@@ -187,7 +189,8 @@ def main():
         rec.update(torch_pipeline(args, cfg, base, vae, text, noise, images.astype(np.float64)))
     rec.update(load_avg_before=[round(x, 2) for x in load0], load_avg_after=[round(x, 2) for x in os.getloadavg()],
                backend=jax.default_backend(), device="cpu", cpu=cpu_name(), cores=os.cpu_count(), jax=jax.__version__,
-               date=time.strftime("%Y-%m-%d %H:%M"))
+               date=time.strftime("%Y-%m-%d %H:%M"), peak_rss_GiB=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3))
+    rec.update({"note": args.note} if args.note else {})
     rec["figures"] = figures(rec)
     append_record("fluxgen.jsonl", rec)
 

@@ -47,7 +47,12 @@ def machine(rec: dict) -> str:
     cpu = rec.get("cpu") or "CPU model not recorded"
     parts.append(f"{cpu}, {cores} cores" if cores else cpu)
     loads = [x[0] for x in (rec.get("load_avg_before"), rec.get("load_avg_after")) if x]
-    if loads:  # a shared machine: the 1-minute load average, the higher of before / after the run
+    # runs in several processes (bench/restore.py) also record each one's 1-minute load at its start and end
+    for part in [rec] + [v for v in rec.values() if isinstance(v, dict)]:
+        for k, v in part.items():
+            if k.endswith("load_avg_1min") and isinstance(v, list):
+                loads += v
+    if loads:  # a shared machine: the 1-minute load average, the highest recorded before / during / after the run
         parts[-1] += f", load {max(loads):.1f}"
     return "; ".join(parts)
 

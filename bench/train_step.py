@@ -46,6 +46,7 @@ def parse(argv=None):
     ap.add_argument("--compile-res", type=int, nargs="*", default=None,
                     help="flux-dev compile-only crop sizes (default 512 1024; none with --quick)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny preset at 64², 2 repeats, no compile-only")
+    ap.add_argument("--note", default=None, help="a remark stored with each record (e.g. why fewer repeats)")
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # internal: one step run on N devices
     a = ap.parse_args(argv)
     a.model = a.model or ("tiny" if a.quick else "small")
@@ -124,13 +125,13 @@ def compile_record(res: int) -> dict:
                 device="cpu", **machine(), figures=figs)
 
 def step_config(args, n: int):
-    """configs/train/fluxir-dev.yaml (the paper's step) on the `args.model` preset: float32, no remat, 128 text tokens."""
+    """configs/train/fluxir-dev.yaml (the paper's step) on the `args.model` preset: float32, no remat, 128 text tokens, no accumulation."""
     from fluxir_jax import train_config
 
     over = [f"base={args.model}", f"crop_size={args.res}", f"batch_size={n * args.per_device_batch}", "mesh.data=1",
             f"mesh.fsdp={n}", "model.dtype=float32", "model.vae_dtype=float32", "model.remat_policy=none",
             f"adapter.text_len={16 if args.quick else 128}", f"loss.pixel_crop={min(256, args.res)}",
-            "data.workers=0"]
+            "optim.accum_steps=1", "data.workers=0"]
     return train_config.load(str(ROOT / "configs/train/fluxir-dev.yaml"), over), over
 
 
@@ -176,11 +177,18 @@ def worker(args) -> dict:
                mesh=dict(mesh.shape), config="configs/train/fluxir-dev.yaml " + " ".join(over), repeats=args.repeats,
                step_median_s=round(med, 4), step_all_s=[round(x, 4) for x in all_s], compile_s=round(compile_s, 2),
                images_per_s=round(b / med, 3), backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
-               jax=jax.__version__)
+               jax=jax.__version__, flax_peak_rss_GiB=peak_rss_gib())
     if twin is not None:
         rec.update(torch_step(args, cfg, trainer, twin, hq, lq_up, float(first["loss"])))
         rec["torch_over_flax"] = round(rec["torch_median_s"] / med, 3)
+        rec["peak_rss_GiB"] = peak_rss_gib()  # Flax and PyTorch in one process
     return rec
+
+
+def peak_rss_gib() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # ru_maxrss: KiB on Linux
 
 
 def torch_step(args, cfg, trainer, twin, hq, lq_up, flax_loss0: float) -> dict:
@@ -235,9 +243,10 @@ def main(argv=None):
         r = run_worker(args, n)
         r.update(load_avg_before=[round(x, 2) for x in load0], load_avg_after=[round(x, 2) for x in os.getloadavg()],
                  **machine())
+        r.update({"note": args.note} if args.note else {})
         append_record("train_step.jsonl", step_record(r))
     for res in args.compile_res:
-        append_record("train_step.jsonl", compile_record(res))
+        append_record("train_step.jsonl", dict(compile_record(res), **({"note": args.note} if args.note else {})))
     return 0
 
 

@@ -188,3 +188,10 @@ def test_torch_twins_hold_exactly_the_flax_weights():
             assert torch.equal(got[k], want[k]), k
         assert not any(p.requires_grad for p in twin.parameters())
     assert np.isclose(twins[1][1].config.scaling_factor, 0.3611)
+
+
+def test_machine_names_the_highest_load_of_a_run_in_several_processes():
+    rec = dict(cpu="AMD EPYC", cores=2, load_avg_before=[7.8, 0, 0], load_avg_after=[7.6, 0, 0],
+               pmap=dict(load_avg_1min=[8.4, 12.7]), torch_load_avg_1min=[12.6, 7.6])
+    assert rt.machine(rec) == "AMD EPYC, 2 cores, load 12.7"
+    assert rt.machine(dict(rec, pmap={})) == "AMD EPYC, 2 cores, load 12.6"
