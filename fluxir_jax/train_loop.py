@@ -86,6 +86,7 @@ class Trainer:
 
         from fluxir_jax import train, train_setup
 
+        train_config.check_static(cfg)  # library callers too: one-line errors, not a reshape failure deep in the step
         self.cfg, self.mesh = cfg, mesh
         self.models = m = train_setup.build(cfg, mesh, abstract=abstract, log=log, base_config=base_config)
         self.tx = train.make_optimizer(cfg.optim, cfg.steps)

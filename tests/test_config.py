@@ -71,3 +71,14 @@ def test_nested_dataclasses():
 def test_unknown_preset():
     with pytest.raises(UserError, match="unknown model preset"):
         presets.get("flux-pro")
+
+
+def test_trainer_checks_the_config_before_building():
+    """The library entry (Trainer) refuses what the CLI refuses, with the same one-line message."""
+    from fluxir_jax import train_config
+    from fluxir_jax.train_loop import Trainer
+
+    cfg = train_config.load(str(pathlib.Path(__file__).resolve().parents[1] / "configs/train/tiny.yaml"),
+                            ["batch_size=6", "optim.accum_steps=4"])
+    with pytest.raises(UserError, match="batch_size=6 is not divisible by optim.accum_steps=4"):
+        Trainer(cfg, mesh=None)
