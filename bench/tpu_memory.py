@@ -102,8 +102,15 @@ def figures(key: str, entry: dict) -> list[dict]:
              (mem.get("total") or mem.get("temporaries") or 0) / gib, "GiB"),
             ("fits HBM", "yes" if rec["fits"] else "no", ""), ("compile time", rec["compile_seconds"], "s")]
     if rec.get("est_mfu") is not None:
-        rows += [("XLA FLOPs per step (whole step)", rec["flops_per_step"]["xla"], "FLOP"),
-                 ("est. step time (estimate)", rec["est_step_seconds"], "s"), ("est. MFU (estimate)", 100 * rec["est_mfu"], "%")]
+        fl = rec["flops_per_step"]
+        rows += [("FLOPs per step, model / analytic (recompute) / XLA",
+                  " / ".join(f"{fl[k] / 1e12:.0f}" if fl.get(k) else "-" for k in ("model", "analytic", "xla")), "TFLOP"),
+                 ("est. step time (estimate)", rec["est_step_seconds"], "s")]
+        if "est_hfu" in rec:
+            rows += [("est. MFU (model FLOPs, estimate)", 100 * rec["est_mfu"], "%"),
+                     ("est. HFU (recompute counted, estimate)", 100 * rec["est_hfu"], "%")]
+        else:  # records written before the model-FLOPs count: est_mfu counted the recompute
+            rows += [("est. HFU (recompute counted, estimate)", 100 * rec["est_mfu"], "%")]
     return [{"figure": f"{key}: {name}", "value": value, "unit": unit, "repeats": 1} for name, value, unit in rows]
 
 
@@ -117,7 +124,7 @@ def summary(key: str, entry: dict) -> str:
     return (f"{key}: {rec['per_chip_bytes']['total'] / gib:.1f} / {rec['hbm_bytes'] / gib:.0f} GiB per chip, "
             f"fits={rec['fits']}, {rec['flops_per_step']['analytic']:.3g} FLOPs (analytic), "
             f"{rec['flops_per_step']['xla']:.3g} (XLA), est. step {rec['est_step_seconds']:.3g} s, "
-            f"est. MFU {rec['est_mfu']:.1%}, compile {rec['compile_seconds']:.0f} s (wall {entry['wall_seconds']:.0f} s)")
+            f"est. MFU {rec['est_mfu']:.1%} (HFU {rec.get('est_hfu', rec['est_mfu']):.1%}), compile {rec['compile_seconds']:.0f} s (wall {entry['wall_seconds']:.0f} s)")
 
 
 def main(argv=None) -> int:

@@ -124,7 +124,9 @@ def xla_flops_unrolled(build: Callable[[int, int], tuple[Any, tuple]], depth: in
 # ----------------------------------------------------------------------------- TPU slice records
 
 EST_MODEL = ("est_step_seconds = max(analytic FLOPs / (chips * peak bf16 FLOP/s), whole-step XLA optimal_seconds per "
-             "chip); est_mfu = analytic FLOPs / (chips * peak * est_step_seconds). Both are estimates: no TPU ran.")
+             "chip); est_mfu = model FLOPs / (chips * peak * est_step_seconds) (model FLOPs utilisation: remat "
+             "recompute not counted as useful work); est_hfu = the same with analytic FLOPs (recompute included). "
+             "All are estimates: no TPU ran.")
 KNOBS = ("model.remat_policy (full or offload_* keep the least in HBM), mesh.fsdp (shard weights and optimizer state "
          "over more chips), a smaller per-chip batch (batch_size, or optim.accum_steps to keep the global batch), "
          "a bigger slice")
@@ -212,10 +214,12 @@ def whole_program_cost(compile_variant: Callable[[int, int], Any], depth: int, d
 
 
 def topology_record(accelerator: str, mesh, compiled, compile_seconds: float, analytic: float, whole: dict | None,
-                    method: str, repeat: int = 1, **extra) -> dict:
+                    method: str, repeat: int = 1, model_flops: float | None = None, **extra) -> dict:
     """The `--topology` JSON record of one compiled program (docs/tpu.md describes every key).
 
-    `analytic` is the whole program's FLOPs over all chips (jaxpr count); `whole` the per-chip XLA
+    `analytic` is the whole program's FLOPs over all chips (jaxpr count, remat recompute included);
+    `model_flops` the same count without remat recompute (the MFU numerator; default `analytic`,
+    right for programs without remat); `whole` the per-chip XLA
     figures at full depth (`whole_program_cost`) for one of `repeat` identical passes (micro-batches),
     or None when they were not derived (then the xla figures are None and the estimate is FLOP-bound only).
     """
@@ -227,6 +231,7 @@ def topology_record(accelerator: str, mesh, compiled, compile_seconds: float, an
     once_flops, once_seconds = tpu_topology.cost(compiled)
     peak = acc.peak_bf16_flops
     fits = mem["total"] <= acc.hbm_bytes
+    model = analytic if model_flops is None else model_flops
     bound = analytic / (chips * peak)
     if whole is not None:
         xla_flops, xla_seconds = repeat * whole["flops"] * chips, repeat * whole["seconds"]
@@ -248,13 +253,15 @@ def topology_record(accelerator: str, mesh, compiled, compile_seconds: float, an
         "device_kind": mesh.devices.flat[0].device_kind,
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "per_chip_bytes": mem, "hbm_bytes": acc.hbm_bytes, "fits": fits,
-        "flops_per_step": {"analytic": analytic, "xla": xla_flops, "xla_scan_body_once": once_flops * chips},
+        "flops_per_step": {"analytic": analytic, "model": model, "xla": xla_flops, "xla_scan_body_once": once_flops * chips},
         "xla_seconds": xla_seconds, "xla_seconds_scan_body_once": once_seconds,
         "peak_flops_per_chip": peak,
-        "est_step_seconds": est, "est_mfu": analytic / (chips * peak * est) if est > 0 and whole is not None else None,
+        "est_step_seconds": est, "est_mfu": model / (chips * peak * est) if est > 0 and whole is not None else None,
+        "est_hfu": analytic / (chips * peak * est) if est > 0 and whole is not None else None,
         "compile_seconds": round(compile_seconds, 2),
         "method": (f"{method} flops_per_step.analytic: matmul/conv FLOPs of the jaxpr over all chips, scans times their "
-                   f"trip counts, remat recompute included. {how}"),
+                   f"trip counts, remat recompute included; flops_per_step.model: the same without remat recompute "
+                   f"(model FLOPs). {how}"),
         **extra,
     }
 

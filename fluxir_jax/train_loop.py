@@ -188,6 +188,7 @@ def compile_topology(cfg: TrainConfig, topology: str, log=print) -> dict:
     args = trainer.abstract_args()
     with jax.set_mesh(mesh):  # tracing sees the TPU mesh (splash attention's shard_map)
         analytic = aot.analytic_flops(trainer.step_fn, *args)
+        model_flops = analytic if cfg.model.remat_policy == "none" else model_step_flops(cfg, mesh)
     accum = cfg.optim.accum_steps
     what = "train step (forward, backward, AdamW update)."
     info = dict(program="train_step", base=cfg.base, batch_size=cfg.batch_size, per_chip_batch=cfg.batch_size / mesh.devices.size,
@@ -206,7 +207,20 @@ def compile_topology(cfg: TrainConfig, topology: str, log=print) -> dict:
 
     fits = aot.tpu_topology_fits(compiled, topology)
     whole = aot.whole_program_cost(variant, bc.depth, bc.depth_single_blocks) if fits else None  # no extra compiles
-    return aot.topology_record(topology, mesh, compiled, seconds, analytic, whole, what, repeat=accum, **info)
+    return aot.topology_record(topology, mesh, compiled, seconds, analytic, whole, what, repeat=accum,
+                               model_flops=model_flops, **info)
+
+
+def model_step_flops(cfg: TrainConfig, mesh) -> float:
+    """Model FLOPs of one step (the MFU numerator): the jaxpr count of the step traced without remat,
+    so recomputed activations are not counted as useful work. Traced only (call under `jax.set_mesh`)."""
+    import dataclasses
+
+    from fluxir_jax import aot
+
+    plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat_policy="none"))
+    t = Trainer(plain, mesh, abstract=True, log=lambda *a: None)
+    return aot.analytic_flops(t.step_fn, *t.abstract_args())
 
 
 def _unrolled_trainer(cfg: TrainConfig, mesh, base_config, depth: int, depth_single: int) -> Trainer:
@@ -336,7 +350,7 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
             from fluxir_jax.train_val import Validator
 
             validator = Validator(cfg, trainer, run_dir)
-        flops = trainer.analytic_flops()
+        flops = trainer.analytic_flops() if cfg.model.remat_policy == "none" else model_step_flops(cfg, mesh)
         n_dev = len(mesh.devices.flat)
         peak = train_metrics.peak_tflops(jax.devices()[0].device_kind, cfg.peak_tflops)
         logger = train_metrics.MetricsLogger(run_dir, cfg.steps, start, enabled=main)

@@ -1,7 +1,8 @@
 """Training observability: one record per logged step to stdout, metrics.jsonl and TensorBoard.
 
 Only process 0 writes. TensorBoard events come from tensorboardX (no TensorFlow needed).
-MFU = analytic FLOPs per step / (step time x devices x per-device peak), with the peak from
+MFU = model FLOPs per step (the step's matmul/conv FLOPs traced without remat, so recomputation
+is not counted as useful work) / (step time x devices x per-device peak), with the peak from
 `PEAK_TFLOPS` by device kind (bf16 dense) or the `peak_tflops` config override.
 """
 from __future__ import annotations

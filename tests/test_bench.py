@@ -195,3 +195,19 @@ def test_machine_names_the_highest_load_of_a_run_in_several_processes():
                pmap=dict(load_avg_1min=[8.4, 12.7]), torch_load_avg_1min=[12.6, 7.6])
     assert rt.machine(rec) == "AMD EPYC, 2 cores, load 12.7"
     assert rt.machine(dict(rec, pmap={})) == "AMD EPYC, 2 cores, load 12.6"
+
+
+def test_tpu_memory_rows_name_model_and_hardware_flops_utilisation():
+    from bench import tpu_memory
+
+    rec = dict(per_chip_bytes={"total": 2 * 1024**3}, fits=True, compile_seconds=10.0, est_step_seconds=2.0,
+               flops_per_step={"model": 3e15, "analytic": 4e15, "xla": 3.1e15}, est_mfu=0.3, est_hfu=0.4, hbm_bytes=1)
+    rows = {r["figure"].split(": ", 1)[1]: r["value"] for r in tpu_memory.figures("v5p-8/config", {"record": rec})}
+    assert rows["per-chip bytes"] == 2.0 and rows["fits HBM"] == "yes"
+    assert rows["FLOPs per step, model / analytic (recompute) / XLA"] == "3000 / 4000 / 3100"
+    assert rows["est. MFU (model FLOPs, estimate)"] == 30.0 and rows["est. HFU (recompute counted, estimate)"] == 40.0
+    old = dict(rec, flops_per_step={"analytic": 4e15, "xla": 3.1e15}, est_mfu=0.4)
+    del old["est_hfu"]  # written before the model count: its est_mfu counted the recompute
+    rows = {r["figure"].split(": ", 1)[1]: r["value"] for r in tpu_memory.figures("k", {"record": old})}
+    assert rows["est. HFU (recompute counted, estimate)"] == 40.0 and not any("MFU" in k for k in rows)
+    assert rows["FLOPs per step, model / analytic (recompute) / XLA"] == "- / 4000 / 3100"
