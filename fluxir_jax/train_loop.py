@@ -174,8 +174,6 @@ def compile_topology(cfg: TrainConfig, topology: str, log=print) -> dict:
     """
     import dataclasses
 
-    import jax
-
     from fluxir_jax import aot, tpu_topology
 
     tpu_topology.parse_accelerator(topology)  # unknown name: one line before anything is compiled
@@ -186,9 +184,7 @@ def compile_topology(cfg: TrainConfig, topology: str, log=print) -> dict:
     check_devices(cfg, mesh)
     trainer = Trainer(cfg, mesh, abstract=True, log=log)  # eager set-up runs on this host, not under the TPU mesh
     args = trainer.abstract_args()
-    with jax.set_mesh(mesh):  # tracing sees the TPU mesh (splash attention's shard_map)
-        analytic = aot.analytic_flops(trainer.step_fn, *args)
-        model_flops = analytic if cfg.model.remat_policy == "none" else model_step_flops(cfg, mesh)
+    analytic, model_flops = step_flops(cfg, trainer, mesh)
     accum = cfg.optim.accum_steps
     what = "train step (forward, backward, AdamW update)."
     info = dict(program="train_step", base=cfg.base, batch_size=cfg.batch_size, per_chip_batch=cfg.batch_size / mesh.devices.size,
@@ -211,16 +207,33 @@ def compile_topology(cfg: TrainConfig, topology: str, log=print) -> dict:
                                model_flops=model_flops, **info)
 
 
+def step_flops(cfg: TrainConfig, trainer: Trainer, mesh) -> tuple[float, float]:
+    """(analytic, model) FLOPs of one step: the jaxpr count of the step as compiled (remat recompute
+    included) and of the step without remat (the MFU numerator). Traced under `jax.set_mesh(mesh)`
+    (splash attention's shard_map sees the mesh), which also works over compile-only TPU devices."""
+    import jax
+
+    from fluxir_jax import aot
+
+    with jax.set_mesh(mesh):
+        analytic = aot.analytic_flops(trainer.step_fn, *trainer.abstract_args())
+    return analytic, (analytic if cfg.model.remat_policy == "none" else model_step_flops(cfg, mesh))
+
+
 def model_step_flops(cfg: TrainConfig, mesh) -> float:
     """Model FLOPs of one step (the MFU numerator): the jaxpr count of the step traced without remat,
-    so recomputed activations are not counted as useful work. Traced only (call under `jax.set_mesh`)."""
+    so recomputed activations are not counted as useful work. Traced only, under `jax.set_mesh(mesh)`;
+    the abstract Trainer is built outside it (its eager set-up cannot run on compile-only TPU devices)."""
     import dataclasses
+
+    import jax
 
     from fluxir_jax import aot
 
     plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat_policy="none"))
     t = Trainer(plain, mesh, abstract=True, log=lambda *a: None)
-    return aot.analytic_flops(t.step_fn, *t.abstract_args())
+    with jax.set_mesh(mesh):
+        return aot.analytic_flops(t.step_fn, *t.abstract_args())
 
 
 def _unrolled_trainer(cfg: TrainConfig, mesh, base_config, depth: int, depth_single: int) -> Trainer:

@@ -94,3 +94,20 @@ def test_model_flops_leave_remat_recompute_out():
         model = model_step_flops(full, mesh)
     assert model == counts["none"]
     assert counts["full"] > model  # + the recomputed block forwards (a few % here: tiny blocks, VAE-heavy step)
+
+
+def test_step_flops_trace_on_a_tpu_topology_mesh():
+    """`--compile-only --topology` with a remat policy counts analytic and model FLOPs over compile-only
+    TPU devices (nothing may run eagerly there); the counts do not depend on the mesh's devices."""
+    import jax
+
+    from fluxir_jax import parallel, tpu_topology, train_config
+    from fluxir_jax.train_loop import Trainer, step_flops
+
+    cfg = train_config.load(TINY, ["model.remat_policy=full", "mesh.data=4", "mesh.fsdp=1"])
+    counts = []
+    for mesh in (tpu_topology.topology_mesh("v5p-8", (4, 1, 1), parallel.AXES),  # 4 chips
+                 parallel.make_mesh(cfg.mesh, jax.devices()[:4])):
+        counts.append(step_flops(cfg, Trainer(cfg, mesh, abstract=True, log=lambda *a: None), mesh))
+    analytic, model = counts[0]
+    assert counts[0] == counts[1] and analytic > model > 0
