@@ -128,6 +128,8 @@ def _generic(name: str, records: list[dict]):
     listed: dict[tuple[str, str], Figure] = {}  # a figure measured again: the latest run's value, in first-seen order
     for r in records:
         m, d = machine(r), _date(r)
+        for stale in r.get("retracts", []):  # figures of earlier runs this run shows to be out of date
+            listed.pop((r.get("benchmark", name), stale), None)
         if isinstance(r.get("figures"), list):
             for f in r["figures"]:
                 value = f["value"]

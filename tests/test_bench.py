@@ -114,6 +114,15 @@ def test_a_figure_measured_again_shows_its_latest_value_and_the_load_average(tmp
     assert len(rt.figures(tmp_path)) == 2
 
 
+def test_a_later_run_retracts_figures_it_shows_to_be_stale(tmp_path):
+    common = dict(benchmark="b", cpu="AMD EPYC", cores=2)
+    rows = _table_rows(tmp_path, "x", [
+        dict(common, date="2026-12-01", figures=[dict(figure="mode", value=1.0, unit="s"), dict(figure="ratio", value=2.0, unit="x"),
+                                                 dict(figure="other", value=3.0, unit="s")]),
+        dict(common, date="2026-12-02", retracts=["ratio"], figures=[dict(figure="mode", value=5.0, unit="s")])])
+    assert set(rows) == {"mode", "other"} and rows["mode"].value == "5 s"
+
+
 def test_new_benchmarks_are_registered_with_quick_runs():
     names = run_all.discover()
     assert {"train_step", "fluxgen", "restore"} <= set(names) and "torch_twin" not in names
