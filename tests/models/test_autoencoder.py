@@ -254,13 +254,25 @@ def test_tiled_path_reach_is_exact(diffusers_sd):
     assert dec_err <= TOL_TILED_EXACT and enc_err <= TOL_TILED_EXACT
 
 
-def test_tiled_decode_close_to_untiled(diffusers_sd):
-    """Default tiling config (2 statistics passes): measured 1.7e-4 (per-tile GroupNorm
-    statistics, `tile_stat_passes=0`: 4.2e-2; the old independent tiles: 0.12)."""
-    small_tiles = make_model(diffusers_sd, tile_size=256)  # 32 latent cells, overlap 4 cells
+@pytest.fixture(scope="module")
+def small_tiles(diffusers_sd):
+    """A model with 256 px tiles (32 latent cells, overlap 4 cells): a 48 x 64 latent is 2 x 3 tiles."""
+    return make_model(diffusers_sd, tile_size=256)
+
+
+@pytest.fixture(scope="module")
+def small_tiles_decoded(small_tiles):
+    """(latent, forced tiled decode) of a smooth 48 x 64 latent, shared by the tests below."""
     z = jnp.asarray(smooth_latent(48, 64))  # 2 x 3 tiles
     with jax.default_matmul_precision("highest"):
-        tiled = jitted(small_tiles, "decode", tiled=True)(z)
+        return z, jitted(small_tiles, "decode", tiled=True)(z)
+
+
+def test_tiled_decode_close_to_untiled(small_tiles, small_tiles_decoded):
+    """Default tiling config (2 statistics passes): measured 1.7e-4 (per-tile GroupNorm
+    statistics, `tile_stat_passes=0`: 4.2e-2; the old independent tiles: 0.12)."""
+    z, tiled = small_tiles_decoded
+    with jax.default_matmul_precision("highest"):
         full = jitted(small_tiles, "decode", tiled=False)(z)
     assert tiled.shape == full.shape == (1, 384, 512, 3)
     err = rel_err(tiled, full)
@@ -287,8 +299,9 @@ def test_one_tile_is_the_untiled_path(f32, model):
         np.testing.assert_allclose(jitted(model, "decode", tiled=True)(z), f32["decode"](z), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.slow   # a 2048x2048 decode: 234 s in the full run on the shared 2-core machine
-def test_large_latent_decodes_tile_by_tile(model, monkeypatch):
+def test_large_latent_decodes_tile_by_tile(small_tiles, small_tiles_decoded, monkeypatch):
+    """An image larger than `tile_size` is tiled automatically: the default path runs tile by tile
+    and equals the forced tiled path exactly (a 384 x 512 image, 256 px tiles)."""
     grids = []
 
     def spy(fn, x, ty, tx, in_unit, out_unit, **kwargs):
@@ -297,12 +310,14 @@ def test_large_latent_decodes_tile_by_tile(model, monkeypatch):
 
     run_tiled = ae_mod.run_tiled
     monkeypatch.setattr(ae_mod, "run_tiled", spy)
-    z = jnp.asarray(np.random.default_rng(8).standard_normal((1, 256, 256, 16)) * 0.5, jnp.float32)
-    img = jitted(model, "decode")(z)  # 2048 x 2048 px > tile_size 1024 px: tiled automatically
-    assert img.shape == (1, 2048, 2048, 3)
+    z, tiled = small_tiles_decoded
+    with jax.default_matmul_precision("highest"):
+        img = jitted(small_tiles, "decode")(z)  # 384 x 512 px > tile_size 256 px: tiled automatically
+    assert img.shape == (1, 384, 512, 3)
     assert bool(jnp.isfinite(img).all())
     ny, nx, sy, sx = grids[0]
-    assert ny * nx > 1 and sy * 8 <= model.config.tile_size and sx * 8 <= model.config.tile_size
+    assert ny * nx > 1 and sy * 8 <= small_tiles.config.tile_size and sx * 8 <= small_tiles.config.tile_size
+    np.testing.assert_array_equal(np.asarray(img), np.asarray(tiled))
 
 
 # -- sizes and bad input ----------------------------------------------------------------------------

@@ -108,23 +108,30 @@ def test_bfloat16_activations_close_to_float32():
     assert err <= BF16_TOL
 
 
-@pytest.mark.parametrize("variant", [dict(scan_layers=False), dict(remat_policy="full"), dict(remat_policy="save_attention"), dict(remat_policy="save_qkv_attention")])
-def test_scan_and_remat_variants_give_the_same_output_and_gradients(variant):
-    dm = tiny_diffusers(True, seed=5)
-    x = inputs(seed=5)
-    base, other = flax_from_diffusers(dm), flax_from_diffusers(dm, **variant)
+def _loss_and_grad(model, x):
+    """Jitted (loss, (d loss / d params, d loss / d img)) of `model` on inputs `x`."""
+    graphdef, params = nnx.split(model)
 
-    def loss_and_grad(model):
-        graphdef, params = nnx.split(model)
-
-        def loss(p, img):
-            out = run_flax(nnx.merge(graphdef, p), dict(x, img=img))
-            return jnp.mean(out**2)
-
-        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, jnp.asarray(x["img"]))
+    def loss(p, img):
+        out = run_flax(nnx.merge(graphdef, p), dict(x, img=img))
+        return jnp.mean(out**2)
 
     with jax.default_matmul_precision("highest"):
-        (l0, (gp0, gi0)), (l1, (gp1, gi1)) = loss_and_grad(base), loss_and_grad(other)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, jnp.asarray(x["img"]))
+
+
+@pytest.fixture(scope="module")
+def variants_base():
+    """(diffusers model, inputs, loss and gradients of the default scanned no-remat model): computed once."""
+    dm = tiny_diffusers(True, seed=5)
+    x = inputs(seed=5)
+    return dm, x, _loss_and_grad(flax_from_diffusers(dm), x)
+
+
+@pytest.mark.parametrize("variant", [dict(scan_layers=False), dict(remat_policy="full"), dict(remat_policy="save_attention"), dict(remat_policy="save_qkv_attention")])
+def test_scan_and_remat_variants_give_the_same_output_and_gradients(variants_base, variant):
+    dm, x, (l0, (gp0, gi0)) = variants_base
+    l1, (gp1, gi1) = _loss_and_grad(flax_from_diffusers(dm, **variant), x)
     assert abs(float(l0) - float(l1)) <= 1e-6 * abs(float(l0))
     assert rel_err(gi1, gi0) <= 1e-5
     for a, b in zip(jax.tree.leaves(gp1), jax.tree.leaves(gp0)):

@@ -62,18 +62,24 @@ def forward(gdef, state, x):
 
 def loss(gdef, state, x):
     """A scalar that depends on every output element (the target is fixed noise)."""
-    out = forward(gdef, state, x)
+    return output_loss(forward(gdef, state, x))
+
+
+def output_loss(out):
     target = jnp.sin(jnp.arange(out.size, dtype=out.dtype)).reshape(out.shape)
     return jnp.mean(jnp.square(out - target))
 
 
 def forward_and_grads(gdef, state, x):
-    """(output, d loss / d params, d loss / d img), jitted."""
+    """(output, d loss / d params, d loss / d img), jitted (the output from the differentiated forward pass)."""
 
     @jax.jit
     def run(state, x):
-        out = forward(gdef, state, x)
-        g_params, g_img = jax.grad(lambda s, img: loss(gdef, s, {**x, "img": img}), argnums=(0, 1))(state, x["img"])
+        def loss_and_out(s, img):
+            out = forward(gdef, s, {**x, "img": img})
+            return output_loss(out), out
+
+        (_, out), (g_params, g_img) = jax.value_and_grad(loss_and_out, argnums=(0, 1), has_aux=True)(state, x["img"])
         return out, g_params, g_img
 
     return run(state, x)
