@@ -109,16 +109,17 @@ def xla_flops_unrolled(build: Callable[[int, int], tuple[Any, tuple]], depth: in
 
     `build(d, s)` returns (jitted, abstract_args) for a model with d double and s single blocks
     *unrolled* (no scan). The count is affine in (d, s) (identical layers), so three compiles,
-    at (1, 1), (2, 1), (1, 2), give it at any depth without XLA counting a loop body once.
+    at (1, 1), (2, 1), (1, 2), give it at any depth without XLA counting a loop body once
+    (`tpu_topology.extrapolate_flops`, base 1); a model no bigger than the largest of them is compiled once,
+    as it is (exact).
     """
-    def cost(d, s):
-        jitted, args = build(d, s)
+    from fluxir_jax import tpu_topology
+
+    def cost(counts):
+        jitted, args = build(counts["double"], counts["single"])
         return _cost_flops(jitted.lower(*args).compile())
 
-    c11 = cost(1, 1)
-    per_double = cost(2, 1) - c11 if depth > 1 else 0.0
-    per_single = cost(1, 2) - c11 if depth_single > 1 else 0.0
-    return c11 + (depth - 1) * per_double + (depth_single - 1) * per_single
+    return tpu_topology.extrapolate_flops(cost, {"double": depth, "single": depth_single}, base=1)["total"]
 
 
 # ----------------------------------------------------------------------------- TPU slice records
@@ -192,9 +193,10 @@ def whole_program_cost(compile_variant: Callable[[int, int], Any], depth: int, d
     """Per-chip XLA FLOPs and optimal_seconds of the program at full depth, from small unrolled compiles.
 
     `compile_variant(d, s)` returns the compiled program with d double and s single blocks, unrolled;
-    it is called at (base, base), (base + 1, base), (base, base + 1) (`tpu_topology.extrapolate_flops`).
-    base 1 keeps the flux-dev compiles small (measured on the tiny model: 1.2% from a fully unrolled
-    count; base 2: 0.2%).
+    it is called at (base, base), (base + 1, base), (base, base + 1) (`tpu_topology.extrapolate_flops`),
+    or once at (depth, depth_single) when that is no bigger than the largest of them (`exact`). base 1
+    keeps the flux-dev compiles small (measured on the tiny model: 1.2% from a fully unrolled count;
+    base 2: 0.2%).
     """
     from fluxir_jax import tpu_topology
 
@@ -210,7 +212,8 @@ def whole_program_cost(compile_variant: Callable[[int, int], Any], depth: int, d
     trips = {"double": depth, "single": depth_single}
     flops = tpu_topology.extrapolate_flops(lambda c: at(c)[0], trips, base)
     seconds = tpu_topology.extrapolate_flops(lambda c: at(c)[1], trips, base)
-    return {"flops": flops["total"], "seconds": seconds["total"], "variants": len(cache), "base": base}
+    return {"flops": flops["total"], "seconds": seconds["total"], "variants": len(cache), "base": base,
+            "exact": list(cache) == [(depth, depth_single)]}
 
 
 def topology_record(accelerator: str, mesh, compiled, compile_seconds: float, analytic: float, whole: dict | None,
@@ -236,10 +239,13 @@ def topology_record(accelerator: str, mesh, compiled, compile_seconds: float, an
     if whole is not None:
         xla_flops, xla_seconds = repeat * whole["flops"] * chips, repeat * whole["seconds"]
         est = max(bound, xla_seconds)
+        derived = ("come from one compile of the whole step with its blocks unrolled (exact: no bigger than the "
+                   "extrapolation's largest variant)" if whole.get("exact") else
+                   f"are extrapolated from {whole.get('variants', 0)} unrolled compiles (double, single blocks) = "
+                   f"(b, b), (b+1, b), (b, b+1), b = {whole.get('base')} (total = F(b,b) + (n-b) x per-block "
+                   "difference, per kind of block)")
         how = (f"flops_per_step.xla: XLA cost_analysis per chip x {chips} chips. XLA counts a scanned loop body once, so "
-               f"the whole-step xla figures (flops, xla_seconds) are extrapolated from {whole.get('variants', 0)} "
-               f"unrolled compiles (double, single blocks) = (b, b), (b+1, b), (b, b+1), b = {whole.get('base')} "
-               "(total = F(b,b) + (n-b) x per-block difference, per kind of block)"
+               f"the whole-step xla figures (flops, xla_seconds) {derived}"
                f"{f' x {repeat} micro-batches' if repeat > 1 else ''}; xla_seconds is per chip (the chips run in "
                f"parallel). {EST_MODEL}")
     else:

@@ -116,6 +116,24 @@ def test_scanned_blocks_are_undercounted_and_extrapolation_corrects_it():
     assert set(est) == {"per_double", "per_single", "total"}
 
 
+def test_extrapolation_compiles_a_program_no_bigger_than_its_largest_variant_once():
+    calls = []
+
+    def flops_at(counts):  # affine in the block counts, like identical stacked blocks
+        calls.append((counts["double"], counts["single"]))
+        return 10.0 + 3.0 * counts["double"] + 5.0 * counts["single"]
+
+    assert tpu_topology.extrapolate_flops(flops_at, {"double": 1, "single": 2}, base=1) == {"total": 23.0}
+    assert calls == [(1, 2)]  # the tiny preset: the whole program, not (1, 1) then (1, 2)
+    calls.clear()
+    out = tpu_topology.extrapolate_flops(flops_at, {"double": 19, "single": 38}, base=1)  # flux-dev
+    assert out == {"total": 10.0 + 3 * 19 + 5 * 38, "per_double": 3.0, "per_single": 5.0}
+    assert calls == [(1, 1), (2, 1), (1, 2)]
+    calls.clear()
+    assert tpu_topology.extrapolate_flops(flops_at, {"double": 3, "single": 4}, base=2)["per_single"] == 5.0
+    assert calls == [(2, 2), (3, 2), (2, 3)]  # 7 blocks: bigger than any variant, extrapolated
+
+
 def test_unknown_accelerator_in_compile_is_user_error():
     fn, args, _ = _step(tiny_flux.config(), train=False)
     with pytest.raises(UserError, match="unknown TPU accelerator 'v9x-8'"):

@@ -128,22 +128,36 @@ def test_sharded_restore_reads_only_the_local_chunks(ckpts):
     with checkpoint.quiet_orbax():
         meta = dict(_leaves(ocp.PyTreeCheckpointHandler().metadata(new_dir / "transformer").tree))
     wanted = dict(_leaves(tree))
-    split = 0
+    split = []
     for path, leaf in wanted.items():
         stored_chunks = tuple(meta[path].storage.chunk_shape)
         assert stored_chunks == leaf.chunks, path
         arr = params["new"][path]
         if stored_chunks == chunking.layer_chunks(leaf.shape, leaf.stacked) or arr.sharding.is_fully_replicated:
             continue
-        split += 1
+        split.append(path)
         for index in arr.sharding.devices_indices_map(arr.shape).values():
             assert chunking.aligned(index, arr.shape, stored_chunks), (path, index, stored_chunks)
-    assert split >= 10
+    assert len(split) >= 10
 
-    # the fsdp=8 restore reads each stored byte about once; the old layout reads whole layers for every shard
+    # the fsdp=8 restore reads each stored byte about once
     print(f"bytes read by the fsdp=8 restore: new {read['new']}, old {read['old']}, stored {stored_bytes}")
     assert read["new"] <= 1.15 * stored_bytes
-    assert read["old"] > 1.3 * read["new"]  # measured: 1.74x
+    # Per device, the old layout reads whole layers. (The whole-restore count of the old layout is no
+    # measure of that: tensorstore merges concurrent reads of one chunk, so it varies with timing,
+    # 1.2-1.7x the new count measured on a loaded machine.) Each device's shard of every split leaf,
+    # read alone with no cache: the 8 shards read each stored byte once in the new layout, 8 times in the old
+    # (plus the OCDBT manifest and index nodes every fresh open reads: measured new 1.27x, old 8.16x the bytes).
+    per_device = {"new": 0, "old": 0}
+    for path in split:
+        arr = params["new"][path]
+        for index in arr.sharding.devices_indices_map(arr.shape).values():
+            for layout, d in (("new", new_dir), ("old", old_dir)):
+                per_device[layout] += _read_region(d, ".".join(path), index)[0]
+    split_bytes = sum(np.asarray(params["new"][p]).nbytes for p in split)
+    print(f"split leaves ({split_bytes} bytes), 8 shards read one by one: {per_device}")
+    assert per_device["old"] >= 8 * split_bytes and per_device["new"] <= 1.5 * split_bytes
+    assert per_device["old"] > 4 * per_device["new"]  # measured 6.4x
 
     # one device's (one host's) shard of the largest leaf: the new layout reads that shard, the old the layer
     name = ("single_blocks", "linear1", "kernel")
