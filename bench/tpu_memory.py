@@ -133,7 +133,9 @@ def main(argv=None) -> int:
                     help="TPU slices to compile for")
     ap.add_argument("--cases", nargs="+", default=["config", "full", "1024"], help="grid cases: config, full, 1024")
     ap.add_argument("--quick", action="store_true", help="smoke run: the tiny config on v5p-8 only")
-    ap.add_argument("--timeout", type=float, default=7200, help="seconds per case")
+    ap.add_argument("--timeout", type=float, default=6 * 3600,
+                    help="seconds per case (a flux-dev case took 2-3 h of CPU on a 2-core machine: the scanned step "
+                         "plus three unrolled FLOP variants)")
     args = ap.parse_args(argv)
     path = RESULTS / "tpu_memory.json"
     failed = 0
