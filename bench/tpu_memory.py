@@ -101,11 +101,14 @@ def figures(key: str, entry: dict) -> list[dict]:
     rows = [("per-chip bytes" if mem.get("total") else "per-chip temporaries (compiler refused)",
              (mem.get("total") or mem.get("temporaries") or 0) / gib, "GiB"),
             ("fits HBM", "yes" if rec["fits"] else "no", ""), ("compile time", rec["compile_seconds"], "s")]
-    if rec.get("est_mfu") is not None:
+    if rec.get("est_step_seconds") is not None:
         fl = rec["flops_per_step"]
+        timed = rec.get("est_mfu") is not None  # MFU is given only with XLA's time estimate
         rows += [("FLOPs per step, model / analytic (recompute) / XLA",
                   " / ".join(f"{fl[k] / 1e12:.0f}" if fl.get(k) else "-" for k in ("model", "analytic", "xla")), "TFLOP"),
-                 ("est. step time (estimate)", rec["est_step_seconds"], "s")]
+                 ("est. step time (estimate)" if timed else "step-time lower bound (FLOP bound; no XLA time estimate)",
+                  rec["est_step_seconds"], "s")]
+    if rec.get("est_mfu") is not None:
         if "est_hfu" in rec:
             rows += [("est. MFU (model FLOPs, estimate)", 100 * rec["est_mfu"], "%"),
                      ("est. HFU (recompute counted, estimate)", 100 * rec["est_hfu"], "%")]
@@ -118,13 +121,19 @@ def summary(key: str, entry: dict) -> str:
     rec = entry.get("record")
     if not rec:
         return f"{key}: {entry.get('error')}"
-    if rec.get("est_mfu") is None:
+    if not rec["fits"] or rec["per_chip_bytes"].get("total") is None:
         return f"{key}: does not fit: {entry.get('message') or rec.get('compiler_error')}"
     gib = 1024**3
+    xla = rec["flops_per_step"].get("xla")
+    if rec.get("est_mfu") is not None:
+        step = (f"est. step {rec['est_step_seconds']:.3g} s, est. MFU {rec['est_mfu']:.1%} "
+                f"(HFU {rec.get('est_hfu', rec['est_mfu']):.1%})")
+    else:
+        step = f"no XLA time estimate: step >= {rec['est_step_seconds']:.3g} s (FLOP bound), no MFU estimate"
     return (f"{key}: {rec['per_chip_bytes']['total'] / gib:.1f} / {rec['hbm_bytes'] / gib:.0f} GiB per chip, "
             f"fits={rec['fits']}, {rec['flops_per_step']['analytic']:.3g} FLOPs (analytic), "
-            f"{rec['flops_per_step']['xla']:.3g} (XLA), est. step {rec['est_step_seconds']:.3g} s, "
-            f"est. MFU {rec['est_mfu']:.1%} (HFU {rec.get('est_hfu', rec['est_mfu']):.1%}), compile {rec['compile_seconds']:.0f} s (wall {entry['wall_seconds']:.0f} s)")
+            f"{f'{xla:.3g}' if xla else '-'} (XLA), {step}, compile {rec['compile_seconds']:.0f} s "
+            f"(wall {entry['wall_seconds']:.0f} s)")
 
 
 def main(argv=None) -> int:

@@ -200,20 +200,61 @@ def whole_program_cost(compile_variant: Callable[[int, int], Any], depth: int, d
     """
     from fluxir_jax import tpu_topology
 
-    cache: dict[tuple[int, int], tuple[float, float]] = {}
+    cache: dict[tuple[int, int], tuple[float, float | None]] = {}
 
     def at(counts):
         key = (counts["double"], counts["single"])
         if key not in cache:
-            flops, seconds = tpu_topology.cost(compile_variant(*key))
-            cache[key] = (flops, seconds or 0.0)
+            cache[key] = tpu_topology.cost(compile_variant(*key))
         return cache[key]
 
     trips = {"double": depth, "single": depth_single}
     flops = tpu_topology.extrapolate_flops(lambda c: at(c)[0], trips, base)
-    seconds = tpu_topology.extrapolate_flops(lambda c: at(c)[1], trips, base)
-    return {"flops": flops["total"], "seconds": seconds["total"], "variants": len(cache), "base": base,
+    # libtpu gives no optimal_seconds for some chips (v6e): then there is no XLA time estimate, not a zero one
+    timed = all(s is not None for _, s in cache.values())
+    seconds = tpu_topology.extrapolate_flops(lambda c: at(c)[1], trips, base)["total"] if timed else None
+    return {"flops": flops["total"], "seconds": seconds, "variants": len(cache), "base": base,
             "exact": list(cache) == [(depth, depth_single)]}
+
+
+def step_estimates(analytic: float, model: float, chips: int, peak: float, whole: dict | None, repeat: int = 1,
+                   fits: bool = True) -> dict:
+    """Whole-step XLA figures and the step-time / MFU estimates of a `--topology` record, and how they were made.
+
+    `whole` is `whole_program_cost`'s per-chip figures for one of `repeat` identical passes, or None.
+    MFU and HFU are given only with an XLA time estimate: without one the step time is the FLOP
+    bound, and they would be model / analytic and 100% by construction.
+    """
+    bound = analytic / (chips * peak)
+    xla_flops = xla_seconds = None
+    if whole is not None:
+        xla_flops = repeat * whole["flops"] * chips
+        xla_seconds = None if whole["seconds"] is None else repeat * whole["seconds"]
+        derived = ("come from one compile of the whole step with its blocks unrolled (exact: no bigger than the "
+                   "extrapolation's largest variant)" if whole.get("exact") else
+                   f"are extrapolated from {whole.get('variants', 0)} unrolled compiles (double, single blocks) = "
+                   f"(b, b), (b+1, b), (b, b+1), b = {whole.get('base')} (total = F(b,b) + (n-b) x per-block "
+                   "difference, per kind of block)")
+        how = (f"flops_per_step.xla: XLA cost_analysis per chip x {chips} chips. XLA counts a scanned loop body once, so "
+               f"the whole-step xla figures (flops, xla_seconds) {derived}"
+               f"{f' x {repeat} micro-batches' if repeat > 1 else ''}; xla_seconds is per chip (the chips run in "
+               f"parallel). ")
+        if xla_seconds is None:
+            how += ("libtpu's cost analysis gave no optimal_seconds for this chip, so xla_seconds is null, "
+                    "est_step_seconds is the FLOP bound, analytic FLOPs / (chips * peak bf16 FLOP/s), a lower bound "
+                    "(an estimate: no TPU ran), and est_mfu / est_hfu are null (they would be model / analytic and "
+                    "100% by construction).")
+        else:
+            how += EST_MODEL
+    else:
+        how = ("The whole-step xla figures were not derived (null) " + ("because it does not fit; " if not fits else "")
+               + "est_step_seconds = analytic FLOPs / (chips * peak bf16 FLOP/s), a FLOP-bound lower bound (an "
+               "estimate: no TPU ran); est_mfu is null (it would be 100% by construction).")
+    est = bound if xla_seconds is None else max(bound, xla_seconds)
+    timed = xla_seconds is not None and est > 0
+    return {"xla_flops": xla_flops, "xla_seconds": xla_seconds, "est_step_seconds": est,
+            "est_mfu": model / (chips * peak * est) if timed else None,
+            "est_hfu": analytic / (chips * peak * est) if timed else None, "how": how}
 
 
 def topology_record(accelerator: str, mesh, compiled, compile_seconds: float, analytic: float, whole: dict | None,
@@ -235,39 +276,21 @@ def topology_record(accelerator: str, mesh, compiled, compile_seconds: float, an
     peak = acc.peak_bf16_flops
     fits = mem["total"] <= acc.hbm_bytes
     model = analytic if model_flops is None else model_flops
-    bound = analytic / (chips * peak)
-    if whole is not None:
-        xla_flops, xla_seconds = repeat * whole["flops"] * chips, repeat * whole["seconds"]
-        est = max(bound, xla_seconds)
-        derived = ("come from one compile of the whole step with its blocks unrolled (exact: no bigger than the "
-                   "extrapolation's largest variant)" if whole.get("exact") else
-                   f"are extrapolated from {whole.get('variants', 0)} unrolled compiles (double, single blocks) = "
-                   f"(b, b), (b+1, b), (b, b+1), b = {whole.get('base')} (total = F(b,b) + (n-b) x per-block "
-                   "difference, per kind of block)")
-        how = (f"flops_per_step.xla: XLA cost_analysis per chip x {chips} chips. XLA counts a scanned loop body once, so "
-               f"the whole-step xla figures (flops, xla_seconds) {derived}"
-               f"{f' x {repeat} micro-batches' if repeat > 1 else ''}; xla_seconds is per chip (the chips run in "
-               f"parallel). {EST_MODEL}")
-    else:
-        xla_flops = xla_seconds = None
-        est = bound
-        how = ("The whole-step xla figures were not derived (null) " + ("because it does not fit; " if not fits else "")
-               + "est_step_seconds = analytic FLOPs / (chips * peak bf16 FLOP/s), a FLOP-bound lower bound (an "
-               "estimate: no TPU ran); est_mfu is null (it would be 100% by construction).")
+    est = step_estimates(analytic, model, chips, peak, whole, repeat, fits)
     return {
         "accelerator": accelerator, "topology": acc.topology, "chips": chips,
         "device_kind": mesh.devices.flat[0].device_kind,
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "per_chip_bytes": mem, "hbm_bytes": acc.hbm_bytes, "fits": fits,
-        "flops_per_step": {"analytic": analytic, "model": model, "xla": xla_flops, "xla_scan_body_once": once_flops * chips},
-        "xla_seconds": xla_seconds, "xla_seconds_scan_body_once": once_seconds,
+        "flops_per_step": {"analytic": analytic, "model": model, "xla": est["xla_flops"],
+                           "xla_scan_body_once": once_flops * chips},
+        "xla_seconds": est["xla_seconds"], "xla_seconds_scan_body_once": once_seconds,
         "peak_flops_per_chip": peak,
-        "est_step_seconds": est, "est_mfu": model / (chips * peak * est) if est > 0 and whole is not None else None,
-        "est_hfu": analytic / (chips * peak * est) if est > 0 and whole is not None else None,
+        "est_step_seconds": est["est_step_seconds"], "est_mfu": est["est_mfu"], "est_hfu": est["est_hfu"],
         "compile_seconds": round(compile_seconds, 2),
         "method": (f"{method} flops_per_step.analytic: matmul/conv FLOPs of the jaxpr over all chips, scans times their "
                    f"trip counts, remat recompute included; flops_per_step.model: the same without remat recompute "
-                   f"(model FLOPs). {how}"),
+                   f"(model FLOPs). {est['how']}"),
         **extra,
     }
 

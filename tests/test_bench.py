@@ -220,3 +220,18 @@ def test_tpu_memory_rows_name_model_and_hardware_flops_utilisation():
     rows = {r["figure"].split(": ", 1)[1]: r["value"] for r in tpu_memory.figures("k", {"record": old})}
     assert rows["est. HFU (recompute counted, estimate)"] == 40.0 and not any("MFU" in k for k in rows)
     assert rows["FLOPs per step, model / analytic (recompute) / XLA"] == "- / 4000 / 3100"
+
+
+def test_tpu_memory_record_without_an_xla_time_estimate_shows_a_lower_bound_and_no_mfu():
+    """libtpu gives no optimal_seconds for v6e: the step time is the FLOP bound, and no MFU is claimed."""
+    from bench import tpu_memory
+
+    rec = dict(per_chip_bytes={"total": 24 * 1024**3}, fits=True, compile_seconds=10.0, est_step_seconds=0.542,
+               flops_per_step={"model": 3e15, "analytic": 4e15, "xla": 3.1e15}, xla_seconds=None, est_mfu=None,
+               est_hfu=None, hbm_bytes=32 * 1024**3)
+    rows = {r["figure"].split(": ", 1)[1]: r["value"] for r in tpu_memory.figures("v6e-8/config", {"record": rec})}
+    assert rows["step-time lower bound (FLOP bound; no XLA time estimate)"] == 0.542
+    assert rows["FLOPs per step, model / analytic (recompute) / XLA"] == "3000 / 4000 / 3100"
+    assert not any("MFU" in k or "HFU" in k or k.startswith("est. step") for k in rows)
+    line = tpu_memory.summary("v6e-8/config", {"record": rec, "wall_seconds": 20.0})
+    assert "fits=True" in line and "no XLA time estimate" in line and "no MFU estimate" in line

@@ -99,3 +99,33 @@ def test_model_flops_leave_remat_recompute_out_on_a_tpu_topology_mesh():
         t = Trainer(none, cpu_mesh, abstract=True, log=lambda *a: None)
         assert model == aot.analytic_flops(t.step_fn, *t.abstract_args())  # the step without remat
     assert analytic > model > 0  # + the recomputed block forwards (a few % here: tiny blocks, VAE-heavy step)
+
+
+class _Compiled:
+    """Stands in for a compiled program: only its cost analysis (libtpu gives v6e no optimal_seconds)."""
+
+    def __init__(self, flops, seconds):
+        self.analysis = {"flops": flops} if seconds is None else {"flops": flops, "optimal_seconds": seconds}
+
+    def cost_analysis(self):
+        return self.analysis
+
+
+@pytest.mark.parametrize("timed", [True, False], ids=["optimal_seconds", "no_optimal_seconds"])
+def test_whole_step_estimates_with_and_without_xla_seconds(timed):
+    """A chip whose cost analysis has no optimal_seconds gets no XLA time and no MFU, never a zero time."""
+    whole = aot.whole_program_cost(lambda d, s: _Compiled(1e12 * (1 + d + 2 * s), 0.01 * (d + s) if timed else None),
+                                   19, 38)
+    assert whole["flops"] == 1e12 * (1 + 19 + 76) and whole["variants"] == 3 and not whole["exact"]
+    chips, peak, analytic, model = 8, 918e12, 4e15, 3e15
+    est = aot.step_estimates(analytic, model, chips, peak, whole, repeat=4)
+    bound = analytic / (chips * peak)
+    assert est["xla_flops"] == 4 * whole["flops"] * chips
+    if timed:
+        assert whole["seconds"] == pytest.approx(0.01 * 57) and est["xla_seconds"] == pytest.approx(4 * 0.57)
+        assert est["est_step_seconds"] == max(bound, est["xla_seconds"])
+        assert est["est_mfu"] == pytest.approx(model / (chips * peak * est["est_step_seconds"]))
+    else:
+        assert whole["seconds"] is None and est["xla_seconds"] is None
+        assert est["est_step_seconds"] == bound and est["est_mfu"] is None and est["est_hfu"] is None
+        assert "gave no optimal_seconds" in est["how"]
