@@ -101,14 +101,14 @@ def figures(key: str, entry: dict) -> list[dict]:
     rows = [("per-chip bytes" if mem.get("total") else "per-chip temporaries (compiler refused)",
              (mem.get("total") or mem.get("temporaries") or 0) / gib, "GiB"),
             ("fits HBM", "yes" if rec["fits"] else "no", ""), ("compile time", rec["compile_seconds"], "s")]
+    timed = rec.get("est_mfu") is not None  # MFU is given only with XLA's time estimate
     if rec.get("est_step_seconds") is not None:
         fl = rec["flops_per_step"]
-        timed = rec.get("est_mfu") is not None  # MFU is given only with XLA's time estimate
         rows += [("FLOPs per step, model / analytic (recompute) / XLA",
                   " / ".join(f"{fl[k] / 1e12:.0f}" if fl.get(k) else "-" for k in ("model", "analytic", "xla")), "TFLOP"),
                  ("est. step time (estimate)" if timed else "step-time lower bound (FLOP bound; no XLA time estimate)",
                   rec["est_step_seconds"], "s")]
-    if rec.get("est_mfu") is not None:
+    if timed:
         if "est_hfu" in rec:
             rows += [("est. MFU (model FLOPs, estimate)", 100 * rec["est_mfu"], "%"),
                      ("est. HFU (recompute counted, estimate)", 100 * rec["est_hfu"], "%")]

@@ -128,6 +128,9 @@ EST_MODEL = ("est_step_seconds = max(analytic FLOPs / (chips * peak bf16 FLOP/s)
              "chip); est_mfu = model FLOPs / (chips * peak * est_step_seconds) (model FLOPs utilisation: remat "
              "recompute not counted as useful work); est_hfu = the same with analytic FLOPs (recompute included). "
              "All are estimates: no TPU ran.")
+FLOP_BOUND = ("est_step_seconds is the FLOP bound, analytic FLOPs / (chips * peak bf16 FLOP/s), a lower bound (an "
+              "estimate: no TPU ran), and est_mfu / est_hfu are null (they would be model / analytic and 100% by "
+              "construction).")
 KNOBS = ("model.remat_policy (full or offload_* keep the least in HBM), mesh.fsdp (shard weights and optimizer state "
          "over more chips), a smaller per-chip batch (batch_size, or optim.accum_steps to keep the global batch), "
          "a bigger slice")
@@ -239,17 +242,11 @@ def step_estimates(analytic: float, model: float, chips: int, peak: float, whole
                f"the whole-step xla figures (flops, xla_seconds) {derived}"
                f"{f' x {repeat} micro-batches' if repeat > 1 else ''}; xla_seconds is per chip (the chips run in "
                f"parallel). ")
-        if xla_seconds is None:
-            how += ("libtpu's cost analysis gave no optimal_seconds for this chip, so xla_seconds is null, "
-                    "est_step_seconds is the FLOP bound, analytic FLOPs / (chips * peak bf16 FLOP/s), a lower bound "
-                    "(an estimate: no TPU ran), and est_mfu / est_hfu are null (they would be model / analytic and "
-                    "100% by construction).")
-        else:
-            how += EST_MODEL
+        how += ("libtpu's cost analysis gave no optimal_seconds for this chip, so xla_seconds is null, "
+                + FLOP_BOUND) if xla_seconds is None else EST_MODEL
     else:
         how = ("The whole-step xla figures were not derived (null) " + ("because it does not fit; " if not fits else "")
-               + "est_step_seconds = analytic FLOPs / (chips * peak bf16 FLOP/s), a FLOP-bound lower bound (an "
-               "estimate: no TPU ran); est_mfu is null (it would be 100% by construction).")
+               + "so " + FLOP_BOUND)
     est = bound if xla_seconds is None else max(bound, xla_seconds)
     timed = xla_seconds is not None and est > 0
     return {"xla_flops": xla_flops, "xla_seconds": xla_seconds, "est_step_seconds": est,
