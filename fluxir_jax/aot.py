@@ -4,8 +4,9 @@
     flops = analytic_flops(fn, *abstract_args)                  # from the traced program
 
 `analytic_flops` counts the matrix-multiply and convolution FLOPs of the jaxpr (2 per multiply-
-add), descending into sub-programs and multiplying a `scan` body by its trip count, so remat
-recomputation and every scanned layer are counted. XLA's `cost_analysis` counts a while-loop
+add), descending into sub-programs and multiplying a `scan` body by its trip count and a Pallas
+kernel's body by its grid, so remat recomputation, every scanned layer and the work inside
+kernels (splash attention) are counted. XLA's `cost_analysis` counts a while-loop
 (scan) body only once; `xla_flops_unrolled` corrects for that by compiling variants.
 """
 from __future__ import annotations
@@ -51,28 +52,51 @@ def _sub_jaxprs(eqn):
                     yield x
 
 
-def jaxpr_flops(jaxpr) -> float:
-    total = 0.0
+def _pallas_grid(eqn) -> int:
+    """Kernel invocations of a `pallas_call`: the product of its grid (vmap adds a grid dimension)."""
+    return math.prod(int(n) for n in eqn.params["grid_mapping"].grid)
+
+
+def _flops(jaxpr) -> tuple[float, float]:
+    """(all, inside Pallas kernels) matmul + convolution FLOPs of a jaxpr."""
+    total = kernels = 0.0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
         if name == "dot_general":
             total += _dot_flops(eqn)
         elif name == "conv_general_dilated":
             total += _conv_flops(eqn)
-        elif name == "scan":
-            total += eqn.params["length"] * jaxpr_flops(eqn.params["jaxpr"].jaxpr)
-        elif name == "cond":
-            total += max(jaxpr_flops(b.jaxpr) for b in eqn.params["branches"])
-        elif name == "while":
-            total += jaxpr_flops(eqn.params["body_jaxpr"].jaxpr)  # trip count unknown: once
+        elif name == "pallas_call":  # the body runs once per grid point; all of it is kernel work
+            body = _pallas_grid(eqn) * _flops(eqn.params["jaxpr"])[0]
+            total, kernels = total + body, kernels + body
         else:
-            total += sum(jaxpr_flops(j) for j in _sub_jaxprs(eqn))
-    return total
+            if name == "scan":
+                parts = [(eqn.params["length"], _flops(eqn.params["jaxpr"].jaxpr))]
+            elif name == "cond":  # the costliest branch
+                parts = [(1, max(_flops(b.jaxpr) for b in eqn.params["branches"]))]
+            elif name == "while":  # trip count unknown: the body once
+                parts = [(1, _flops(eqn.params["body_jaxpr"].jaxpr))]
+            else:
+                parts = [(1, _flops(sub)) for sub in _sub_jaxprs(eqn)]
+            for times, (t, k) in parts:
+                total, kernels = total + times * t, kernels + times * k
+    return total, kernels
+
+
+def jaxpr_flops(jaxpr) -> float:
+    return _flops(jaxpr)[0]
 
 
 def analytic_flops(fn: Callable, *args: Any) -> float:
-    """Matmul + convolution FLOPs of `fn(*args)` (args may be abstract), scans times their length."""
+    """Matmul + convolution FLOPs of `fn(*args)` (args may be abstract), scans times their length,
+    Pallas kernel bodies times their grid."""
     return jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def flop_counts(fn: Callable, *args: Any) -> tuple[float, float]:
+    """(all, inside Pallas kernels) FLOPs of `fn(*args)`, counted like `analytic_flops`. XLA's
+    cost analysis sees none of the kernels' FLOPs (a Pallas kernel is an opaque custom call)."""
+    return _flops(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
 def _cost_flops(compiled) -> float:
@@ -221,18 +245,20 @@ def whole_program_cost(compile_variant: Callable[[int, int], Any], depth: int, d
 
 
 def step_estimates(analytic: float, model: float, chips: int, peak: float, whole: dict | None, repeat: int = 1,
-                   fits: bool = True) -> dict:
+                   fits: bool = True, kernel_flops: float = 0.0) -> dict:
     """Whole-step XLA figures and the step-time / MFU estimates of a `--topology` record, and how they were made.
 
     `whole` is `whole_program_cost`'s per-chip figures for one of `repeat` identical passes, or None.
     MFU and HFU are given only with an XLA time estimate: without one the step time is the FLOP
-    bound, and they would be model / analytic and 100% by construction.
+    bound, and they would be model / analytic and 100% by construction. `kernel_flops` (whole step,
+    all chips) is the work inside Pallas kernels, which XLA's cost analysis does not see: it is
+    added to XLA's FLOPs, and to its seconds at the chip's peak rate (a lower bound on its time).
     """
     bound = analytic / (chips * peak)
     xla_flops = xla_seconds = None
     if whole is not None:
-        xla_flops = repeat * whole["flops"] * chips
-        xla_seconds = None if whole["seconds"] is None else repeat * whole["seconds"]
+        xla_flops = repeat * whole["flops"] * chips + kernel_flops
+        xla_seconds = None if whole["seconds"] is None else repeat * whole["seconds"] + kernel_flops / (chips * peak)
         derived = ("come from one compile of the whole step with its blocks unrolled (exact: no bigger than the "
                    "extrapolation's largest variant)" if whole.get("exact") else
                    f"are extrapolated from {whole.get('variants', 0)} unrolled compiles (double, single blocks) = "
@@ -242,6 +268,10 @@ def step_estimates(analytic: float, model: float, chips: int, peak: float, whole
                f"the whole-step xla figures (flops, xla_seconds) {derived}"
                f"{f' x {repeat} micro-batches' if repeat > 1 else ''}; xla_seconds is per chip (the chips run in "
                f"parallel). ")
+        if kernel_flops:
+            how += (f"Pallas kernels (splash attention) are custom calls whose work XLA's cost analysis does not see: "
+                    f"their FLOPs ({kernel_flops:.4g} over all chips, counted from the kernel bodies x their grids) are "
+                    f"added to flops_per_step.xla{' and their time at the peak bf16 rate (a lower bound) to xla_seconds' if xla_seconds is not None else ''}. ")
         how += ("libtpu's cost analysis gave no optimal_seconds for this chip, so xla_seconds is null, "
                 + FLOP_BOUND) if xla_seconds is None else EST_MODEL
     else:
@@ -255,12 +285,14 @@ def step_estimates(analytic: float, model: float, chips: int, peak: float, whole
 
 
 def topology_record(accelerator: str, mesh, compiled, compile_seconds: float, analytic: float, whole: dict | None,
-                    method: str, repeat: int = 1, model_flops: float | None = None, **extra) -> dict:
+                    method: str, repeat: int = 1, model_flops: float | None = None, kernel_flops: float = 0.0,
+                    **extra) -> dict:
     """The `--topology` JSON record of one compiled program (docs/tpu.md describes every key).
 
     `analytic` is the whole program's FLOPs over all chips (jaxpr count, remat recompute included);
     `model_flops` the same count without remat recompute (the MFU numerator; default `analytic`,
-    right for programs without remat); `whole` the per-chip XLA
+    right for programs without remat); `kernel_flops` the part of `analytic` inside Pallas kernels
+    (`flop_counts`), which XLA does not see; `whole` the per-chip XLA
     figures at full depth (`whole_program_cost`) for one of `repeat` identical passes (micro-batches),
     or None when they were not derived (then the xla figures are None and the estimate is FLOP-bound only).
     """
@@ -273,13 +305,13 @@ def topology_record(accelerator: str, mesh, compiled, compile_seconds: float, an
     peak = acc.peak_bf16_flops
     fits = mem["total"] <= acc.hbm_bytes
     model = analytic if model_flops is None else model_flops
-    est = step_estimates(analytic, model, chips, peak, whole, repeat, fits)
+    est = step_estimates(analytic, model, chips, peak, whole, repeat, fits, kernel_flops)
     return {
         "accelerator": accelerator, "topology": acc.topology, "chips": chips,
         "device_kind": mesh.devices.flat[0].device_kind,
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "per_chip_bytes": mem, "hbm_bytes": acc.hbm_bytes, "fits": fits,
-        "flops_per_step": {"analytic": analytic, "model": model, "xla": est["xla_flops"],
+        "flops_per_step": {"analytic": analytic, "model": model, "kernels": kernel_flops, "xla": est["xla_flops"],
                            "xla_scan_body_once": once_flops * chips},
         "xla_seconds": est["xla_seconds"], "xla_seconds_scan_body_once": once_seconds,
         "peak_flops_per_chip": peak,
@@ -352,13 +384,13 @@ def compile_sharded_program(fn: Callable, abstract_params, abstract_batch, accel
     gathered = lambda params, batch: fn(gather_unscanned(params), batch)  # noqa: E731
     jitted = jax.jit(gathered, in_shardings=(param_sh, batch_sh), out_shardings=batch_sh)
     with jax.set_mesh(mesh), gathering(mesh):
-        analytic = analytic_flops(gathered, abstract_params, abstract_batch)
+        analytic, kernels = flop_counts(gathered, abstract_params, abstract_batch)
     try:
         with gathering(mesh):
             compiled, seconds = compile_on(jitted, (abstract_params, abstract_batch), mesh)
     except OutOfHBM as e:
         return out_of_hbm_record(accelerator, mesh, e, method, analytic, **extra)
-    return topology_record(accelerator, mesh, compiled, seconds, analytic, None, method, **extra)
+    return topology_record(accelerator, mesh, compiled, seconds, analytic, None, method, kernel_flops=kernels, **extra)
 
 
 def emit_record(record: dict, path, command: str) -> int:

@@ -184,7 +184,7 @@ def compile_topology(cfg: TrainConfig, topology: str, log=print) -> dict:
     check_devices(cfg, mesh)
     trainer = Trainer(cfg, mesh, abstract=True, log=log)  # eager set-up runs on this host, not under the TPU mesh
     args = trainer.abstract_args()
-    analytic, model_flops = step_flops(cfg, trainer, mesh)
+    analytic, model_flops, kernel_flops = step_flops(cfg, trainer, mesh)
     accum = cfg.optim.accum_steps
     what = "train step (forward, backward, AdamW update)."
     info = dict(program="train_step", base=cfg.base, batch_size=cfg.batch_size, per_chip_batch=cfg.batch_size / mesh.devices.size,
@@ -204,33 +204,42 @@ def compile_topology(cfg: TrainConfig, topology: str, log=print) -> dict:
     fits = aot.tpu_topology_fits(compiled, topology)
     whole = aot.whole_program_cost(variant, bc.depth, bc.depth_single_blocks) if fits else None  # no extra compiles
     return aot.topology_record(topology, mesh, compiled, seconds, analytic, whole, what, repeat=accum,
-                               model_flops=model_flops, **info)
+                               model_flops=model_flops, kernel_flops=kernel_flops, **info)
 
 
-def step_flops(cfg: TrainConfig, trainer: Trainer, mesh) -> tuple[float, float]:
-    """(analytic, model) FLOPs of one step: the jaxpr count of the step as compiled (remat recompute
-    included) and of the step without remat (the MFU numerator). Traced under `jax.set_mesh(mesh)`
-    (splash attention's shard_map sees the mesh), which also works over compile-only TPU devices."""
+def step_flops(cfg: TrainConfig, trainer: Trainer, mesh) -> tuple[float, float, float]:
+    """(analytic, model, kernels) FLOPs of one step: the jaxpr count of the step as compiled (remat
+    recompute and the work inside Pallas kernels included), the model FLOPs (`model_step_flops`, the
+    MFU numerator) and the part of `analytic` inside Pallas kernels (splash attention), which XLA's
+    cost analysis does not see. Traced under `jax.set_mesh(mesh)` (splash attention's shard_map sees
+    the mesh), which also works over compile-only TPU devices."""
     import jax
 
     from fluxir_jax import aot
 
     with jax.set_mesh(mesh):
-        analytic = aot.analytic_flops(trainer.step_fn, *trainer.abstract_args())
-    return analytic, (analytic if cfg.model.remat_policy == "none" else model_step_flops(cfg, mesh))
+        analytic, kernels = aot.flop_counts(trainer.step_fn, *trainer.abstract_args())
+    return analytic, (analytic if _is_model_step(cfg) else model_step_flops(cfg, mesh)), kernels
+
+
+def _is_model_step(cfg: TrainConfig) -> bool:
+    """Whether the step as configured does exactly the model's FLOPs (no remat, plain XLA attention)."""
+    return cfg.model.remat_policy == "none" and cfg.model.attention == "xla"
 
 
 def model_step_flops(cfg: TrainConfig, mesh) -> float:
-    """Model FLOPs of one step (the MFU numerator): the jaxpr count of the step traced without remat,
-    so recomputed activations are not counted as useful work. Traced only, under `jax.set_mesh(mesh)`;
-    the abstract Trainer is built outside it (its eager set-up cannot run on compile-only TPU devices)."""
+    """Model FLOPs of one step (the MFU numerator): the jaxpr count of the step traced without remat
+    and with XLA attention, so recomputed activations (remat, and the forward that a flash kernel's
+    backward recomputes) are not counted as useful work, and attention run by cuDNN (opaque to the count) is. Traced only,
+    under `jax.set_mesh(mesh)`; the abstract Trainer is built outside it (its eager set-up cannot run
+    on compile-only TPU devices)."""
     import dataclasses
 
     import jax
 
     from fluxir_jax import aot
 
-    plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat_policy="none"))
+    plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat_policy="none", attention="xla"))
     t = Trainer(plain, mesh, abstract=True, log=lambda *a: None)
     with jax.set_mesh(mesh):
         return aot.analytic_flops(t.step_fn, *t.abstract_args())
@@ -363,7 +372,7 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
             from fluxir_jax.train_val import Validator
 
             validator = Validator(cfg, trainer, run_dir)
-        flops = trainer.analytic_flops() if cfg.model.remat_policy == "none" else model_step_flops(cfg, mesh)
+        flops = trainer.analytic_flops() if _is_model_step(cfg) else model_step_flops(cfg, mesh)
         n_dev = len(mesh.devices.flat)
         peak = train_metrics.peak_tflops(jax.devices()[0].device_kind, cfg.peak_tflops)
         logger = train_metrics.MetricsLogger(run_dir, cfg.steps, start, enabled=main)

@@ -78,7 +78,8 @@ def test_out_of_hbm_message_is_parsed():
 
 
 def test_model_flops_leave_remat_recompute_out_on_a_tpu_topology_mesh():
-    """The MFU numerator: the step's FLOPs traced without remat; full remat adds recompute on top of it.
+    """The MFU numerator: the step's FLOPs traced without remat (and with XLA attention); full remat
+    adds recompute on top of it, splash attention its kernels' recompute.
 
     `--compile-only --topology` with a remat policy counts analytic and model FLOPs over compile-only
     TPU devices (nothing may run eagerly there); the counts do not depend on the mesh's devices."""
@@ -92,13 +93,27 @@ def test_model_flops_leave_remat_recompute_out_on_a_tpu_topology_mesh():
     counts = []
     for mesh in (tpu_topology.topology_mesh("v5p-8", (4, 1, 1), parallel.AXES), cpu_mesh):  # 4 chips / 4 CPUs
         counts.append(step_flops(cfg, Trainer(cfg, mesh, abstract=True, log=lambda *a: None), mesh))
-    analytic, model = counts[0]
-    assert counts[0] == counts[1]
+    analytic, model, kernels = counts[0]
+    assert counts[0] == counts[1] and kernels == 0  # XLA attention: no Pallas kernel
     none = train_config.load(TINY, ["model.remat_policy=none", "mesh.data=4", "mesh.fsdp=1"])
     with jax.set_mesh(cpu_mesh):
         t = Trainer(none, cpu_mesh, abstract=True, log=lambda *a: None)
         assert model == aot.analytic_flops(t.step_fn, *t.abstract_args())  # the step without remat
     assert analytic > model > 0  # + the recomputed block forwards (a few % here: tiny blocks, VAE-heavy step)
+
+    # attention=splash: the analytic count includes the kernels' work (which XLA's cost analysis cannot
+    # see: `kernels`); the model count is the same math with XLA attention, so neither remat nor the
+    # kernel's own recompute (QK^T and dO V^T again in its backward, 24 tokens padded to 128) is useful work
+    splash = train_config.load(TINY, ["model.remat_policy=full", "mesh.data=4", "mesh.fsdp=1", "model.attention=splash"])
+    tpu_mesh = tpu_topology.topology_mesh("v5p-8", (4, 1, 1), parallel.AXES)
+    s_analytic, s_model, s_kernels = step_flops(splash, Trainer(splash, tpu_mesh, abstract=True, log=lambda *a: None), tpu_mesh)
+    assert s_model == model and s_kernels > 0 and s_analytic - s_kernels < analytic < s_analytic
+
+    whole = {"flops": 1e12, "seconds": 0.5, "variants": 3, "base": 1}
+    est = aot.step_estimates(s_analytic, s_model, 4, 459e12, whole, repeat=2, kernel_flops=s_kernels)
+    assert est["xla_flops"] == 2 * 1e12 * 4 + s_kernels  # XLA's own count of a Pallas kernel is ~0: ours is added
+    assert est["xla_seconds"] == pytest.approx(2 * 0.5 + s_kernels / (4 * 459e12))  # at peak: a lower bound
+    assert "Pallas kernels" in est["how"]
 
 
 class _Compiled:
@@ -129,3 +144,4 @@ def test_whole_step_estimates_with_and_without_xla_seconds(timed):
         assert whole["seconds"] is None and est["xla_seconds"] is None
         assert est["est_step_seconds"] == bound and est["est_mfu"] is None and est["est_hfu"] is None
         assert "gave no optimal_seconds" in est["how"]
+

@@ -104,3 +104,29 @@ def test_auto_on_cpu_is_the_xla_path():
 def test_bad_attention_config_is_user_error(override, match):
     with pytest.raises(UserError, match=match):
         config.load(FluxConfig, None, overrides=[override], base=FluxConfig())
+
+
+def test_flop_count_sees_the_work_inside_splash_kernels():
+    """The analytic FLOP count (`aot.flop_counts`) multiplies a Pallas kernel's body by its grid: splash's
+    forward is exactly XLA attention's two matmuls; its backward recomputes QK^T and dO V^T in both the
+    dq and the dkv kernel (7 matmuls to XLA's 4). All of splash's work is kernel work, none of XLA's."""
+    from fluxir_jax import aot
+
+    b, length, heads, dim = 2, 384, 4, 64
+    q = jax.ShapeDtypeStruct((b, length, heads, dim), np.float32)
+    one_matmul = 2.0 * b * heads * length * length * dim
+    counts = {}
+    for name, spec in [("xla", AttentionSpec("xla")), ("splash", AttentionSpec("splash")),
+                       ("splash tiled", AttentionSpec("splash", block_q=128, block_kv=256, block_kv_compute=128))]:
+        def loss(q, k, v, spec=spec):
+            if spec.kind == "splash":
+                return attention.splash_attention(q, k, v, spec, interpret=True).sum()
+            return attention.dot_product_attention(q, k, v, spec).sum()
+
+        counts[name] = (aot.flop_counts(loss, q, q, q), aot.flop_counts(jax.grad(loss, argnums=(0, 1, 2)), q, q, q))
+    (xla_fwd, xla_fwd_k), (xla_all, xla_all_k) = counts["xla"]
+    assert (xla_fwd, xla_all) == (2 * one_matmul, 6 * one_matmul) and xla_fwd_k == xla_all_k == 0
+    for name in ("splash", "splash tiled"):  # grid (batch, head, 1, 1), and (batch, head, 3, 3) tiles of 128 x 128
+        (fwd, fwd_k), (both, both_k) = counts[name]
+        assert fwd == fwd_k == 2 * one_matmul, name
+        assert both_k == 9 * one_matmul and both - both_k < 0.01 * one_matmul, name
