@@ -252,7 +252,8 @@ def step_estimates(analytic: float, model: float, chips: int, peak: float, whole
     MFU and HFU are given only with an XLA time estimate: without one the step time is the FLOP
     bound, and they would be model / analytic and 100% by construction. `kernel_flops` (whole step,
     all chips) is the work inside Pallas kernels, which XLA's cost analysis does not see: it is
-    added to XLA's FLOPs, and to its seconds at the chip's peak rate (a lower bound on its time).
+    added to XLA's FLOPs, and to its seconds at the chip's peak rate (optimistic: kernels run below peak;
+    XLA's figure already holds the kernels' operand traffic).
     """
     bound = analytic / (chips * peak)
     xla_flops = xla_seconds = None
@@ -271,7 +272,7 @@ def step_estimates(analytic: float, model: float, chips: int, peak: float, whole
         if kernel_flops:
             how += (f"Pallas kernels (splash attention) are custom calls whose work XLA's cost analysis does not see: "
                     f"their FLOPs ({kernel_flops:.4g} over all chips, counted from the kernel bodies x their grids) are "
-                    f"added to flops_per_step.xla{' and their time at the peak bf16 rate (a lower bound) to xla_seconds' if xla_seconds is not None else ''}. ")
+                    f"added to flops_per_step.xla{' and their time at the peak bf16 rate (optimistic: kernels run below peak) to xla_seconds' if xla_seconds is not None else ''}. ")
         how += ("libtpu's cost analysis gave no optimal_seconds for this chip, so xla_seconds is null, "
                 + FLOP_BOUND) if xla_seconds is None else EST_MODEL
     else:
