@@ -8,15 +8,19 @@ export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
 
 .PHONY: venv demo test test-fast bench docs clean
 
+# --no-compile: pip would byte-compile all ~16k .py files of the environment (~80 CPU s on 2 cores);
+# Python compiles the few thousand that are imported, once, on first import.
+PIP     := $(BIN)/pip install -q --no-compile
+
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -U pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[cpu,test,tpu-compile]"
+	$(PIP) -U pip
+	$(PIP) torch==2.13.0
+	$(PIP) -c constraints.txt -e ".[cpu,test,tpu-compile]"
 	# tpu-compile = libtpu: tests compile for TPU topologies (compile-only devices) on this CPU machine.
 	# The `clip` extra (open-clip-torch: CLIP's BPE vocabulary and the test reference ResNet),
 	# without its declared deps, which pull torchvision, i.e. a CUDA torch build.
-	$(BIN)/pip install -q --no-deps -c constraints.txt "open-clip-torch>=3"
+	$(PIP) --no-deps -c constraints.txt "open-clip-torch>=3"
 	touch $(STAMP)
 
 venv: $(STAMP)
