@@ -217,6 +217,8 @@ def _need(cond: bool, msg: str) -> None:
 def check_static(cfg: TrainConfig) -> None:
     """Checks that need neither devices nor files."""
     _need(cfg.steps >= 1, f"steps={cfg.steps}: must be >= 1")
+    _need("://" not in cfg.run_dir, f"run_dir={cfg.run_dir}: must be a file system path, not a URL (mount a bucket "
+          "with gcsfuse and give its path: README, 'Where data and checkpoints live')")
     _need(cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: must be >= 1")
     _need(cfg.scale >= 1 and cfg.crop_size % cfg.scale == 0, f"crop_size={cfg.crop_size} must be a multiple of scale={cfg.scale}")
     _need(cfg.crop_size % 16 == 0, f"crop_size={cfg.crop_size}: must be a multiple of 16 (8x VAE, 2x2 packing)")

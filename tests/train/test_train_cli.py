@@ -141,6 +141,7 @@ def init_ckpt(tmp_path_factory):
     (["BASE", "adapter.text_len=8"], "text length"),
     (["data.val=PAIRS", "val.every=1", "val.lpips_weights=/nonexistent/lpips.safetensors"], "val.lpips_weights"),
     (["val.lpips_net=squeeze"], "val.lpips_net"),
+    (["run_dir=gs://bucket/run"], "run_dir"),  # not a local directory named 'gs:'
 ])
 def test_bad_config_exits_2_before_compiling(overrides, field, pairs, init_ckpt, tmp_path, capsys, no_compile):
     overrides = [f"base={init_ckpt}" if o == "BASE" else o.replace("PAIRS", str(pairs)) for o in overrides]
