@@ -372,7 +372,8 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
             from fluxir_jax.train_val import Validator
 
             validator = Validator(cfg, trainer, run_dir)
-        flops = trainer.analytic_flops() if _is_model_step(cfg) else model_step_flops(cfg, mesh)
+        # the MFU numerator; a step that does exactly the model's FLOPs is counted from its own trace below
+        flops = None if _is_model_step(cfg) else model_step_flops(cfg, mesh)
         n_dev = len(mesh.devices.flat)
         peak = train_metrics.peak_tflops(jax.devices()[0].device_kind, cfg.peak_tflops)
         logger = train_metrics.MetricsLogger(run_dir, cfg.steps, start, enabled=main)
@@ -386,7 +387,12 @@ def train(cfg: TrainConfig, *, log=print) -> dict:
                 while step < cfg.steps:
                     global_batch = parallel.put_global({"hq": batch["hq"], "lq_up": batch["lq_up"]}, mesh)
                     if compiled is None:  # every process compiles, then they start the step together
-                        compiled = trainer.jitted.lower(state, trainer.frozen, global_batch).compile()
+                        traced = trainer.jitted.trace(state, trainer.frozen, global_batch)
+                        if flops is None:
+                            from fluxir_jax import aot
+
+                            flops = aot.jaxpr_flops(traced.jaxpr.jaxpr)
+                        compiled = traced.lower().compile()
                         distributed.barrier("compiled")
                     state, metrics = compiled(state, trainer.frozen, global_batch)
                     step += 1

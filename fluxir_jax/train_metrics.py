@@ -38,6 +38,21 @@ def peak_tflops(device_kind: str, override: float = 0.0) -> float | None:
     return None
 
 
+def _summary_writer():
+    """tensorboardX's SummaryWriter, imported without PyTorch. tensorboardX.writer imports torch when it
+    can (only to accept torch tensors): ~3 s of every training run's start-up, for logging floats."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX catches
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsLogger:
     """Writes records (dicts with a `step`) to stdout, run_dir/metrics.jsonl and run_dir/events/."""
 
@@ -51,9 +66,7 @@ class MetricsLogger:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
-        from tensorboardX import SummaryWriter
-
-        self.tb = SummaryWriter(str(run_dir / "events"))
+        self.tb = _summary_writer()(str(run_dir / "events"))
         if progress:
             from tqdm import tqdm
 

@@ -65,6 +65,15 @@ def test_max_bad_steps_stops_the_run(tmp_path, monkeypatch, capsys):
     assert all(np.isfinite(r["loss"]) for r in recs if "loss" in r and r["step"] < FIRST_BAD)
     assert all(not np.isfinite(r["loss"]) for r in recs if "loss" in r and r["step"] >= FIRST_BAD)
     assert recs[-1]["step"] == stop and recs[-1]["skipped_steps"] == MAX_BAD and "stopped" in recs[-1]
+    # the throughput's FLOPs (counted from the compiled step's own trace) are the step's analytic FLOPs
+    from fluxir_jax import train_config
+    from fluxir_jax.train_loop import Trainer
+
+    cfg = train_config.load(TINY, ["steps=8", "optim.warmup_steps=0"])
+    mesh = parallel.make_mesh(cfg.mesh)
+    analytic = Trainer(cfg, mesh, abstract=True, log=lambda *a: None).analytic_flops()
+    first = recs[0]
+    assert first["tflops_per_device"] * 1e12 * first["step_time_s"] * mesh.devices.size == pytest.approx(analytic, rel=1e-9)
 
     # checkpoints: the one inside the bad run holds exactly the last good parameters (finite), no update
     ckpts = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())

@@ -151,3 +151,33 @@ def test_bad_config_exits_2_before_compiling(overrides, field, pairs, init_ckpt,
     errors = [line for line in err if "error:" in line]  # (a random base adds a one-line notice first)
     assert len(errors) == 1 and errors[0] == err[-1] and field in errors[0], err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_metrics_logger_writes_tensorboard_scalars_without_importing_torch(tmp_path):
+    """tensorboardX imports torch when it can (~3 s of every run's start-up); the logger keeps it out."""
+    import subprocess
+    import sys
+
+    from tests.train.helpers import ROOT, cli_env
+
+    code = f"""
+import pathlib, struct, sys
+from fluxir_jax import train_metrics
+run = pathlib.Path({str(tmp_path)!r})
+log = train_metrics.MetricsLogger(run, 2, 0, progress=False)
+log.write({{"step": 1, "loss": 0.5}}, echo=False)
+log.write({{"step": 2, "loss": 0.25}}, echo=False)
+log.close()
+assert "torch" not in sys.modules, "torch was imported"
+from tensorboardX.proto import event_pb2
+data, i, out = next((run / "events").iterdir()).read_bytes(), 0, []
+while i < len(data):  # TFRecord framing: length (8 bytes), its CRC (4), the Event, its CRC (4)
+    n = struct.unpack("<Q", data[i:i + 8])[0]
+    event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+    out += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+    i += 16 + n
+print(out)
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[(1, 'loss', 0.5), (2, 'loss', 0.25)]"
