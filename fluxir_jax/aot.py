@@ -4,9 +4,9 @@
     flops = analytic_flops(fn, *abstract_args)                  # from the traced program
 
 `analytic_flops` counts the matrix-multiply and convolution FLOPs of the jaxpr (2 per multiply-
-add), descending into sub-programs and multiplying a `scan` body by its trip count and a Pallas
-kernel's body by its grid, so remat recomputation, every scanned layer and the work inside
-kernels (splash attention) are counted. XLA's `cost_analysis` counts a while-loop
+add), descending into sub-programs and multiplying a `scan` body by its trip count, a `shard_map`
+body by its number of shards and a Pallas kernel's body by its grid, so remat recomputation,
+every scanned layer and the work inside kernels (splash attention) are counted. XLA's `cost_analysis` counts a while-loop
 (scan) body only once; `xla_flops_unrolled` corrects for that by compiling variants.
 """
 from __future__ import annotations
@@ -57,6 +57,12 @@ def _pallas_grid(eqn) -> int:
     return math.prod(int(n) for n in eqn.params["grid_mapping"].grid)
 
 
+def _shards(eqn) -> int:
+    """Shards of a `shard_map`: the product of its mesh's sizes over the axes it makes manual."""
+    sizes = dict(eqn.params["mesh"].shape)
+    return math.prod(int(sizes[a]) for a in eqn.params["newly_manual_axes"])
+
+
 def _flops(jaxpr) -> tuple[float, float]:
     """(all, inside Pallas kernels) matmul + convolution FLOPs of a jaxpr."""
     total = kernels = 0.0
@@ -76,6 +82,8 @@ def _flops(jaxpr) -> tuple[float, float]:
                 parts = [(1, max(_flops(b.jaxpr) for b in eqn.params["branches"]))]
             elif name == "while":  # trip count unknown: the body once
                 parts = [(1, _flops(eqn.params["body_jaxpr"].jaxpr))]
+            elif name == "shard_map":  # the body (local shapes) runs once per shard of its manual axes
+                parts = [(_shards(eqn), _flops(eqn.params["jaxpr"]))]
             else:
                 parts = [(1, _flops(sub)) for sub in _sub_jaxprs(eqn)]
             for times, (t, k) in parts:
@@ -88,8 +96,8 @@ def jaxpr_flops(jaxpr) -> float:
 
 
 def analytic_flops(fn: Callable, *args: Any) -> float:
-    """Matmul + convolution FLOPs of `fn(*args)` (args may be abstract), scans times their length,
-    Pallas kernel bodies times their grid."""
+    """Matmul + convolution FLOPs of `fn(*args)` (args may be abstract) over all devices: scans times their
+    length, shard_map bodies times their shards, Pallas kernel bodies times their grid."""
     return jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
 
 

@@ -130,3 +130,9 @@ def test_flop_count_sees_the_work_inside_splash_kernels():
         (fwd, fwd_k), (both, both_k) = counts[name]
         assert fwd == fwd_k == 2 * one_matmul, name
         assert both_k == 9 * one_matmul and both - both_k < 0.01 * one_matmul, name
+    # under a (2, 2, 2) mesh splash runs in a shard_map on local shapes: its body counts once per shard
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    q4 = jax.ShapeDtypeStruct((4, length, 4, dim), np.float32)
+    with jax.set_mesh(mesh):
+        sharded = aot.flop_counts(lambda q, k, v: attention.dot_product_attention(q, k, v, AttentionSpec("splash")), q4, q4, q4)
+    assert sharded == (4 * one_matmul, 4 * one_matmul)  # twice the batch of the unsharded count
