@@ -235,3 +235,16 @@ def test_tpu_memory_record_without_an_xla_time_estimate_shows_a_lower_bound_and_
     assert not any("MFU" in k or "HFU" in k or k.startswith("est. step") for k in rows)
     line = tpu_memory.summary("v6e-8/config", {"record": rec, "wall_seconds": 20.0})
     assert "fits=True" in line and "no XLA time estimate" in line and "no MFU estimate" in line
+
+
+def test_tpu_attention_rows_compare_the_kernels_and_skip_missing_time_estimates():
+    from bench import tpu_attention
+
+    row = dict(est_seconds=0.02, flop_bound_seconds=0.01, per_chip_bytes=3 * 2**30)
+    rows = {r["figure"].split(": ", 1)[1]: r["value"]
+            for r in tpu_attention.figures("v5p-8", 4, 512, {"xla": row, "splash": dict(row, est_seconds=0.015)})}
+    assert rows["est. time, xla attention (estimate)"] == 20.0 and rows["est. time, splash attention (estimate)"] == 15.0
+    assert rows["est. time splash / xla (estimate)"] == 0.75 and rows["per-chip memory, xla attention"] == 3.0
+    rows = {r["figure"].split(": ", 1)[1]: r["value"]  # no optimal_seconds from libtpu: no time, no ratio
+            for r in tpu_attention.figures("v6e-8", 2, 512, {"xla": dict(row, est_seconds=None), "splash": row})}
+    assert "est. time, xla attention (estimate)" not in rows and not any("/ xla" in k for k in rows)

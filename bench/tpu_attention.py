@@ -1,0 +1,127 @@
+"""XLA attention vs Pallas splash attention in the frozen FLUX blocks, compiled for TPU slices on this
+CPU machine (libtpu's compiler, compile-only devices): does the kernel move the paper's run toward
+its FLOP bound?
+
+    .venv/bin/python bench/tpu_attention.py                        # v5p-8 and v6e-8 (~2 min of CPU each)
+    .venv/bin/python bench/tpu_attention.py --accelerators v5p-8 --examples-per-chip 4
+    .venv/bin/python bench/tpu_attention.py --quick                # the tiny preset at 64² on v5p-8 (smoke)
+
+One flux-dev double block and one single block (bf16, unrolled), forward and backward with respect
+to the input (the frozen base's part of a FluxIR step: no weight gradients), 512^2 (1024 image + 512
+text tokens), the configured micro-batch per chip (4 on v5p-8, 2 on v6e-8), batch sharded over the
+chips, weights replicated (no FSDP gathers). Per kernel: the analytic FLOPs (splash's counted inside
+the kernel, whose work XLA's cost analysis does not see), XLA's bytes and optimal_seconds per chip,
+the estimated time (optimal_seconds + the kernels' FLOPs at peak, as `fluxir train --topology`
+does), the FLOP bound and per-chip memory. Estimates from the compiler: no TPU ran.
+Appends to bench/results/tpu_attention.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from bench.common import append_record, cpu_name  # noqa: E402
+from fluxir_jax import aot, tpu_topology  # noqa: E402
+from fluxir_jax.models import presets  # noqa: E402
+from fluxir_jax.models.flux import Flux  # noqa: E402
+
+PER_CHIP = {"v5p-8": 4, "v6e-8": 2}  # configs/train/fluxir-dev.yaml: micro-batch 16 over the slice's chips
+
+
+def blocks_fwd_bwd(model: str, kind: str, batch: int, res: int, txt: int):
+    """(fn, abstract args): d/d img of one double + one single block of `model`, bf16, unrolled."""
+    cfg = dataclasses.replace(presets.get(model), depth=1, depth_single_blocks=1, scan_layers=False, attention=kind,
+                              dtype="bfloat16", param_dtype="bfloat16")
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Flux(cfg, rngs=nnx.Rngs(0))))
+    tokens = (res // 16) ** 2
+    S, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+    x = dict(img=S((batch, tokens, cfg.in_channels), bf), img_ids=S((batch, tokens, 3), bf),
+             txt=S((batch, txt, cfg.context_in_dim), bf), txt_ids=S((batch, txt, 3), bf), t=S((batch,), bf),
+             y=S((batch, cfg.vec_in_dim), bf), guidance=S((batch,), bf))
+
+    def fn(state, x):
+        def loss(img):
+            out = nnx.merge(graphdef, state)(img, x["img_ids"], x["txt"], x["txt_ids"], x["t"], x["y"], x["guidance"])
+            return out.astype(jnp.float32).sum()
+
+        return jax.grad(loss)(x["img"])
+
+    return fn, (state, x)
+
+
+def measure(accelerator: str, kind: str, per_chip: int, res: int, txt: int, model: str) -> dict:
+    acc = tpu_topology.parse_accelerator(accelerator)
+    fn, (state, x) = blocks_fwd_bwd(model, kind, per_chip * acc.chips, res, txt)
+    mesh = tpu_topology.topology_mesh(accelerator, (1, -1, 1))
+    with jax.set_mesh(mesh):
+        analytic, kernels = aot.flop_counts(fn, state, x)
+    t0 = time.perf_counter()
+    rec, compiled = tpu_topology.compile_for_topology(
+        fn, (state, x), accelerator, (1, -1, 1),
+        in_shardings=(jax.tree.map(lambda _: P(), state), jax.tree.map(lambda _: P("fsdp"), x)))
+    seconds = time.perf_counter() - t0
+    ca = compiled.cost_analysis()
+    ca = (ca[0] if ca else {}) if isinstance(ca, (list, tuple)) else (ca or {})
+    peak = acc.peak_bf16_flops
+    est = None if rec.xla_seconds is None else rec.xla_seconds + kernels / (acc.chips * peak)
+    return {"kind": kind, "analytic_flops": analytic, "kernel_flops": kernels, "xla_flops_per_chip": ca.get("flops"),
+            "xla_bytes_per_chip": ca.get("bytes accessed"), "xla_seconds": rec.xla_seconds, "est_seconds": est,
+            "flop_bound_seconds": analytic / (acc.chips * peak), "per_chip_bytes": rec.per_chip_bytes["total"],
+            "compile_seconds": round(seconds, 1)}
+
+
+def figures(accelerator: str, per_chip: int, res: int, rows: dict[str, dict]) -> list[dict]:
+    what = f"{accelerator}, 1 double + 1 single flux-dev block fwd+bwd (dX), {per_chip}/chip, {res}²"
+    out = []
+    for kind, r in rows.items():
+        if r["est_seconds"] is not None:
+            out.append({"figure": f"{what}: est. time, {kind} attention (estimate)", "value": r["est_seconds"] * 1e3,
+                        "unit": "ms"})
+        out.append({"figure": f"{what}: FLOP bound, {kind} attention", "value": r["flop_bound_seconds"] * 1e3, "unit": "ms"})
+        out.append({"figure": f"{what}: per-chip memory, {kind} attention", "value": r["per_chip_bytes"] / 2**30,
+                    "unit": "GiB"})
+    if all(r["est_seconds"] for r in rows.values()):
+        out.append({"figure": f"{what}: est. time splash / xla (estimate)",
+                    "value": rows["splash"]["est_seconds"] / rows["xla"]["est_seconds"], "unit": "x"})
+    return [dict(f, repeats=1) for f in out]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--accelerators", nargs="+", default=list(PER_CHIP))
+    ap.add_argument("--examples-per-chip", type=int, default=0, help="0: the config's micro-batch per chip")
+    ap.add_argument("--res", type=int, default=512)
+    ap.add_argument("--txt", type=int, default=512)
+    ap.add_argument("--model", default="flux-dev")
+    ap.add_argument("--quick", action="store_true", help="smoke run: the tiny preset at 64² on v5p-8")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.accelerators, args.model, args.res, args.txt = ["v5p-8"], "tiny", 64, 16
+    jax.config.update("jax_enable_compilation_cache", False)
+    for accelerator in args.accelerators:
+        per_chip = args.examples_per_chip or PER_CHIP.get(accelerator, 1)
+        rows = {kind: measure(accelerator, kind, per_chip, args.res, args.txt, args.model) for kind in ("xla", "splash")}
+        for kind, r in rows.items():
+            print(f"{accelerator} {kind}: {r}", flush=True)
+        append_record("tpu_attention.jsonl", {
+            "benchmark": "TPU attention (compile-only)", "accelerator": accelerator, "model": args.model,
+            "res": args.res, "txt": args.txt, "examples_per_chip": per_chip, "rows": rows,
+            "figures": figures(accelerator, per_chip, args.res, rows), "cpu": cpu_name(), "cores": os.cpu_count(),
+            "device": "no TPU attached: libtpu compile-only on this CPU machine", "date": time.strftime("%Y-%m-%d")})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
