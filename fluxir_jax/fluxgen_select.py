@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from fluxir_jax.data.dataset import INFO_NAME, DatasetWriter, PairedSource, PairExample, decode_example
+from fluxir_jax.data.dataset import INFO_NAME, DatasetWriter, PairedSource, PairExample
 
 POOL, DEGRADED, PAIRS = "pool", "degraded", "pairs"
 

@@ -282,7 +282,6 @@ class Restorer:
 
 def _make_program(restorer: Restorer, bucket: tuple[int, int], tiled: bool):
     """program(params, {"lq": [b, H, W, 3] in [0, 1], "seed": [b]}) -> {"image": [b, H, W, 3] in [0, 1]}."""
-    import jax
     import jax.numpy as jnp
     from flax import nnx
 

@@ -41,7 +41,6 @@ def compile_restore(checkpoint: str, adapter: str, cfg, topology: str, lq_size: 
 
     from fluxir_jax import aot, restore, tpu_topology
     from fluxir_jax.fluxgen_topology import abstract_models
-    from fluxir_jax.infer import MeshShape
 
     tpu_topology.parse_accelerator(topology)  # an unknown name fails before anything is read
     graphdefs, params, base_cfg, vae_cfg = abstract_models(checkpoint, cfg.dtype)

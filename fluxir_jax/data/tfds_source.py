@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 from fluxir_jax import fileio
 from fluxir_jax.errors import UserError
