@@ -173,10 +173,12 @@ def remat_policy(policy: str):
     return table[policy]()
 
 
-def _remat(fn: Callable, policy: str) -> Callable:
+def _remat(fn: Callable, policy: str, scanned: bool = True) -> Callable:
+    """`fn` rematerialised by `policy`. prevent_cse=False is safe only inside a scan: in an unrolled
+    loop XLA would merge the recomputation with the original forward and drop the remat."""
     if policy == "none":
         return fn
-    return jax.checkpoint(fn, policy=remat_policy(policy), prevent_cse=False)
+    return jax.checkpoint(fn, policy=remat_policy(policy), prevent_cse=not scanned)
 
 
 def _split_control(stream: ControlStream | None, n: int):
@@ -320,7 +322,7 @@ class Flux(nnx.Module):
         all-gathered inside the loop, just before the layer runs (a no-op otherwise).
         """
         step = _remat(lambda c, layer_params, layer_ctrl: body(c, gather(layer_params), layer_ctrl),
-                      self.config.remat_policy)
+                      self.config.remat_policy, self.config.scan_layers)
         if self.config.scan_layers:
             def scan_body(c, xs):
                 c = step(c, *xs)

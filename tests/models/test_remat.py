@@ -62,3 +62,20 @@ def test_unknown_policy_is_user_error():
 def test_every_policy_is_documented():
     doc = FluxConfig.__doc__
     assert all(f'"{p}"' in doc for p in REMAT_POLICIES)
+
+
+def test_unrolled_blocks_keep_their_remat_when_compiled_for_tpu():
+    """With the blocks unrolled (the XLA FLOP variants of `--topology`), remat must survive XLA's CSE:
+    full remat recomputes every block's forward, so the compiled fwd+bwd does more FLOPs than without
+    remat (with prevent_cse=False the TPU compiler merged the recomputation away: equal FLOPs)."""
+    x = tiny_flux.inputs(batch=4, h=4, w=4, t=8)
+    flops = {}
+    for policy in ("none", "full"):
+        cfg = tiny_flux.config(remat_policy=policy, scan_layers=False, depth=2, depth_single_blocks=2)
+        gdef, state = tiny_flux.graphdef(cfg), tiny_flux.random_state(cfg)
+
+        def grad_img(state, img, gdef=gdef):
+            return jax.grad(lambda s, i: tiny_flux.output_loss(tiny_flux.forward(gdef, s, {**x, "img": i})), argnums=1)(state, img)
+
+        flops[policy] = tpu_topology.compile_for_topology(grad_img, (state, x["img"]), "v5p-8", (1, -1, 1))[0].flops
+    assert flops["full"] > 1.1 * flops["none"], flops
