@@ -53,6 +53,9 @@ def _summary_writer():
     return SummaryWriter
 
 
+TB_FLUSH_SECS = 2
+
+
 class MetricsLogger:
     """Writes records (dicts with a `step`) to stdout, run_dir/metrics.jsonl and run_dir/events/."""
 
@@ -66,7 +69,9 @@ class MetricsLogger:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
-        self.tb = _summary_writer()(str(run_dir / "events"))
+        # flush_secs: tensorboardX's writer thread drains its queue to disk only every flush_secs (default
+        # 120 s; `flush()` does not drain it), so a live TensorBoard would lag the run by up to 2 minutes
+        self.tb = _summary_writer()(str(run_dir / "events"), flush_secs=TB_FLUSH_SECS)
         if progress:
             from tqdm import tqdm
 
