@@ -224,23 +224,28 @@ def out_of_hbm_record(accelerator: str, mesh, err: OutOfHBM, method: str, analyt
 
 
 def whole_program_cost(compile_variant: Callable[[int, int], Any], depth: int, depth_single: int,
-                       base: int = 1) -> dict[str, float]:
+                       base: int = 1, accelerator: str | None = None) -> dict[str, float]:
     """Per-chip XLA FLOPs and optimal_seconds of the program at full depth, from small unrolled compiles.
 
     `compile_variant(d, s)` returns the compiled program with d double and s single blocks, unrolled;
     it is called at (base, base), (base + 1, base), (base, base + 1) (`tpu_topology.extrapolate_flops`),
     or once at (depth, depth_single) when that is no bigger than the largest of them (`exact`). base 1
     keeps the flux-dev compiles small (measured on the tiny model: 1.2% from a fully unrolled count;
-    base 2: 0.2%).
+    base 2: 0.2%). `unmodelled`: custom calls whose -1 s libtpu's optimal_seconds held, added back
+    (`tpu_topology.cost_details`), summed over the variants.
     """
     from fluxir_jax import tpu_topology
 
     cache: dict[tuple[int, int], tuple[float, float | None]] = {}
+    unmodelled = 0
 
     def at(counts):
+        nonlocal unmodelled
         key = (counts["double"], counts["single"])
         if key not in cache:
-            cache[key] = tpu_topology.cost(compile_variant(*key))
+            c = tpu_topology.cost_details(compile_variant(*key), accelerator)
+            cache[key] = (c["flops"], c["seconds"])
+            unmodelled += c["unmodelled"] if c["seconds"] is not None else 0
         return cache[key]
 
     trips = {"double": depth, "single": depth_single}
@@ -249,7 +254,7 @@ def whole_program_cost(compile_variant: Callable[[int, int], Any], depth: int, d
     timed = all(s is not None for _, s in cache.values())
     seconds = tpu_topology.extrapolate_flops(lambda c: at(c)[1], trips, base)["total"] if timed else None
     return {"flops": flops["total"], "seconds": seconds, "variants": len(cache), "base": base,
-            "exact": list(cache) == [(depth, depth_single)]}
+            "exact": list(cache) == [(depth, depth_single)], "unmodelled": unmodelled if timed else 0}
 
 
 def step_estimates(analytic: float, model: float, chips: int, peak: float, whole: dict | None, repeat: int = 1,
@@ -281,6 +286,10 @@ def step_estimates(analytic: float, model: float, chips: int, peak: float, whole
             how += (f"Pallas kernels (splash attention) are custom calls whose work XLA's cost analysis does not see: "
                     f"their FLOPs ({kernel_flops:.4g} over all chips, counted from the kernel bodies x their grids) are "
                     f"added to flops_per_step.xla{' and their time at the peak bf16 rate (optimistic: kernels run below peak) to xla_seconds' if xla_seconds is not None else ''}. ")
+        if xla_seconds is not None and whole.get("unmodelled"):
+            how += (f"libtpu's optimal_seconds counted {whole['unmodelled']} ConcatBitcast custom calls (the buffers of "
+                    "collective matmuls) as -1 s each; those seconds were added back (their own time is not "
+                    "counted: tpu_topology.cost_details). ")
         how += ("libtpu's cost analysis gave no optimal_seconds for this chip, so xla_seconds is null, "
                 + FLOP_BOUND) if xla_seconds is None else EST_MODEL
     else:
@@ -310,7 +319,7 @@ def topology_record(accelerator: str, mesh, compiled, compile_seconds: float, an
     acc = tpu_topology.parse_accelerator(accelerator)
     chips = int(mesh.devices.size)
     mem = tpu_topology.memory_bytes(compiled)
-    once_flops, once_seconds = tpu_topology.cost(compiled)
+    once_flops, once_seconds = tpu_topology.cost(compiled, accelerator)
     peak = acc.peak_bf16_flops
     fits = mem["total"] <= acc.hbm_bytes
     model = analytic if model_flops is None else model_flops

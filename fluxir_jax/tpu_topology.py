@@ -49,15 +49,16 @@ class Generation:
     dims: int  # 3-D torus (v4, v5p) or 2-D (v5e, v6e)
     hbm_bytes: int  # nominal HBM per chip
     peak_bf16_flops: float  # per chip, dense bf16
+    hbm_bandwidth: float  # per chip, bytes/s (nominal)
     megacore: bool  # one JAX device per chip spanning both TensorCores
     chips_per_host: int
 
 
 GENERATIONS: dict[str, Generation] = {
-    "v4": Generation("v4", 2, 3, 32 * GIB, 275e12, True, 4),
-    "v5p": Generation("v5p", 2, 3, 95 * GIB, 459e12, True, 4),
-    "v5litepod": Generation("v5e", 1, 2, 16 * GIB, 197e12, False, 8),
-    "v6e": Generation("v6e", 1, 2, 32 * GIB, 918e12, False, 8),
+    "v4": Generation("v4", 2, 3, 32 * GIB, 275e12, 1228e9, True, 4),
+    "v5p": Generation("v5p", 2, 3, 95 * GIB, 459e12, 2765e9, True, 4),
+    "v5litepod": Generation("v5e", 1, 2, 16 * GIB, 197e12, 819e9, False, 8),
+    "v6e": Generation("v6e", 1, 2, 32 * GIB, 918e12, 1640e9, False, 8),
 }
 ALIASES = {"v5e": "v5litepod"}
 _BY_LIBTPU = {g.libtpu: name for name, g in GENERATIONS.items()}
@@ -232,14 +233,47 @@ def memory_bytes(compiled) -> dict[str, int]:
     return out
 
 
-def cost(compiled) -> tuple[float, float | None]:
-    """(flops, optimal_seconds or None) from `compiled.cost_analysis()` (loop bodies counted once)."""
+# libtpu's cost model has no time for these custom calls and counts each as -1 s in `optimal_seconds`
+# (measured with libtpu 0.0.42.1 on v6e, where large FSDP matmuls compile to collective matmuls that
+# use them: programs with one report optimal_seconds = S - 1; the same programs on v5p, and smaller
+# ones without the call, report S >= 0; test_compile_topology.py checks it). Whole flux-dev programs
+# for v6e hold several, so their optimal_seconds came out negative: no time estimate at all.
+UNMODELLED_CUSTOM_CALLS = ("ConcatBitcast",)
+
+
+def cost_details(compiled, accelerator: str | None = None) -> dict[str, Any]:
+    """XLA's cost analysis of a compiled program (loop bodies counted once), per chip.
+
+    `flops`, `bytes` (bytes accessed) and `seconds`: `optimal_seconds` with the -1 s that libtpu
+    counts for each call in `UNMODELLED_CUSTOM_CALLS` added back (`unmodelled`: how many; their own
+    time is then not counted), or None when there is no usable figure: none reported, or negative,
+    or, with `accelerator` given, below the program's own roofline max(flops / peak, bytes / HBM
+    bandwidth) after the correction (a sentinel this correction does not know). `raw_seconds`: what
+    libtpu reported.
+    """
     analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # older JAX: one dict per program
         analysis = analysis[0] if analysis else {}
     analysis = analysis or {}
-    seconds = analysis.get("optimal_seconds")
-    return float(analysis.get("flops", 0.0)), (float(seconds) if seconds is not None and seconds >= 0 else None)
+    flops, nbytes = float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0))
+    raw = analysis.get("optimal_seconds")
+    raw = None if raw is None else float(raw)
+    seconds, unmodelled = raw, 0
+    if raw is not None and raw < 0:
+        text = compiled.as_text() or ""
+        unmodelled = sum(text.count(f'custom_call_target="{name}"') for name in UNMODELLED_CUSTOM_CALLS)
+        seconds = raw + unmodelled
+        spec = parse_accelerator(accelerator).spec if accelerator else None
+        floor = max(flops / spec.peak_bf16_flops, nbytes / spec.hbm_bandwidth) if spec else 0.0
+        if seconds < 0 or seconds < 0.99 * floor:
+            seconds = None
+    return {"flops": flops, "bytes": nbytes, "seconds": seconds, "raw_seconds": raw, "unmodelled": unmodelled}
+
+
+def cost(compiled, accelerator: str | None = None) -> tuple[float, float | None]:
+    """(flops, optimal_seconds or None) per chip, from `cost_details`."""
+    c = cost_details(compiled, accelerator)
+    return c["flops"], c["seconds"]
 
 
 @contextlib.contextmanager
@@ -290,7 +324,7 @@ def compile_for_topology(
         compiled = jax.jit(fn, **jit_kw).lower(*abstract_args).compile()
     seconds = time.perf_counter() - start
     mem = memory_bytes(compiled)
-    flops, xla_seconds = cost(compiled)
+    flops, xla_seconds = cost(compiled, accelerator)
     record = CompileRecord(
         accelerator=str(accelerator), topology=acc.topology, chips=acc.chips * num_slices, num_slices=num_slices,
         device_kind=mesh.devices.flat[0].device_kind, mesh=dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape))),

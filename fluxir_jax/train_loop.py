@@ -202,7 +202,8 @@ def compile_topology(cfg: TrainConfig, topology: str, log=print) -> dict:
         return aot.compile_on(t.jitted, t.abstract_args(), mesh)[0]
 
     fits = aot.tpu_topology_fits(compiled, topology)
-    whole = aot.whole_program_cost(variant, bc.depth, bc.depth_single_blocks) if fits else None  # no extra compiles
+    whole = (aot.whole_program_cost(variant, bc.depth, bc.depth_single_blocks, accelerator=topology)
+             if fits else None)  # no extra compiles
     return aot.topology_record(topology, mesh, compiled, seconds, analytic, whole, what, repeat=accum,
                                model_flops=model_flops, kernel_flops=kernel_flops, **info)
 

@@ -33,6 +33,30 @@ def test_hbm_and_peak_tables():
     gib = 1024**3
     table = {g: (s.hbm_bytes / gib, s.peak_bf16_flops / 1e12) for g, s in tpu_topology.GENERATIONS.items()}
     assert table == {"v4": (32, 275), "v5p": (95, 459), "v5litepod": (16, 197), "v6e": (32, 918)}
+    bandwidth = {g: s.hbm_bandwidth / 1e9 for g, s in tpu_topology.GENERATIONS.items()}
+    assert bandwidth == {"v4": 1228, "v5p": 2765, "v5litepod": 819, "v6e": 1640}  # GB/s per chip
+
+
+def test_v6e_optimal_seconds_without_the_minus_one_per_concat_bitcast():
+    """libtpu's v6e cost model counts each ConcatBitcast custom call (collective matmuls of large FSDP
+    matmuls use them) as -1 s: `cost_details` adds those back. A program whose raw optimal_seconds is
+    negative gets a time no lower than its roofline max(FLOPs / peak, bytes / bandwidth), and the same
+    matmul below the size that uses the call (raw time, nothing to correct) costs about as much."""
+    sds = jax.ShapeDtypeStruct
+    w = sds((3072, 9216), jax.numpy.bfloat16)
+    details = {}
+    for rows in (12288, 24576):
+        x = sds((rows, 3072), jax.numpy.bfloat16)
+        _, compiled = tpu_topology.compile_for_topology(lambda x, w: x @ w, (x, w), "v6e-8", (1, -1, 1),
+                                                        in_shardings=(P("fsdp"), P("fsdp")))
+        details[rows] = tpu_topology.cost_details(compiled, "v6e-8")
+    small, big = details[12288], details[24576]
+    assert small["unmodelled"] == 0 and small["seconds"] == small["raw_seconds"] > 0
+    assert big["raw_seconds"] < 0 and big["unmodelled"] == 1  # without the correction: no v6e time at all
+    assert big["seconds"] == pytest.approx(big["raw_seconds"] + 1)
+    spec = tpu_topology.GENERATIONS["v6e"]
+    assert big["seconds"] >= max(big["flops"] / spec.peak_bf16_flops, big["bytes"] / spec.hbm_bandwidth)
+    assert 0.5 * small["seconds"] < big["seconds"] < 4 * small["seconds"]  # twice the rows: about 1-2x the time
 
 
 @pytest.mark.parametrize("name", ["v7-8", "v5p-6", "v5p-7", "v6e-3", "tpu", "v5p-0", "v5p:2x2", "v6e:2x2x1", ""])
