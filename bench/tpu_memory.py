@@ -9,7 +9,7 @@ this CPU machine (`fluxir train ... --compile-only --topology NAME`, libtpu's re
 Grid per accelerator: `config` (the knobs the config chooses), `full` (remat_policy=full, same
 batch), `1024` (1024^2 crops, per-chip batch 1); opt-in `splash-none` (remat_policy=none,
 attention=splash, accum_steps 8: no recompute, for the MFU question; `splash-none-4`: the config's
-accum_steps 4, which does not fit v5p-8); `1024-full`: 1024^2 with remat_policy=full. Every case runs in its own process; its record is
+accum_steps 4, which does not fit v5p-8); `1024-full`: 1024^2 with remat_policy=full; `1024-splash`: 1024^2 with splash attention. Every case runs in its own process; its record is
 merged into bench/results/tpu_memory.json (keyed by accelerator and case) as soon as it ends, so
 partial grids keep what finished. Step time and MFU are estimates (see docs/tpu.md): no TPU ran.
 """
@@ -50,6 +50,8 @@ def case_overrides(case: str, accelerator: str) -> list[str]:
         return ["crop_size=1024", f"batch_size={CHIPS[accelerator]}", "optim.accum_steps=1"]
     if case == "1024-full":  # v6e-8: one 1024^2 example per chip with save_attention needs 51.7 GiB (measured)
         return [*case_overrides("1024", accelerator), "model.remat_policy=full"]
+    if case == "1024-splash":  # v6e-8: XLA attention's 4608 x 4608 matrices are what does not fit at 1024^2
+        return [*case_overrides("1024", accelerator), "model.attention=splash"]
     raise SystemExit(f"unknown case {case!r}")
 
 
@@ -149,7 +151,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--accelerators", nargs="+", default=["v5p-8", "v6e-8"], choices=sorted(CHIPS),
                     help="TPU slices to compile for")
-    ap.add_argument("--cases", nargs="+", default=["config", "full", "1024"], help="grid cases: config, full, 1024, 1024-full, splash-none, splash-none-4")
+    ap.add_argument("--cases", nargs="+", default=["config", "full", "1024"], help="grid cases: config, full, 1024, 1024-full, 1024-splash, splash-none, splash-none-4")
     ap.add_argument("--quick", action="store_true", help="smoke run: the tiny config on v5p-8 only")
     ap.add_argument("--timeout", type=float, default=6 * 3600,
                     help="seconds per case (a flux-dev case took 2-3 h of CPU on a 2-core machine: the scanned step "
