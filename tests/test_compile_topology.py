@@ -119,11 +119,15 @@ def test_model_flops_leave_remat_recompute_out_on_a_tpu_topology_mesh():
 class _Compiled:
     """Stands in for a compiled program: only its cost analysis (libtpu gives v6e no optimal_seconds)."""
 
-    def __init__(self, flops, seconds):
+    def __init__(self, flops, seconds, concat_bitcasts=0):
         self.analysis = {"flops": flops} if seconds is None else {"flops": flops, "optimal_seconds": seconds}
+        self.text = 'custom-call(), custom_call_target="ConcatBitcast"\n' * concat_bitcasts
 
     def cost_analysis(self):
         return self.analysis
+
+    def as_text(self):
+        return self.text
 
 
 @pytest.mark.parametrize("timed", [True, False], ids=["optimal_seconds", "no_optimal_seconds"])
@@ -144,4 +148,19 @@ def test_whole_step_estimates_with_and_without_xla_seconds(timed):
         assert whole["seconds"] is None and est["xla_seconds"] is None
         assert est["est_step_seconds"] == bound and est["est_mfu"] is None and est["est_hfu"] is None
         assert "gave no optimal_seconds" in est["how"]
+
+
+def test_whole_step_seconds_add_back_libtpus_minus_one_per_concat_bitcast():
+    """v6e: each variant's optimal_seconds holds -1 s per ConcatBitcast; the whole-step figure does not."""
+    def variant(d, s):  # 0.01 s per block, and one ConcatBitcast per block
+        return _Compiled(1e9 * (1 + d + 2 * s), 0.01 * (d + s) - (d + s), concat_bitcasts=d + s)
+
+    whole = aot.whole_program_cost(variant, 19, 38, accelerator="v6e-8")
+    assert whole["seconds"] == pytest.approx(0.01 * 57) and whole["unmodelled"] == 2 + 3 + 3
+    est = aot.step_estimates(4e15, 3e15, 8, 918e12, whole, repeat=4)
+    assert est["xla_seconds"] == pytest.approx(4 * 0.57) and est["est_mfu"] is not None
+    assert "8 ConcatBitcast custom calls" in est["how"]
+    # 0.5 s after adding back, below the 1e15 FLOPs at peak (1.09 s): a sentinel it does not know, unusable
+    bad = aot.whole_program_cost(lambda d, s: _Compiled(1e15, -1.5, concat_bitcasts=2), 19, 38, accelerator="v6e-8")
+    assert bad["seconds"] is None and bad["unmodelled"] == 0
 
