@@ -258,7 +258,7 @@ def whole_program_cost(compile_variant: Callable[[int, int], Any], depth: int, d
 
 
 def step_estimates(analytic: float, model: float, chips: int, peak: float, whole: dict | None, repeat: int = 1,
-                   fits: bool = True, kernel_flops: float = 0.0) -> dict:
+                   fits: bool = True, kernel_flops: float = 0.0, not_derived: str = "") -> dict:
     """Whole-step XLA figures and the step-time / MFU estimates of a `--topology` record, and how they were made.
 
     `whole` is `whole_program_cost`'s per-chip figures for one of `repeat` identical passes, or None.
@@ -293,8 +293,8 @@ def step_estimates(analytic: float, model: float, chips: int, peak: float, whole
         how += ("libtpu's cost analysis gave no optimal_seconds for this chip, so xla_seconds is null, "
                 + FLOP_BOUND) if xla_seconds is None else EST_MODEL
     else:
-        how = ("The whole-step xla figures were not derived (null) " + ("because it does not fit; " if not fits else "")
-               + "so " + FLOP_BOUND)
+        why = not_derived or ("it does not fit" if not fits else "")
+        how = "The whole-step xla figures were not derived (null) " + (f"because {why}; " if why else "") + "so " + FLOP_BOUND
     est = bound if xla_seconds is None else max(bound, xla_seconds)
     timed = xla_seconds is not None and est > 0
     return {"xla_flops": xla_flops, "xla_seconds": xla_seconds, "est_step_seconds": est,
@@ -304,7 +304,7 @@ def step_estimates(analytic: float, model: float, chips: int, peak: float, whole
 
 def topology_record(accelerator: str, mesh, compiled, compile_seconds: float, analytic: float, whole: dict | None,
                     method: str, repeat: int = 1, model_flops: float | None = None, kernel_flops: float = 0.0,
-                    **extra) -> dict:
+                    not_derived: str = "", **extra) -> dict:
     """The `--topology` JSON record of one compiled program (docs/tpu.md describes every key).
 
     `analytic` is the whole program's FLOPs over all chips (jaxpr count, remat recompute included);
@@ -323,7 +323,7 @@ def topology_record(accelerator: str, mesh, compiled, compile_seconds: float, an
     peak = acc.peak_bf16_flops
     fits = mem["total"] <= acc.hbm_bytes
     model = analytic if model_flops is None else model_flops
-    est = step_estimates(analytic, model, chips, peak, whole, repeat, fits, kernel_flops)
+    est = step_estimates(analytic, model, chips, peak, whole, repeat, fits, kernel_flops, not_derived)
     return {
         "accelerator": accelerator, "topology": acc.topology, "chips": chips,
         "device_kind": mesh.devices.flat[0].device_kind,

@@ -165,12 +165,13 @@ def compile_only(cfg: TrainConfig, mesh, log=print) -> dict:
             "lower_s": rep["lower_s"], "compile_s": rep["compile_s"]}
 
 
-def compile_topology(cfg: TrainConfig, topology: str, log=print) -> dict:
+def compile_topology(cfg: TrainConfig, topology: str, log=print, memory_only: bool = False) -> dict:
     """The `--compile-only --topology NAME` record: the real step compiled for a Cloud TPU slice.
 
     The mesh is `cfg.mesh` over the slice's chips (-1 fills); nothing is read or allocated. The
     whole-step XLA figures come from unrolled 2/3-block compiles of one micro-batch (times
-    optim.accum_steps), see `aot.topology_record`.
+    optim.accum_steps), see `aot.topology_record`; `memory_only` skips them (one compile: memory and
+    fits; the step-time estimate is then the FLOP bound).
     """
     import dataclasses
 
@@ -203,9 +204,10 @@ def compile_topology(cfg: TrainConfig, topology: str, log=print) -> dict:
 
     fits = aot.tpu_topology_fits(compiled, topology)
     whole = (aot.whole_program_cost(variant, bc.depth, bc.depth_single_blocks, accelerator=topology)
-             if fits else None)  # no extra compiles
+             if fits and not memory_only else None)  # no extra compiles
     return aot.topology_record(topology, mesh, compiled, seconds, analytic, whole, what, repeat=accum,
-                               model_flops=model_flops, kernel_flops=kernel_flops, **info)
+                               model_flops=model_flops, kernel_flops=kernel_flops,
+                               not_derived="--memory-only was given" if memory_only and fits else "", **info)
 
 
 def step_flops(cfg: TrainConfig, trainer: Trainer, mesh) -> tuple[float, float, float]:
@@ -477,6 +479,10 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
                         "from this machine and report per-chip memory, fits, FLOPs, estimated step time and MFU "
                         "(docs/tpu.md); exit 2 if it does not fit")
     p.add_argument("-o", "--out", metavar="FILE", help="with --topology: write the record here (default run_dir/compile.json)")
+    p.add_argument("--memory-only", action="store_true",
+                   help="with --topology: compile the step once, for per-chip memory and fits; skip the unrolled "
+                        "compiles behind XLA's whole-step FLOPs and time (about 2/3 of the wall time for flux-dev), "
+                        "so the step-time estimate is the FLOP bound and there is no MFU")
     distributed.add_args(p)
 
 
@@ -499,7 +505,7 @@ def _split_flags(args) -> None:
     found, rest = flags.parse_known_args(list(args.overrides))
     for bad in rest:
         if bad.startswith("-"):
-            raise UserError(f"fluxir train: unknown flag {bad} (flags: --compile-only, --topology, --out, "
+            raise UserError(f"fluxir train: unknown flag {bad} (flags: --compile-only, --topology, --out, --memory-only, "
                             "--coordinator, --num-processes, --process-id)")
     for name, value in vars(found).items():
         if value not in (None, False):
@@ -513,10 +519,12 @@ def _dispatch(args) -> int:
     if not args.topology:
         if args.out:
             raise UserError("--out is for --compile-only --topology NAME (plain --compile-only writes run_dir/compile.json)")
+        if getattr(args, "memory_only", False):
+            raise UserError("--memory-only is for --compile-only --topology NAME")
         return main(args)
     from fluxir_jax import aot
 
     cfg = train_config.load(args.config, list(args.overrides))
     train_config.check_static(cfg)
-    record = compile_topology(cfg, args.topology, log=lambda *a: None)
+    record = compile_topology(cfg, args.topology, log=lambda *a: None, memory_only=getattr(args, "memory_only", False))
     return aot.emit_record(record, args.out or pathlib.Path(cfg.run_dir) / "compile.json", "train")

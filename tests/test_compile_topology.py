@@ -45,6 +45,23 @@ def test_tiny_train_step_for_v5p_8(capsys, tmp_path):
     assert not (tmp_path / "run").exists()  # --out given: nothing in run_dir
 
 
+def test_memory_only_compiles_the_step_once(capsys, tmp_path, monkeypatch):
+    """--memory-only: the scanned step's memory and fits from one compile; no unrolled FLOP variants,
+    so no XLA whole-step figures and the step-time estimate is the FLOP bound."""
+    compiles = []
+    compile_on = aot.compile_on
+    monkeypatch.setattr(aot, "compile_on", lambda *a, **k: compiles.append(1) or compile_on(*a, **k))
+    rc, out, err = _run(capsys, "--compile-only", "--topology", "v5p-8", "--memory-only", f"run_dir={tmp_path}")
+    assert rc == 0, err
+    rec = json.loads(out.strip().splitlines()[-1])
+    assert len(compiles) == 1 and rec["fits"] is True and rec["per_chip_bytes"]["total"] > 0
+    assert rec["flops_per_step"]["xla"] is None and rec["xla_seconds"] is None and rec["est_mfu"] is None
+    assert rec["est_step_seconds"] == pytest.approx(rec["flops_per_step"]["analytic"] / (4 * rec["peak_flops_per_chip"]))
+    assert "because --memory-only was given" in rec["method"]
+    rc, out, err = _run(capsys, "--memory-only", f"run_dir={tmp_path}")
+    assert rc == 2 and "--memory-only is for --compile-only --topology NAME" in err
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--topology", "v9x-8"], "unknown TPU accelerator 'v9x-8'"),
     (["--topology=v5p-8", "mesh.data=3", "mesh.fsdp=1"], "mesh sizes data=3 x fsdp=1 x tensor=1"),
