@@ -79,11 +79,12 @@ def merge(path: pathlib.Path, key: str, entry: dict) -> None:
         tmp.replace(path)
 
 
-def run_case(config: pathlib.Path, accelerator: str, overrides: list[str], timeout: float) -> dict:
+def run_case(config: pathlib.Path, accelerator: str, overrides: list[str], timeout: float,
+             memory_only: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "compile.json"
         cmd = [sys.executable, "-m", "fluxir_jax.cli", "train", str(config), "--compile-only", "--topology", accelerator,
-               "--out", str(out), f"run_dir={tmp}/run", *overrides]
+               "--out", str(out), f"run_dir={tmp}/run", *overrides, *(["--memory-only"] if memory_only else [])]
         env = {**os.environ, "JAX_PLATFORMS": "cpu"}
         env.pop("JAX_COMPILATION_CACHE_DIR", None)
         t0 = time.perf_counter()
@@ -92,7 +93,8 @@ def run_case(config: pathlib.Path, accelerator: str, overrides: list[str], timeo
         except subprocess.TimeoutExpired:
             return {"overrides": overrides, "error": f"timed out after {timeout:.0f} s"}
         wall = time.perf_counter() - t0
-        entry = {"overrides": overrides, "exit_code": proc.returncode, "wall_seconds": round(wall, 1)}
+        entry = {"overrides": overrides, "exit_code": proc.returncode, "wall_seconds": round(wall, 1),
+                 **({"memory_only": True} if memory_only else {})}
         if out.is_file():
             entry["record"] = json.loads(out.read_text())
         else:
@@ -153,6 +155,9 @@ def main(argv=None) -> int:
                     help="TPU slices to compile for")
     ap.add_argument("--cases", nargs="+", default=["config", "full", "1024"], help="grid cases: config, full, 1024, 1024-full, 1024-splash, splash-none, splash-none-4")
     ap.add_argument("--quick", action="store_true", help="smoke run: the tiny config on v5p-8 only")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="per-chip memory and fits only (fluxir train --memory-only: one compile per case, no time "
+                         "estimate); such records are kept under CASE+memory")
     ap.add_argument("--timeout", type=float, default=6 * 3600,
                     help="seconds per case (a flux-dev case took 2-3 h of CPU on a 2-core machine: the scanned step "
                          "plus three unrolled FLOP variants)")
@@ -166,8 +171,8 @@ def main(argv=None) -> int:
         return 0 if "record" in entry else 1
     for acc in args.accelerators:
         for case in args.cases:
-            key = f"{acc}/{case}"
-            entry = run_case(CONFIG, acc, case_overrides(case, acc), args.timeout)
+            key = f"{acc}/{case}" + ("+memory" if args.memory_only else "")
+            entry = run_case(CONFIG, acc, case_overrides(case, acc), args.timeout, args.memory_only)
             merge(path, key, entry)
             print(summary(key, entry), flush=True)
             failed += "record" not in entry
