@@ -238,6 +238,7 @@ def whole_program_cost(compile_variant: Callable[[int, int], Any], depth: int, d
 
     cache: dict[tuple[int, int], tuple[float, float | None]] = {}
     unmodelled = 0
+    details = []
 
     def at(counts):
         nonlocal unmodelled
@@ -246,6 +247,7 @@ def whole_program_cost(compile_variant: Callable[[int, int], Any], depth: int, d
             c = tpu_topology.cost_details(compile_variant(*key), accelerator)
             cache[key] = (c["flops"], c["seconds"])
             unmodelled += c["unmodelled"] if c["seconds"] is not None else 0
+            details.append({"double": key[0], "single": key[1], **c})
         return cache[key]
 
     trips = {"double": depth, "single": depth_single}
@@ -254,7 +256,8 @@ def whole_program_cost(compile_variant: Callable[[int, int], Any], depth: int, d
     timed = all(s is not None for _, s in cache.values())
     seconds = tpu_topology.extrapolate_flops(lambda c: at(c)[1], trips, base)["total"] if timed else None
     return {"flops": flops["total"], "seconds": seconds, "variants": len(cache), "base": base,
-            "exact": list(cache) == [(depth, depth_single)], "unmodelled": unmodelled if timed else 0}
+            "exact": list(cache) == [(depth, depth_single)], "unmodelled": unmodelled if timed else 0,
+            "details": details}
 
 
 def step_estimates(analytic: float, model: float, chips: int, peak: float, whole: dict | None, repeat: int = 1,
@@ -319,7 +322,8 @@ def topology_record(accelerator: str, mesh, compiled, compile_seconds: float, an
     acc = tpu_topology.parse_accelerator(accelerator)
     chips = int(mesh.devices.size)
     mem = tpu_topology.memory_bytes(compiled)
-    once_flops, once_seconds = tpu_topology.cost(compiled, accelerator)
+    once = tpu_topology.cost_details(compiled, accelerator)
+    once_flops, once_seconds = once["flops"], once["seconds"]
     peak = acc.peak_bf16_flops
     fits = mem["total"] <= acc.hbm_bytes
     model = analytic if model_flops is None else model_flops
@@ -332,6 +336,8 @@ def topology_record(accelerator: str, mesh, compiled, compile_seconds: float, an
         "flops_per_step": {"analytic": analytic, "model": model, "kernels": kernel_flops, "xla": est["xla_flops"],
                            "xla_scan_body_once": once_flops * chips},
         "xla_seconds": est["xla_seconds"], "xla_seconds_scan_body_once": once_seconds,
+        # libtpu's own figures per compile (raw optimal_seconds, ConcatBitcasts added back), for diagnosis
+        "xla_cost_analysis": {"scanned": once, "variants": (whole or {}).get("details", [])},
         "peak_flops_per_chip": peak,
         "est_step_seconds": est["est_step_seconds"], "est_mfu": est["est_mfu"], "est_hfu": est["est_hfu"],
         "compile_seconds": round(compile_seconds, 2),
