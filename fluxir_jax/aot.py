@@ -236,28 +236,24 @@ def whole_program_cost(compile_variant: Callable[[int, int], Any], depth: int, d
     """
     from fluxir_jax import tpu_topology
 
-    cache: dict[tuple[int, int], tuple[float, float | None]] = {}
-    unmodelled = 0
-    details = []
+    cache: dict[tuple[int, int], dict] = {}  # (double, single) -> cost_details of that variant
 
     def at(counts):
-        nonlocal unmodelled
         key = (counts["double"], counts["single"])
         if key not in cache:
-            c = tpu_topology.cost_details(compile_variant(*key), accelerator)
-            cache[key] = (c["flops"], c["seconds"])
-            unmodelled += c["unmodelled"] if c["seconds"] is not None else 0
-            details.append({"double": key[0], "single": key[1], **c})
+            cache[key] = {"double": key[0], "single": key[1],
+                          **tpu_topology.cost_details(compile_variant(*key), accelerator)}
         return cache[key]
 
     trips = {"double": depth, "single": depth_single}
-    flops = tpu_topology.extrapolate_flops(lambda c: at(c)[0], trips, base)
-    # libtpu gives no optimal_seconds for some chips (v6e): then there is no XLA time estimate, not a zero one
-    timed = all(s is not None for _, s in cache.values())
-    seconds = tpu_topology.extrapolate_flops(lambda c: at(c)[1], trips, base)["total"] if timed else None
+    flops = tpu_topology.extrapolate_flops(lambda c: at(c)["flops"], trips, base)
+    # libtpu gives no usable optimal_seconds for some programs (v6e): then no XLA time estimate, not a zero one
+    timed = all(d["seconds"] is not None for d in cache.values())
+    seconds = tpu_topology.extrapolate_flops(lambda c: at(c)["seconds"], trips, base)["total"] if timed else None
     return {"flops": flops["total"], "seconds": seconds, "variants": len(cache), "base": base,
-            "exact": list(cache) == [(depth, depth_single)], "unmodelled": unmodelled if timed else 0,
-            "details": details}
+            "exact": list(cache) == [(depth, depth_single)],
+            "unmodelled": sum(d["unmodelled"] for d in cache.values()) if timed else 0,
+            "details": list(cache.values())}
 
 
 def step_estimates(analytic: float, model: float, chips: int, peak: float, whole: dict | None, repeat: int = 1,

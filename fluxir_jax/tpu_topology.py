@@ -236,7 +236,7 @@ def memory_bytes(compiled) -> dict[str, int]:
 # libtpu's cost model has no time for these custom calls and counts each as -1 s in `optimal_seconds`
 # (measured with libtpu 0.0.42.1 on v6e, where large FSDP matmuls compile to collective matmuls that
 # use them: programs with one report optimal_seconds = S - 1; the same programs on v5p, and smaller
-# ones without the call, report S >= 0; test_compile_topology.py checks it). Whole flux-dev programs
+# ones without the call, report S >= 0; test_tpu_topology.py checks it). Whole flux-dev programs
 # for v6e hold several, so their optimal_seconds came out negative: no time estimate at all.
 UNMODELLED_CUSTOM_CALLS = ("ConcatBitcast",)
 

@@ -519,12 +519,12 @@ def _dispatch(args) -> int:
     if not args.topology:
         if args.out:
             raise UserError("--out is for --compile-only --topology NAME (plain --compile-only writes run_dir/compile.json)")
-        if getattr(args, "memory_only", False):
+        if args.memory_only:
             raise UserError("--memory-only is for --compile-only --topology NAME")
         return main(args)
     from fluxir_jax import aot
 
     cfg = train_config.load(args.config, list(args.overrides))
     train_config.check_static(cfg)
-    record = compile_topology(cfg, args.topology, log=lambda *a: None, memory_only=getattr(args, "memory_only", False))
+    record = compile_topology(cfg, args.topology, log=lambda *a: None, memory_only=args.memory_only)
     return aot.emit_record(record, args.out or pathlib.Path(cfg.run_dir) / "compile.json", "train")
