@@ -18,6 +18,8 @@ from typing import Any, Callable
 import jax
 from jax.extend import core as jcore
 
+from fluxir_jax.models.layers import PAIR_SWAP_SCOPE
+
 
 def _dot_flops(eqn) -> float:
     lhs, rhs = (v.aval for v in eqn.invars[:2])
@@ -69,7 +71,9 @@ def _flops(jaxpr) -> tuple[float, float]:
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
         if name == "dot_general":
-            total += _dot_flops(eqn)
+            # rope's pair swap is a permutation written as a matmul (models/layers.py): data movement, not model work
+            if PAIR_SWAP_SCOPE not in str(eqn.source_info.name_stack):
+                total += _dot_flops(eqn)
         elif name == "conv_general_dilated":
             total += _conv_flops(eqn)
         elif name == "pallas_call":  # the body runs once per grid point; all of it is kernel work

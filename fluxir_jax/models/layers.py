@@ -27,6 +27,7 @@ from fluxir_jax.models.attention import AttentionSpec, dot_product_attention
 
 Array = jax.Array
 NORM_EPS = 1e-6
+PAIR_SWAP_SCOPE = "rope_pair_swap"
 
 
 # ----------------------------------------------------------------------------- pure math
@@ -84,16 +85,69 @@ def embed_nd(ids: Array, axes_dim: tuple[int, ...], theta: float) -> Array:
     return jnp.concatenate([rope(ids[..., i], d, theta) for i, d in enumerate(axes_dim)], axis=-3)
 
 
+def _swap_pairs(x: Array) -> Array:
+    """x[..., i ^ 1]: swaps adjacent pairs of the last axis, as a matmul with a permutation.
+
+    Exact (each output is one input times 1, plus zeros; precision HIGHEST so float32 is not
+    rounded to bfloat16 on TPU) and lane-dense: no tensor with a minor axis of 2, which TPUs
+    pad to 128 lanes.
+    """
+    i = np.arange(x.shape[-1])
+    p = np.zeros((x.shape[-1],) * 2, np.float32)
+    p[i ^ 1, i] = 1.0
+    with jax.named_scope(PAIR_SWAP_SCOPE):  # FLOP counts (aot.py) leave these data moves out
+        return jnp.dot(x, jnp.asarray(p, x.dtype), precision=jax.lax.Precision.HIGHEST, preferred_element_type=x.dtype)
+
+
+def _sum_to(t: Array, shape: tuple[int, ...]) -> Array:
+    """Sum a broadcast result back to `shape` (the cotangent of a broadcast)."""
+    axes = tuple(i for i, (a, b) in enumerate(zip(t.shape, shape)) if b == 1 and a != 1)
+    return t.sum(axes, keepdims=True)
+
+
+@jax.custom_vjp
+def _rotate_pairs(x: Array, diag: Array, off: Array) -> Array:
+    """diag * x + off * swap(x) in float32, cast to x's dtype; diag/off [B or 1, L, 1, D]."""
+    return (diag * x.astype(jnp.float32) + off * _swap_pairs(x).astype(jnp.float32)).astype(x.dtype)
+
+
+def _rotate_pairs_fwd(x, diag, off):
+    return _rotate_pairs(x, diag, off), (x, diag, off)
+
+
+def _rotate_pairs_bwd(res, g):
+    # dx[2i+k] = diag[2i+k] g[2i+k] + off[2i+1-k] g[2i+1-k]: both products summed in float32 and
+    # rounded once, as autodiff of the paired form does (autodiff of the matmul form would round
+    # the swapped term to x's dtype first). swap(g) is exact in g's own dtype.
+    x, diag, off = res
+    g32, x32 = g.astype(jnp.float32), x.astype(jnp.float32)
+    swapped_off = off.reshape(*off.shape[:-1], -1, 2)[..., ::-1].reshape(off.shape)  # a small table
+    dx = (diag * g32 + swapped_off * _swap_pairs(g).astype(jnp.float32)).astype(x.dtype)
+    ddiag = _sum_to(g32 * x32, diag.shape)
+    doff = _sum_to(g32 * _swap_pairs(x).astype(jnp.float32), off.shape)
+    return dx, ddiag, doff
+
+
+_rotate_pairs.defvjp(_rotate_pairs_fwd, _rotate_pairs_bwd)
+
+
 def apply_rope(xq: Array, xk: Array, pe: Array) -> tuple[Array, Array]:
-    """Rotate adjacent pairs of q and k: [B, L, H, D] with pe [B, L, D/2, 2, 2]; float32 inside."""
-    pe = pe[:, :, None]  # broadcast over heads: [B, L, 1, D/2, 2, 2]
+    """Rotate adjacent pairs of q and k: [B, L, H, D] with pe [B, L, D/2, 2, 2]; float32 inside.
 
-    def rotate(x):
-        x2 = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 1, 2)  # [..., D/2, 1, 2]
-        out = pe[..., 0] * x2[..., 0] + pe[..., 1] * x2[..., 1]  # [..., D/2, 2]
-        return out.reshape(x.shape).astype(x.dtype)
+    out[2i + j] = pe[i, j, 0] * x[2i] + pe[i, j, 1] * x[2i + 1] (BFL `apply_rope`), written
+    lane-dense (the paired form's minor axis of 2 cost ~20% of a flux-dev block's fwd+bwd time
+    on v5p in libtpu's estimate, in padded copies and transposes):
 
-    return rotate(xq), rotate(xk)
+        out = diag * x + off * swap(x),   diag[2i+j] = pe[i,j,j],  off[2i+j] = pe[i,j,1-j]
+
+    Every output (and every input gradient) is the same two float32 products summed as in the
+    paired form, so results are bitwise the same.
+    """
+    diag = jnp.stack([pe[..., 0, 0], pe[..., 1, 1]], axis=-1)  # [B, L, D/2, 2]
+    off = jnp.stack([pe[..., 0, 1], pe[..., 1, 0]], axis=-1)
+    diag = diag.reshape(*diag.shape[:2], 1, -1)  # [B, L, 1, D]: broadcast over heads
+    off = off.reshape(*off.shape[:2], 1, -1)
+    return _rotate_pairs(xq, diag, off), _rotate_pairs(xk, diag, off)
 
 
 def attention(q: Array, k: Array, v: Array, pe: Array, spec: AttentionSpec | None = None) -> Array:

@@ -187,6 +187,36 @@ def test_apply_rope_and_attention():
     assert rel_err(np.asarray(rk).transpose(0, 2, 1, 3), ref_apply_rope(perm(k), pe_ref)) <= TOL
 
 
+def _paired_rope(x, pe):
+    """BFL's paired form: x as [..., D/2, 1, 2] times the 2x2 rotations, float32 inside."""
+    x2 = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 1, 2)
+    p = pe[:, :, None]
+    return (p[..., 0] * x2[..., 0] + p[..., 1] * x2[..., 1]).reshape(x.shape).astype(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_lane_dense_rope_is_bitwise_the_paired_rotation_with_gradients(dtype):
+    # apply_rope swaps pairs with a permutation matmul (no minor axis of 2 for TPUs to pad): the
+    # same two float32 products summed, so equal bit for bit, at default matmul precision too
+    b, n, h, d = 2, 11, 3, 128
+    rng = np.random.default_rng(4)
+    q, k = (jnp.asarray(rng.standard_normal((b, n, h, d)) * 300.0, dtype) for _ in range(2))
+    ids = rng.integers(0, 4096, (b, n, 3)).astype(np.float32)
+    pe = L.embed_nd(jnp.asarray(ids), (16, 56, 56), 10_000)
+    rq, rk = L.apply_rope(q, k, pe)
+    assert rq.dtype == dtype and rk.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(rq, np.float32), np.asarray(_paired_rope(q, pe), np.float32))
+    np.testing.assert_array_equal(np.asarray(rk, np.float32), np.asarray(_paired_rope(k, pe), np.float32))
+    g = jnp.asarray(rng.standard_normal((b, n, h, d)), dtype)
+    vjp = lambda f: jax.vjp(f, q)[1](g)[0]  # noqa: E731
+    np.testing.assert_array_equal(np.asarray(vjp(lambda x: L.apply_rope(x, x, pe)[0]), np.float32),
+                                  np.asarray(vjp(lambda x: _paired_rope(x, pe)), np.float32))
+    # the tables' cotangent too (nothing differentiates rope tables today; it must still be right)
+    pe_vjp = lambda f: jax.vjp(f, pe)[1](g)[0]  # noqa: E731
+    np.testing.assert_allclose(pe_vjp(lambda p: L.apply_rope(q, q, p)[0]), pe_vjp(lambda p: _paired_rope(q, p)),
+                               rtol=1e-6, atol=1e-6 * float(jnp.abs(q.astype(jnp.float32)).max()))
+
+
 def test_rmsnorm():
     norm = L.RMSNorm(16)
     w = randomize(norm, 2)
@@ -248,3 +278,16 @@ def test_mlp_embedder_and_modulation():
 def test_rope_rejects_odd_dim(dim, theta):
     with pytest.raises(ValueError, match="even"):
         L.rope(jnp.zeros((1, 3)), dim, theta)
+
+
+def test_flop_counts_leave_out_ropes_pair_swap_matmuls():
+    # the swap is a permutation written as a matmul: data movement, so it must not inflate model FLOPs (MFU)
+    from fluxir_jax import aot
+
+    q = jax.ShapeDtypeStruct((2, 16, 3, 128), jnp.bfloat16)
+    pe = L.embed_nd(jnp.zeros((2, 16, 3)), (16, 56, 56), 10_000)
+    fwd = lambda q: L.apply_rope(q, q, pe)[0].astype(jnp.float32).sum()  # noqa: E731
+    assert aot.analytic_flops(fwd, q) == 0
+    assert aot.analytic_flops(jax.grad(fwd), q) == 0
+    qkv = lambda q: (L.apply_rope(q, q, pe)[0].reshape(2, 16, 384) @ jnp.ones((384, 8), q.dtype)).sum()  # noqa: E731
+    assert aot.analytic_flops(qkv, q) == 2 * 2 * 16 * 384 * 8  # other matmuls still count
