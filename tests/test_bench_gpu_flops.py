@@ -2,6 +2,9 @@
 
 XLA's cost analysis counts a scanned loop body once, so the model is built unrolled
 (`scan_layers=False`); it also counts elementwise work, which this width keeps to about 1%.
+It would also count rope's pair swap, a permutation written as a matmul (data movement, not model
+work; 6% at this head dim), so XLA counts the program with BFL's paired rope, which is bitwise the same
+math without that matmul (tests/models/test_layers.py).
 """
 from __future__ import annotations
 
@@ -12,7 +15,9 @@ from flax import nnx
 
 from bench.gpu_flux import adapter_step_flops, forward_flops
 from fluxir_jax.models.adapter import FluxIR, FluxIRConfig, fluxir_forward
+from fluxir_jax.models import layers
 from fluxir_jax.models.flux import Flux, FluxConfig
+from tests.models.test_layers import _paired_rope
 
 CFG = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=64, context_in_dim=256, hidden_size=256, num_heads=4,
                  depth=2, depth_single_blocks=3, axes_dim=(16, 24, 24), scan_layers=False)
@@ -20,6 +25,11 @@ L, T = 64, 32
 S = jax.ShapeDtypeStruct
 F32 = jnp.float32
 ARGS = (S((1, L, 64), F32), S((1, L, 3), F32), S((1, T, 256), F32), S((1, T, 3), F32), S((1,), F32), S((1, 64), F32), S((1,), F32))
+
+
+@pytest.fixture(autouse=True)
+def paired_rope(monkeypatch):
+    monkeypatch.setattr(layers, "apply_rope", lambda q, k, pe: (_paired_rope(q, pe), _paired_rope(k, pe)))
 
 
 def _xla_flops(fn, *args) -> float:
