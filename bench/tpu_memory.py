@@ -8,7 +8,8 @@ this CPU machine (`fluxir train ... --compile-only --topology NAME`, libtpu's re
 
 Grid per accelerator: `config` (the knobs the config chooses), `full` (remat_policy=full, same
 batch), `1024` (1024^2 crops, per-chip batch 1). Opt-in cases: `splash-none` (remat_policy=none,
-attention=splash, accum_steps 8: no recompute, for the MFU question), `splash-none-4` (the config's
+attention=splash, accum_steps 8: no recompute, for the MFU question), `splash-none-rep` (the same with
+model.frozen_sharding=replicated: no weight all-gathers), `splash-none-4` (the config's
 accum_steps 4, which does not fit v5p-8), `1024-full` (1024^2, remat_policy=full), `1024-splash`
 (1024^2, splash attention). Every case runs in its own process; its record is
 merged into bench/results/tpu_memory.json (keyed by accelerator and case) as soon as it ends, so
@@ -45,6 +46,8 @@ def case_overrides(case: str, accelerator: str) -> list[str]:
     if case == "splash-none":  # no remat recompute, flash attention (no L x L probabilities to keep); micro-batches
         # of 2 per chip: with the config's 4 per chip it needs 119.8 GiB per v5p chip (measured; case splash-none-4)
         return ["model.remat_policy=none", "model.attention=splash", "optim.accum_steps=8"]
+    if case == "splash-none-rep":  # splash-none with the frozen weights whole on every chip: no weight all-gathers
+        return [*case_overrides("splash-none", accelerator), "model.frozen_sharding=replicated"]
     if case == "splash-none-4":
         return ["model.remat_policy=none", "model.attention=splash"]
     if case == "1024":
@@ -154,7 +157,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--accelerators", nargs="+", default=["v5p-8", "v6e-8"], choices=sorted(CHIPS),
                     help="TPU slices to compile for")
-    ap.add_argument("--cases", nargs="+", default=["config", "full", "1024"], help="grid cases: config, full, 1024 (default); opt-in: 1024-full, 1024-splash, splash-none, splash-none-4")
+    ap.add_argument("--cases", nargs="+", default=["config", "full", "1024"], help="grid cases: config, full, 1024 (default); opt-in: 1024-full, 1024-splash, splash-none, splash-none-rep, "
+                    "splash-none-4")
     ap.add_argument("--quick", action="store_true", help="smoke run: the tiny config on v5p-8 only")
     ap.add_argument("--memory-only", action="store_true",
                     help="per-chip memory and fits only (fluxir train --memory-only: one compile per case, no time "

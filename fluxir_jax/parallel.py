@@ -53,6 +53,12 @@ LOGICAL_RULES: dict[str, Any] = {
     "batch": BATCH_AXES,
 }
 
+# frozen weights kept whole on every chip of the fsdp axis (`model.frozen_sharding: replicated`): a
+# frozen model has no gradients or optimizer state to shard, so FSDP only saves its bytes, and pays
+# an all-gather of every weight in the forward and again in the backward pass of each micro-batch
+REPLICATED_OVER_FSDP: dict[str, Any] = {**LOGICAL_RULES, "embed": None}
+FROZEN_SHARDINGS: dict[str, dict[str, Any]] = {"fsdp": LOGICAL_RULES, "replicated": REPLICATED_OVER_FSDP}
+
 
 @dataclasses.dataclass
 class MeshConfig:
@@ -191,7 +197,8 @@ def spec_for(shape: Sequence[int], axes: Sequence[Any], mesh, logical_rules: Map
     return PartitionSpec(*out)
 
 
-def state_shardings(state, mesh, rules: Sequence[tuple[str, Any]] = PARAM_RULES):
+def state_shardings(state, mesh, rules: Sequence[tuple[str, Any]] = PARAM_RULES,
+                    logical_rules: Mapping[str, Any] = LOGICAL_RULES):
     """NamedShardings for every leaf of an NNX state (abstract or concrete), from the rules."""
     import jax
     from flax import nnx
@@ -200,7 +207,7 @@ def state_shardings(state, mesh, rules: Sequence[tuple[str, Any]] = PARAM_RULES)
     def one(path, var):
         meta = var.get_metadata() if isinstance(var, nnx.Variable) else None
         shape = tuple(var.shape)
-        return NamedSharding(mesh, spec_for(shape, logical_axes(path, shape, meta, rules), mesh))
+        return NamedSharding(mesh, spec_for(shape, logical_axes(path, shape, meta, rules), mesh, logical_rules))
 
     return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
@@ -218,7 +225,7 @@ def batch_sharding(mesh, ndim: int = 1):
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def rule_from_state(abstract_state, mesh):
+def rule_from_state(abstract_state, mesh, logical_rules: Mapping[str, Any] = LOGICAL_RULES):
     """A `(path, shape) -> Sharding` rule for `checkpoint.load_flux(..., sharding=)` from an abstract state.
 
     Checkpoint paths carry no metadata, so the logical names come from the abstract model's
@@ -227,7 +234,7 @@ def rule_from_state(abstract_state, mesh):
     from flax import nnx
 
     table = {tuple(str(p) for p in path): s for path, s in
-             nnx.to_flat_state(state_shardings(abstract_state, mesh))}
+             nnx.to_flat_state(state_shardings(abstract_state, mesh, logical_rules=logical_rules))}
 
     def rule(path, shape):
         del shape

@@ -80,12 +80,21 @@ def resolve_configs(cfg: TrainConfig) -> tuple[FluxConfig, AutoEncoderConfig, in
     return base, vae, text_len, False
 
 
-def _pure_shardings(abstract_state, mesh):
+def _pure_shardings(abstract_state, mesh, logical_rules=parallel.LOGICAL_RULES):
     """Pure-dict shardings of an abstract nnx.State, from the rules table."""
-    sh = parallel.state_shardings(abstract_state, mesh)
+    sh = parallel.state_shardings(abstract_state, mesh, logical_rules=logical_rules)
     flat = {tuple(p): s for p, s in nnx.to_flat_state(sh)}
     pure = nnx.to_pure_dict(abstract_state)
     return jax.tree_util.tree_map_with_path(lambda path, _: flat[tuple(k.key for k in path)], pure)
+
+
+def frozen_rules(m) -> dict:
+    """Logical-axis rules of the frozen base and VAE weights (`model.frozen_sharding`)."""
+    try:
+        return parallel.FROZEN_SHARDINGS[m.frozen_sharding]
+    except KeyError:
+        raise UserError(f"model.frozen_sharding: {m.frozen_sharding!r} is not one of "
+                        f"{', '.join(parallel.FROZEN_SHARDINGS)}") from None
 
 
 def _abstract(make):
@@ -114,8 +123,10 @@ def build(cfg: TrainConfig, mesh, *, abstract: bool = False, log=print, base_con
     vae_gd, vae_abs = _abstract(lambda: AutoEncoder(vae_cfg, rngs=nnx.Rngs(cfg.seed + 1)))
     adapter_gd, adapter_abs = _abstract(adapter_make)
     check_compatible(nnx.eval_shape(adapter_make), base_cfg, text_len)
+    frozen = frozen_rules(cfg.model)
     models = Models(base_cfg, vae_cfg, base_gd, vae_gd, adapter_gd, base_abs, vae_abs, adapter_abs,
-                    _pure_shardings(base_abs, mesh), _pure_shardings(vae_abs, mesh), _pure_shardings(adapter_abs, mesh),
+                    _pure_shardings(base_abs, mesh, frozen), _pure_shardings(vae_abs, mesh, frozen),
+                    _pure_shardings(adapter_abs, mesh),
                     random_weights, text_len)
     if abstract:
         return models
@@ -132,9 +143,9 @@ def build(cfg: TrainConfig, mesh, *, abstract: bool = False, log=print, base_con
     else:
         over = dict(dtype=base_cfg.dtype, param_dtype=base_cfg.param_dtype, remat_policy=base_cfg.remat_policy,
                     attention=base_cfg.attention)
-        rule = parallel.rule_from_state(base_abs, mesh)
+        rule = parallel.rule_from_state(base_abs, mesh, frozen)
         base = nnx.to_pure_dict(nnx.split(checkpoint.load_flux(cfg.base, mesh=mesh, sharding=rule, **over))[1])
-        vae_rule = parallel.rule_from_state(vae_abs, mesh)
+        vae_rule = parallel.rule_from_state(vae_abs, mesh, frozen)
         vae = nnx.to_pure_dict(nnx.split(checkpoint.load_autoencoder(
             cfg.base, mesh=mesh, sharding=vae_rule, dtype=vae_cfg.dtype, param_dtype=vae_cfg.param_dtype))[1])
         text = checkpoint.load_text_embeddings(cfg.base)

@@ -65,6 +65,7 @@ def _with_gates(params, seed=7):
 
 
 def test_one_step_on_mesh_equals_one_device(tmp, sharded):
+    """One step on one device, on mesh (2, 4), and on mesh (2, 4) with the frozen weights replicated."""
     cfg8, mesh8, tr8 = sharded
     batch = _batches(cfg8, 1)[0]
     p_init = _with_gates(jax.device_get(tr8.state.params))
@@ -73,32 +74,50 @@ def test_one_step_on_mesh_equals_one_device(tmp, sharded):
     # counts alike. eps = 1e-3 keeps the update a smooth function of the gradient.
     cfg1 = _cfg(tmp, **{"mesh.data": 1, "mesh.fsdp": 1, "optim.eps": 1e-3})
     cfg8 = _cfg(tmp, **{"mesh.data": 2, "mesh.fsdp": 4, "optim.eps": 1e-3})
+    cfg8r = _cfg(tmp, **{"mesh.data": 2, "mesh.fsdp": 4, "optim.eps": 1e-3, "model.frozen_sharding": "replicated"})
     mesh1 = parallel.make_mesh(cfg1.mesh, jax.devices()[:1])
-    results = []
-    for cfg, mesh in ((cfg1, mesh1), (cfg8, mesh8)):
+    results, trainers = [], []
+    for cfg, mesh in ((cfg1, mesh1), (cfg8, mesh8), (cfg8r, mesh8)):
         with jax.set_mesh(mesh), jax.default_matmul_precision("highest"):
             tr = Trainer(cfg, mesh, log=lambda *a: None)
             state = jax.tree.map(jnp.copy, tr.state)
             state.params = jax.device_put(p_init, tr.state_sh.params)
             new, metrics = tr.jitted(state, tr.frozen, _global(batch, mesh))
             results.append((jax.device_get(new.params), jax.device_get(metrics)))
-    tr8 = tr
-    (p1, m1), (p8, m8) = results
-    assert bool(m1["finite"]) and bool(m8["finite"])
-    # float32 everywhere; bound 1e-5 relative for the loss and every adapter parameter
-    assert abs(float(m1["loss"]) - float(m8["loss"])) <= 1e-5 * abs(float(m1["loss"]))
-    f1, f8, f0 = _flat(p1), _flat(p8), _flat(p_init)
-    assert f1.keys() == f8.keys()
-    for k in f1:
-        assert _rel(f8[k], f1[k]) < 1e-5, k
+            trainers.append(tr)
+    (p1, m1), *sharded_results = results
+    f1, f0 = _flat(p1), _flat(p_init)
     # the step really moved every adapter leaf (otherwise equality would be trivial)
-    assert all(not np.array_equal(f1[k], f0[k]) for k in f1)
+    assert bool(m1["finite"]) and all(not np.array_equal(f1[k], f0[k]) for k in f1)
+    for p8, m8 in sharded_results:
+        assert bool(m8["finite"])
+        # float32 everywhere; bound 1e-5 relative for the loss and every adapter parameter
+        assert abs(float(m1["loss"]) - float(m8["loss"])) <= 1e-5 * abs(float(m1["loss"]))
+        f8 = _flat(p8)
+        assert f1.keys() == f8.keys()
+        for k in f1:
+            assert _rel(f8[k], f1[k]) < 1e-5, k
+    _, tr8, tr8r = trainers
     # the frozen base is sharded over fsdp on the (2, 4) mesh
     kernel = tr8.frozen.base["double_blocks"]["img_attn"]["qkv"]["kernel"]  # [layers, C, 3C]
     assert kernel.sharding.spec[0] is None and kernel.sharding.spec[1] == "fsdp"
     assert kernel.addressable_shards[0].data.shape[1] == kernel.shape[1] // 4
     single = tr8.frozen.base["single_blocks"]["linear1"]["kernel"]
     assert single.sharding.spec[1] == "fsdp"
+    # ... and whole on every chip with model.frozen_sharding=replicated, the adapter still over fsdp
+    for frozen in (tr8r.frozen.base, tr8r.frozen.vae):
+        for leaf in jax.tree.leaves(frozen):
+            assert "fsdp" not in jax.tree.leaves(tuple(leaf.sharding.spec)), leaf.shape
+            assert leaf.addressable_shards[0].data.shape == leaf.shape
+    assert tr8r.state.params["block"]["img_attn"]["qkv"]["kernel"].sharding.spec[0] == "fsdp"
+
+
+def test_unknown_frozen_sharding_is_a_user_error(tmp):
+    from fluxir_jax.errors import UserError
+
+    cfg = _cfg(tmp, **{"model.frozen_sharding": "tensor"})
+    with pytest.raises(UserError, match="model.frozen_sharding: 'tensor' is not one of fsdp, replicated"):
+        Trainer(cfg, parallel.make_mesh(cfg.mesh), log=lambda *a: None)
 
 
 @pytest.mark.slow
