@@ -134,7 +134,10 @@ def _generic(name: str, records: list[dict]):
             for f in r["figures"]:
                 value = f["value"]
                 text = _num(value, f.get("unit", "")) if isinstance(value, (int, float)) else str(value)
-                fig = Figure(r.get("benchmark", name), str(f["figure"]), text, str(f.get("repeats", r.get("repeats", ""))), m, d)
+                # a figure may name its own machine and date (a file that gathers runs made at different times)
+                fm = machine({**r, "cpu": f["cpu"]}) if "cpu" in f else m
+                fd = _date(f) if "date" in f else d
+                fig = Figure(r.get("benchmark", name), str(f["figure"]), text, str(f.get("repeats", r.get("repeats", ""))), fm, fd)
                 listed[(fig.benchmark, fig.figure)] = fig
             continue
         for k, v in r.items():

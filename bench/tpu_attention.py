@@ -4,12 +4,14 @@ its FLOP bound?
 
     .venv/bin/python bench/tpu_attention.py                        # v5p-8 and v6e-8 (~2 min of CPU each)
     .venv/bin/python bench/tpu_attention.py --accelerators v5p-8 --examples-per-chip 4
+    .venv/bin/python bench/tpu_attention.py --accelerators v5p-8 --examples-per-chip 2 --kinds splash --weights fsdp
     .venv/bin/python bench/tpu_attention.py --quick                # the tiny preset at 64² on v5p-8 (smoke)
 
 One flux-dev double block and one single block (bf16, unrolled), forward and backward with respect
 to the input (the frozen base's part of a FluxIR step: no weight gradients), 512^2 (1024 image + 512
 text tokens), the configured micro-batch per chip (4 on v5p-8, 2 on v6e-8), batch sharded over the
-chips, weights replicated (no FSDP gathers). Per kernel: the analytic FLOPs (splash's counted inside
+chips, weights replicated (no FSDP gathers; `--weights fsdp`: sharded by the training rules, as
+`model.frozen_sharding: fsdp` does, so each block all-gathers them). Per kernel: the analytic FLOPs (splash's counted inside
 the kernel, whose work XLA's cost analysis does not see), XLA's bytes and optimal_seconds per chip,
 the estimated time (optimal_seconds + the kernels' FLOPs at peak, as `fluxir train --topology`
 does), the FLOP bound and per-chip memory. Estimates from the compiler: no TPU ran.
@@ -33,7 +35,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from bench.common import append_record, cpu_name  # noqa: E402
-from fluxir_jax import aot, tpu_topology  # noqa: E402
+from fluxir_jax import aot, parallel, tpu_topology  # noqa: E402
 from fluxir_jax.models import presets  # noqa: E402
 from fluxir_jax.models.flux import Flux  # noqa: E402
 
@@ -61,7 +63,8 @@ def blocks_fwd_bwd(model: str, kind: str, batch: int, res: int, txt: int):
     return fn, (state, x)
 
 
-def measure(accelerator: str, kind: str, per_chip: int, res: int, txt: int, model: str) -> dict:
+def measure(accelerator: str, kind: str, per_chip: int, res: int, txt: int, model: str,
+            weights: str = "replicated") -> dict:
     acc = tpu_topology.parse_accelerator(accelerator)
     fn, (state, x) = blocks_fwd_bwd(model, kind, per_chip * acc.chips, res, txt)
     mesh = tpu_topology.topology_mesh(accelerator, (1, -1, 1))
@@ -70,7 +73,8 @@ def measure(accelerator: str, kind: str, per_chip: int, res: int, txt: int, mode
     t0 = time.perf_counter()
     rec, compiled = tpu_topology.compile_for_topology(
         fn, (state, x), accelerator, (1, -1, 1),
-        in_shardings=(jax.tree.map(lambda _: P(), state), jax.tree.map(lambda _: P("fsdp"), x)))
+        in_shardings=lambda mesh: (parallel.state_shardings(state, mesh) if weights == "fsdp"
+                                   else jax.tree.map(lambda _: P(), state), jax.tree.map(lambda _: P("fsdp"), x)))
     seconds = time.perf_counter() - t0
     ca = compiled.cost_analysis()
     ca = (ca[0] if ca else {}) if isinstance(ca, (list, tuple)) else (ca or {})
@@ -82,8 +86,9 @@ def measure(accelerator: str, kind: str, per_chip: int, res: int, txt: int, mode
             "compile_seconds": round(seconds, 1)}
 
 
-def figures(accelerator: str, per_chip: int, res: int, rows: dict[str, dict]) -> list[dict]:
+def figures(accelerator: str, per_chip: int, res: int, rows: dict[str, dict], weights: str = "replicated") -> list[dict]:
     what = f"{accelerator}, 1 double + 1 single flux-dev block fwd+bwd (dX), {per_chip}/chip, {res}²"
+    what += ", FSDP-sharded weights" if weights == "fsdp" else ""
     out = []
     for kind, r in rows.items():
         if r["est_seconds"] is not None:
@@ -92,7 +97,7 @@ def figures(accelerator: str, per_chip: int, res: int, rows: dict[str, dict]) ->
         out.append({"figure": f"{what}: FLOP bound, {kind} attention", "value": r["flop_bound_seconds"] * 1e3, "unit": "ms"})
         out.append({"figure": f"{what}: per-chip memory, {kind} attention", "value": r["per_chip_bytes"] / 2**30,
                     "unit": "GiB"})
-    if all(r["est_seconds"] for r in rows.values()):
+    if {"xla", "splash"} <= set(rows) and all(r["est_seconds"] for r in rows.values()):
         out.append({"figure": f"{what}: est. time splash / xla (estimate)",
                     "value": rows["splash"]["est_seconds"] / rows["xla"]["est_seconds"], "unit": "x"})
     return [dict(f, repeats=1) for f in out]
@@ -105,6 +110,9 @@ def main(argv=None) -> int:
     ap.add_argument("--res", type=int, default=512)
     ap.add_argument("--txt", type=int, default=512)
     ap.add_argument("--model", default="flux-dev")
+    ap.add_argument("--kinds", nargs="+", default=["xla", "splash"], choices=["xla", "splash"])
+    ap.add_argument("--weights", default="replicated", choices=["replicated", "fsdp"],
+                    help="frozen block weights whole on every chip, or sharded by the FSDP rules (all-gathered per block)")
     ap.add_argument("--quick", action="store_true", help="smoke run: the tiny preset at 64² on v5p-8")
     args = ap.parse_args(argv)
     if args.quick:
@@ -112,13 +120,14 @@ def main(argv=None) -> int:
     jax.config.update("jax_enable_compilation_cache", False)
     for accelerator in args.accelerators:
         per_chip = args.examples_per_chip or PER_CHIP.get(accelerator, 1)
-        rows = {kind: measure(accelerator, kind, per_chip, args.res, args.txt, args.model) for kind in ("xla", "splash")}
+        rows = {kind: measure(accelerator, kind, per_chip, args.res, args.txt, args.model, args.weights)
+                for kind in args.kinds}
         for kind, r in rows.items():
             print(f"{accelerator} {kind}: {r}", flush=True)
         append_record("tpu_attention.jsonl", {
             "benchmark": "TPU attention (compile-only)", "accelerator": accelerator, "model": args.model,
-            "res": args.res, "txt": args.txt, "examples_per_chip": per_chip, "rows": rows,
-            "figures": figures(accelerator, per_chip, args.res, rows), "cpu": cpu_name(), "cores": os.cpu_count(),
+            "res": args.res, "txt": args.txt, "examples_per_chip": per_chip, "weights": args.weights, "rows": rows,
+            "figures": figures(accelerator, per_chip, args.res, rows, args.weights), "cpu": cpu_name(), "cores": os.cpu_count(),
             "device": "no TPU attached: libtpu compile-only on this CPU machine", "date": time.strftime("%Y-%m-%d")})
     return 0
 

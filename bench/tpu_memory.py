@@ -76,6 +76,9 @@ def merge(path: pathlib.Path, key: str, entry: dict) -> None:
                     date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
         data["what"] = ("fluxir train configs/train/fluxir-dev.yaml --compile-only --topology NAME: per-chip memory from "
                         "XLA's memory_analysis, FLOPs, XLA's estimated seconds and est. MFU (estimates), compile time")
+        # each case names its own machine and date: cases merged later must not relabel earlier ones
+        entry.setdefault("cpu", cpu_name())
+        entry.setdefault("date", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
         data.setdefault("cases", {})[key] = entry
         data["figures"] = [f for k, e in sorted(data["cases"].items()) for f in figures(k, e)]
         tmp = path.with_name(path.name + ".tmp")
@@ -112,7 +115,8 @@ def figures(key: str, entry: dict) -> list[dict]:
     """Table rows (bench/results_table.py) of one case."""
     rec = entry.get("record")
     if not rec:
-        return [{"figure": f"{key}: result", "value": entry.get("error", "failed"), "repeats": 1}]
+        return [{"figure": f"{key}: result", "value": entry.get("error", "failed"), "repeats": 1,
+                 **{k: entry[k] for k in ("cpu", "date") if k in entry}}]
     gib = 1024**3
     mem = rec["per_chip_bytes"]
     rows = [("per-chip bytes" if mem.get("total") else "per-chip temporaries (compiler refused)",
@@ -131,7 +135,8 @@ def figures(key: str, entry: dict) -> list[dict]:
                      ("est. HFU (recompute counted, estimate)", 100 * rec["est_hfu"], "%")]
         else:  # records written before the model-FLOPs count: est_mfu counted the recompute
             rows += [("est. HFU (recompute counted, estimate)", 100 * rec["est_mfu"], "%")]
-    return [{"figure": f"{key}: {name}", "value": value, "unit": unit, "repeats": 1} for name, value, unit in rows]
+    own = {k: entry[k] for k in ("cpu", "date") if k in entry}  # the case's machine and date (bench/results_table.py)
+    return [{"figure": f"{key}: {name}", "value": value, "unit": unit, "repeats": 1, **own} for name, value, unit in rows]
 
 
 def summary(key: str, entry: dict) -> str:

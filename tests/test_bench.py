@@ -248,3 +248,22 @@ def test_tpu_attention_rows_compare_the_kernels_and_skip_missing_time_estimates(
     rows = {r["figure"].split(": ", 1)[1]: r["value"]  # no optimal_seconds from libtpu: no time, no ratio
             for r in tpu_attention.figures("v6e-8", 2, 512, {"xla": dict(row, est_seconds=None), "splash": row})}
     assert "est. time, xla attention (estimate)" not in rows and not any("/ xla" in k for k in rows)
+    # one kernel with FSDP-sharded weights: its own figure names (no ratio without both kernels)
+    names = [r["figure"] for r in tpu_attention.figures("v5p-8", 2, 512, {"splash": row}, weights="fsdp")]
+    assert names and all("FSDP-sharded weights" in n for n in names) and not any("/ xla" in n for n in names)
+
+
+def test_tpu_memory_cases_merged_on_another_machine_keep_their_own_machine_and_date(tmp_path, monkeypatch):
+    """tpu_memory.json gathers cases compiled on different days and machines: merging one must not relabel the rest."""
+    from bench import tpu_memory
+
+    rec = dict(per_chip_bytes={"total": 2 * 1024**3}, fits=True, compile_seconds=10.0, hbm_bytes=1)
+    path = tmp_path / "tpu_memory.json"
+    monkeypatch.setattr(tpu_memory, "cpu_name", lambda: "Intel Xeon")
+    tpu_memory.merge(path, "v5p-8/old", {"record": rec})
+    monkeypatch.setattr(tpu_memory, "cpu_name", lambda: "AMD EPYC")
+    tpu_memory.merge(path, "v5p-8/new", {"record": rec, "date": "2099-01-02 03:04 UTC"})
+    rows = {r.figure: r for r in rt.figures(tmp_path)}
+    assert "Intel Xeon" in rows["v5p-8/old: fits HBM"].machine and "AMD EPYC" not in rows["v5p-8/old: fits HBM"].machine
+    assert "AMD EPYC" in rows["v5p-8/new: fits HBM"].machine and rows["v5p-8/new: fits HBM"].date == "2099-01-02"
+    assert rows["v5p-8/old: fits HBM"].date != "2099-01-02"
