@@ -114,9 +114,9 @@ def run_case(config: pathlib.Path, accelerator: str, overrides: list[str], timeo
 def figures(key: str, entry: dict) -> list[dict]:
     """Table rows (bench/results_table.py) of one case."""
     rec = entry.get("record")
+    own = {k: entry[k] for k in ("cpu", "date") if k in entry}  # the case's machine and date (bench/results_table.py)
     if not rec:
-        return [{"figure": f"{key}: result", "value": entry.get("error", "failed"), "repeats": 1,
-                 **{k: entry[k] for k in ("cpu", "date") if k in entry}}]
+        return [{"figure": f"{key}: result", "value": entry.get("error", "failed"), "repeats": 1, **own}]
     gib = 1024**3
     mem = rec["per_chip_bytes"]
     rows = [("per-chip bytes" if mem.get("total") else "per-chip temporaries (compiler refused)",
@@ -135,7 +135,6 @@ def figures(key: str, entry: dict) -> list[dict]:
                      ("est. HFU (recompute counted, estimate)", 100 * rec["est_hfu"], "%")]
         else:  # records written before the model-FLOPs count: est_mfu counted the recompute
             rows += [("est. HFU (recompute counted, estimate)", 100 * rec["est_mfu"], "%")]
-    own = {k: entry[k] for k in ("cpu", "date") if k in entry}  # the case's machine and date (bench/results_table.py)
     return [{"figure": f"{key}: {name}", "value": value, "unit": unit, "repeats": 1, **own} for name, value, unit in rows]
 
 
