@@ -7,7 +7,7 @@ this CPU machine (`fluxir train ... --compile-only --topology NAME`, libtpu's re
     .venv/bin/python bench/tpu_memory.py --quick                  # tiny config on v5p-8 (smoke)
 
 Grid per accelerator: `config` (the knobs the config chooses), `full` (remat_policy=full, same
-batch), `1024` (1024^2 crops, per-chip batch 1). Opt-in cases: `splash-none` (remat_policy=none,
+batch), `1024` (1024^2 crops, per-chip batch 1). Opt-in cases: `splash` (the config's knobs with attention=splash), `splash-none` (remat_policy=none,
 attention=splash, accum_steps 8: no recompute, for the MFU question), `splash-none-rep` (the same with
 model.frozen_sharding=replicated: no weight all-gathers), `splash-none-4` (the config's
 accum_steps 4, which does not fit v5p-8), `1024-full` (1024^2, remat_policy=full), `1024-splash`
@@ -43,6 +43,8 @@ def case_overrides(case: str, accelerator: str) -> list[str]:
         return []
     if case == "full":
         return ["model.remat_policy=full"]
+    if case == "splash":  # the config's knobs with splash attention (fits v6e-8, where remat none does not)
+        return ["model.attention=splash"]
     if case == "splash-none":  # no remat recompute, flash attention (no L x L probabilities to keep); micro-batches
         # of 2 per chip: with the config's 4 per chip it needs 119.8 GiB per v5p chip (measured; case splash-none-4)
         return ["model.remat_policy=none", "model.attention=splash", "optim.accum_steps=8"]

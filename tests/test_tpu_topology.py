@@ -59,6 +59,20 @@ def test_v6e_optimal_seconds_without_the_minus_one_per_concat_bitcast():
     assert 0.5 * small["seconds"] < big["seconds"] < 4 * small["seconds"]  # twice the rows: about 1-2x the time
 
 
+def test_usable_seconds_keeps_corrected_v6e_figures_and_rejects_a_missed_sentinel():
+    """libtpu's figures for the flux-dev train step's (2, 1) variant on v6e-8 (bench/results/
+    tpu_memory.json): corrected, it lies 2% under bytes / HBM bandwidth (bytes accessed counts
+    on-chip traffic too) and is kept; one ConcatBitcast fewer (a -1 s missed) is rejected."""
+    flops, nbytes, raw = 13350199099392.0, 162499641344.0, -298.903076171875
+    assert tpu_topology.usable_seconds(flops, nbytes, raw, 299, "v6e-8") == pytest.approx(0.0969, abs=1e-4)
+    assert nbytes / tpu_topology.GENERATIONS["v6e"].hbm_bandwidth > 0.099  # above the corrected figure
+    assert tpu_topology.usable_seconds(flops, nbytes, raw, 298, "v6e-8") is None
+    assert tpu_topology.usable_seconds(flops, 0.0, -298.99, 299, "v6e-8") is None  # 10 ms: under the FLOP bound 14.5
+    assert tpu_topology.usable_seconds(flops, 0.0, -298.98, 299, "v6e-8") == pytest.approx(0.02, abs=1e-4)
+    assert tpu_topology.usable_seconds(flops, nbytes, 0.25, 0, "v6e-8") == 0.25  # not negative: as reported
+    assert tpu_topology.usable_seconds(flops, nbytes, None, 0, "v6e-8") is None
+
+
 @pytest.mark.parametrize("name", ["v7-8", "v5p-6", "v5p-7", "v6e-3", "tpu", "v5p-0", "v5p:2x2", "v6e:2x2x1", ""])
 def test_unknown_accelerator_is_user_error_listing_known_forms(name):
     with pytest.raises(UserError, match="known forms: v4-<TensorCores>") as err:
