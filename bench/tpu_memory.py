@@ -7,7 +7,7 @@ this CPU machine (`fluxir train ... --compile-only --topology NAME`, libtpu's re
     .venv/bin/python bench/tpu_memory.py --quick                  # tiny config on v5p-8 (smoke)
 
 Grid per accelerator: `config` (the knobs the config chooses), `full` (remat_policy=full, same
-batch), `1024` (1024^2 crops, per-chip batch 1). Opt-in cases: `splash` (the config's knobs with attention=splash), `splash-none` (remat_policy=none,
+batch), `1024` (1024^2 crops, per-chip batch 1). Opt-in cases: `splash` (the config's knobs with attention=splash), `splash-4` (splash, 4 examples per chip per micro-batch), `splash-none` (remat_policy=none,
 attention=splash, accum_steps 8: no recompute, for the MFU question), `splash-none-rep` (the same with
 model.frozen_sharding=replicated: no weight all-gathers), `splash-none-4` (the config's
 accum_steps 4, which does not fit v5p-8), `1024-full` (1024^2, remat_policy=full), `1024-splash`
@@ -45,6 +45,9 @@ def case_overrides(case: str, accelerator: str) -> list[str]:
         return ["model.remat_policy=full"]
     if case == "splash":  # the config's knobs with splash attention (fits v6e-8, where remat none does not)
         return ["model.attention=splash"]
+    if case == "splash-4":  # splash with micro-batches of 4 per chip on v6e-8 (libtpu's v6e model runs flux-dev's
+        # matmuls at 58% of peak with 2 examples per chip, 73% with 4: bench/tpu_matmul.py)
+        return ["model.attention=splash", f"optim.accum_steps={64 // (4 * CHIPS[accelerator])}"]
     if case == "splash-none":  # no remat recompute, flash attention (no L x L probabilities to keep); micro-batches
         # of 2 per chip: with the config's 4 per chip it needs 119.8 GiB per v5p chip (measured; case splash-none-4)
         return ["model.remat_policy=none", "model.attention=splash", "optim.accum_steps=8"]
@@ -86,6 +89,15 @@ def merge(path: pathlib.Path, key: str, entry: dict) -> None:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(data, indent=1))
         tmp.replace(path)
+
+
+def rederive(record: dict) -> dict:
+    """`aot.rederive` for a record of this benchmark (the model preset it names; its micro-batches)."""
+    from fluxir_jax import aot
+    from fluxir_jax.models import presets
+
+    model = presets.get(record["base"])
+    return aot.rederive(record, model.depth, model.depth_single_blocks, record["accum_steps"])
 
 
 def run_case(config: pathlib.Path, accelerator: str, overrides: list[str], timeout: float,
@@ -166,6 +178,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", nargs="+", default=["config", "full", "1024"], help="grid cases: config, full, 1024 (default); opt-in: 1024-full, 1024-splash, splash-none, splash-none-rep, "
                     "splash-none-4")
     ap.add_argument("--quick", action="store_true", help="smoke run: the tiny config on v5p-8 only")
+    ap.add_argument("--rederive", nargs="+", metavar="KEY", default=[],
+                    help="no compile: derive the time estimates of these recorded cases (e.g. v6e-8/config) again "
+                         "from the libtpu figures they kept, with today's rules (aot.rederive)")
     ap.add_argument("--memory-only", action="store_true",
                     help="per-chip memory and fits only (fluxir train --memory-only: one compile per case, no time "
                          "estimate); such records are kept under CASE+memory")
@@ -175,6 +190,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     path = RESULTS / "tpu_memory.json"
     failed = 0
+    if args.rederive:
+        for key in args.rederive:
+            entry = json.loads(path.read_text())["cases"][key]
+            entry = {**entry, "record": rederive(entry["record"]),
+                     "rederived": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            merge(path, key, entry)
+            print(summary(key, entry), flush=True)
+        return 0
     if args.quick:
         entry = run_case(TINY, "v5p-8", [], args.timeout)
         merge(path, "tiny/v5p-8", entry)

@@ -250,15 +250,28 @@ def whole_program_cost(compile_variant: Callable[[int, int], Any], depth: int, d
                           **tpu_topology.cost_details(compile_variant(*key), accelerator)}
         return cache[key]
 
+    tpu_topology.extrapolate_flops(lambda c: at(c)["flops"], {"double": depth, "single": depth_single}, base)
+    return whole_from_details(list(cache.values()), depth, depth_single, base)
+
+
+def whole_from_details(details: list[dict], depth: int, depth_single: int, base: int = 1) -> dict:
+    """`whole_program_cost`'s figures from the `cost_details` of its variants (each with `double` and
+    `single`, the block counts it was compiled with)."""
+    from fluxir_jax import tpu_topology
+
+    by_counts = {(d["double"], d["single"]): d for d in details}
+
+    def at(counts):
+        return by_counts[(counts["double"], counts["single"])]
+
     trips = {"double": depth, "single": depth_single}
     flops = tpu_topology.extrapolate_flops(lambda c: at(c)["flops"], trips, base)
-    # libtpu gives no usable optimal_seconds for some programs (v6e): then no XLA time estimate, not a zero one
-    timed = all(d["seconds"] is not None for d in cache.values())
+    # libtpu gives no usable optimal_seconds for some programs: then no XLA time estimate, not a zero one
+    timed = all(d["seconds"] is not None for d in details)
     seconds = tpu_topology.extrapolate_flops(lambda c: at(c)["seconds"], trips, base)["total"] if timed else None
-    return {"flops": flops["total"], "seconds": seconds, "variants": len(cache), "base": base,
-            "exact": list(cache) == [(depth, depth_single)],
-            "unmodelled": sum(d["unmodelled"] for d in cache.values()) if timed else 0,
-            "details": list(cache.values())}
+    return {"flops": flops["total"], "seconds": seconds, "variants": len(details), "base": base,
+            "exact": list(by_counts) == [(depth, depth_single)],
+            "unmodelled": sum(d["unmodelled"] for d in details) if timed else 0, "details": details}
 
 
 def step_estimates(analytic: float, model: float, chips: int, peak: float, whole: dict | None, repeat: int = 1,
@@ -347,6 +360,33 @@ def topology_record(accelerator: str, mesh, compiled, compile_seconds: float, an
                    f"(model FLOPs). {est['how']}"),
         **extra,
     }
+
+
+def rederive(record: dict, depth: int, depth_single: int, repeat: int = 1) -> dict:
+    """`record` (a `--topology` record with `xla_cost_analysis`) with its time estimates derived again
+    from the libtpu figures it kept (raw optimal_seconds, ConcatBitcast counts, FLOPs, bytes per
+    compile) by today's `tpu_topology.usable_seconds`: what compiling it again would give, without the
+    compile. `depth`, `depth_single`: the model's blocks; `repeat`: micro-batches per step."""
+    from fluxir_jax import tpu_topology
+
+    acc = tpu_topology.parse_accelerator(record["accelerator"])
+
+    def again(d):
+        return dict(d, seconds=tpu_topology.usable_seconds(d["flops"], d["bytes"], d["raw_seconds"], d["unmodelled"],
+                                                           record["accelerator"]))
+
+    kept = record["xla_cost_analysis"]
+    variants = [again(d) for d in kept["variants"]]
+    whole = whole_from_details(variants, depth, depth_single, min(d["double"] for d in variants)) if variants else None
+    fl = record["flops_per_step"]
+    est = step_estimates(fl["analytic"], fl.get("model", fl["analytic"]), record["chips"], acc.peak_bf16_flops,
+                         whole, repeat, record["fits"], fl.get("kernels", 0.0))
+    prefix, sep, _ = record["method"].partition("(model FLOPs). ")
+    return {**record, "flops_per_step": {**fl, "xla": est["xla_flops"]}, "xla_seconds": est["xla_seconds"],
+            "xla_seconds_scan_body_once": again(kept["scanned"])["seconds"],
+            "xla_cost_analysis": {"scanned": again(kept["scanned"]), "variants": variants},
+            "est_step_seconds": est["est_step_seconds"], "est_mfu": est["est_mfu"], "est_hfu": est["est_hfu"],
+            "method": f"{prefix}{sep}{est['how']} (Derived again from the recorded libtpu figures: aot.rederive.)"}
 
 
 def fit_message(record: dict, knobs: str = KNOBS) -> str:

@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import sys
 import textwrap
 
+import pytest
+
 from bench import results_table as rt
 from bench import run_all
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _write(path, records, jsonl=True):
@@ -267,3 +272,39 @@ def test_tpu_memory_cases_merged_on_another_machine_keep_their_own_machine_and_d
     assert "Intel Xeon" in rows["v5p-8/old: fits HBM"].machine and "AMD EPYC" not in rows["v5p-8/old: fits HBM"].machine
     assert "AMD EPYC" in rows["v5p-8/new: fits HBM"].machine and rows["v5p-8/new: fits HBM"].date == "2099-01-02"
     assert rows["v5p-8/old: fits HBM"].date != "2099-01-02"
+
+
+def test_tpu_matmul_share_of_peak_weights_each_block_shape_by_its_flops():
+    from bench import tpu_matmul
+
+    peak = 1e15
+    rows = []
+    for t, k, n in tpu_matmul.SHAPES["double"]:  # the image stream's matmuls at peak, the text stream's at half
+        flops = 2.0 * 2 * t * k * n
+        rows.append(dict(tokens=2 * t, k=k, n=n, flops=flops, seconds=flops / peak * (1 if t == tpu_matmul.IMG else 2)))
+    img = sum(r["flops"] for r in rows if r["tokens"] == 2 * tpu_matmul.IMG)
+    txt = sum(r["flops"] for r in rows) - img
+    names = {f["figure"]: f["value"] for f in tpu_matmul.figures("v6e-8", rows, peak, [2])}
+    # the single block's shapes are missing: no figure for it; none for an example count not measured
+    assert names == {"v6e-8, flux-dev double block matmuls, 2 x 512² per chip: share of peak (libtpu estimate)":
+                     round(100 * (img + txt) / (img + 2 * txt), 1)}
+    assert tpu_matmul.block_of_peak([dict(r, seconds=None) for r in rows], "double", 2, peak) is None
+
+
+def test_tpu_memory_rederive_keeps_the_case_and_derives_its_estimates_again(tmp_path, monkeypatch):
+    """--rederive: no compile; the recorded v6e-8 case as it was before libtpu's corrected (2, 1) variant was
+    accepted (no time) gets its estimate from the figures it kept, and keeps its machine and date."""
+    from bench import tpu_memory
+
+    entry = json.loads((ROOT / "bench" / "results" / "tpu_memory.json").read_text())["cases"]["v6e-8/config"]
+    rec = entry["record"]
+    kept = rec["xla_cost_analysis"]
+    old = dict(rec, xla_seconds=None, est_mfu=None, est_hfu=None, est_step_seconds=0.5423,
+               xla_cost_analysis={"scanned": kept["scanned"], "variants": [dict(v, seconds=None) for v in kept["variants"]]})
+    (tmp_path / "tpu_memory.json").write_text(json.dumps({"cases": {"v6e-8/config": dict(entry, record=old)}}))
+    monkeypatch.setattr(tpu_memory, "RESULTS", tmp_path)
+    assert tpu_memory.main(["--rederive", "v6e-8/config"]) == 0
+    again = json.loads((tmp_path / "tpu_memory.json").read_text())["cases"]["v6e-8/config"]
+    assert again["cpu"] == entry["cpu"] and again["date"] == entry["date"] and "rederived" in again
+    assert again["record"]["est_mfu"] == pytest.approx(0.2017, abs=1e-4)  # 4 micro-batches x 0.532 s
+    assert again["record"]["per_chip_bytes"] == rec["per_chip_bytes"]
