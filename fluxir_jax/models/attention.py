@@ -7,8 +7,9 @@ has rotated q and k (that happens in `layers.attention`, before this module). In
 kinds (`FluxConfig.attention`):
   xla     `jax.nn.dot_product_attention` lowered by XLA; runs everywhere.
   splash  Pallas splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`) under
-          `shard_map` over the current mesh: batch over the (`data`, `fsdp`) axes, heads over
-          `tensor`; without a mesh it runs unsharded. Compiled for TPU; on CPU it runs in Pallas
+          `shard_map` over the current mesh: batch over the (`data`, `fsdp`) axes (a batch they
+          do not divide, e.g. 4 val images on 8 chips, is padded with zero examples that are cut
+          off again), heads over `tensor`; without a mesh it runs unsharded. Compiled for TPU; on CPU it runs in Pallas
           interpret mode (slow; for tests). The sequence is padded to a multiple of 128 and the
           padding is masked with segment ids (real queries see only real keys); the block sizes
           are the largest multiples of 128 not above the configured ones that divide the
@@ -165,17 +166,15 @@ def _splash_local(q, k, v, spec: AttentionSpec, interpret: bool):
     return out[:, :, :length]
 
 
-def _mesh_specs(mesh, batch: int, heads: int):
-    """(PartitionSpec for [B, H, L, D], mesh axes used): batch over data/fsdp, heads over tensor."""
+def _mesh_specs(mesh, heads: int):
+    """(PartitionSpec for [B, H, L, D], how many shards the batch is split into): batch over
+    data/fsdp, heads over tensor."""
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
     batch_axes = tuple(a for a in BATCH_AXES if sizes.get(a, 1) > 1)
     head_axis = HEAD_AXIS if sizes.get(HEAD_AXIS, 1) > 1 else None
-    n_batch = math.prod(sizes[a] for a in batch_axes)
-    if batch % n_batch:
-        raise UserError(f"attention=splash: batch {batch} is not divisible by the mesh's {'x'.join(batch_axes)} size {n_batch}")
     if head_axis and heads % sizes[head_axis]:
         raise UserError(f"attention=splash: {heads} heads are not divisible by the mesh's tensor size {sizes[head_axis]}")
-    return P(batch_axes or None, head_axis, None, None)
+    return P(batch_axes or None, head_axis, None, None), math.prod(sizes[a] for a in batch_axes)
 
 
 def splash_attention(q, k, v, spec: AttentionSpec, *, mesh=None, interpret: bool = False):
@@ -188,6 +187,11 @@ def splash_attention(q, k, v, spec: AttentionSpec, *, mesh=None, interpret: bool
     if mesh is None:
         out = local(q, k, v)
     else:
-        pspec = _mesh_specs(mesh, q.shape[0], q.shape[1])
+        pspec, n_batch = _mesh_specs(mesh, q.shape[1])
+        batch = q.shape[0]
+        extra = -batch % n_batch  # e.g. 4 val images on 8 chips: zero examples fill the shards, then are cut off
+        if extra:
+            q, k, v = (jnp.pad(x, ((0, extra), (0, 0), (0, 0), (0, 0))) for x in (q, k, v))
         out = jax.shard_map(local, mesh=mesh, in_specs=(pspec, pspec, pspec), out_specs=pspec, check_vma=False)(q, k, v)
+        out = out[:batch]
     return jnp.swapaxes(out, 1, 2)

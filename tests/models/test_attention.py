@@ -42,6 +42,12 @@ def test_splash_equals_xla_on_8_device_mesh():
     _compare(batch=4, mesh=mesh)
 
 
+def test_splash_pads_a_batch_the_mesh_does_not_divide():
+    """4 val images on 8 chips (fsdp 8): zero examples fill the batch shards and are cut off again."""
+    mesh = jax.make_mesh((1, 8, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    _compare(batch=3, mesh=mesh)
+
+
 def test_splash_runs_under_shard_map_over_batch_and_heads():
     mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
     q = k = v = jax.ShapeDtypeStruct((4, 22, 4, 16), np.float32)
