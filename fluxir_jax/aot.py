@@ -250,6 +250,7 @@ def whole_program_cost(compile_variant: Callable[[int, int], Any], depth: int, d
                           **tpu_topology.cost_details(compile_variant(*key), accelerator)}
         return cache[key]
 
+    # compiles the variants the extrapolation needs (and only those) into `cache`
     tpu_topology.extrapolate_flops(lambda c: at(c)["flops"], {"double": depth, "single": depth_single}, base)
     return whole_from_details(list(cache.values()), depth, depth_single, base)
 
