@@ -7,7 +7,7 @@ this CPU machine (`fluxir train ... --compile-only --topology NAME`, libtpu's re
     .venv/bin/python bench/tpu_memory.py --quick                  # tiny config on v5p-8 (smoke)
 
 Grid per accelerator: `config` (the knobs the config chooses), `full` (remat_policy=full, same
-batch), `1024` (1024^2 crops, per-chip batch 1). Opt-in cases: `splash` (the config's knobs with attention=splash), `splash-4` (splash, 4 examples per chip per micro-batch), `splash-none` (remat_policy=none,
+batch), `1024` (1024^2 crops, per-chip batch 1). Opt-in cases: `splash` (the config's knobs with attention=splash), `splash-4` / `splash-8` (splash, 4 / 8 examples per chip per micro-batch), `splash-none` (remat_policy=none,
 attention=splash, accum_steps 8: no recompute, for the MFU question), `splash-none-rep` (the same with
 model.frozen_sharding=replicated: no weight all-gathers), `splash-none-4` (the config's
 accum_steps 4, which does not fit v5p-8), `1024-full` (1024^2, remat_policy=full), `1024-splash`
@@ -48,6 +48,9 @@ def case_overrides(case: str, accelerator: str) -> list[str]:
     if case == "splash-4":  # splash with micro-batches of 4 per chip on v6e-8 (libtpu's v6e model runs flux-dev's
         # matmuls at 58% of peak with 2 examples per chip, 73% with 4: bench/tpu_matmul.py)
         return ["model.attention=splash", f"optim.accum_steps={64 // (4 * CHIPS[accelerator])}"]
+    if case == "splash-8":  # splash with micro-batches of 8 per chip (no accumulation on v6e-8): every FSDP weight
+        # gather (one per block, forward and backward, per micro-batch) serves 8 examples instead of 2 or 4
+        return ["model.attention=splash", f"optim.accum_steps={max(1, 64 // (8 * CHIPS[accelerator]))}"]
     if case == "splash-none":  # no remat recompute, flash attention (no L x L probabilities to keep); micro-batches
         # of 2 per chip: with the config's 4 per chip it needs 119.8 GiB per v5p chip (measured; case splash-none-4)
         return ["model.remat_policy=none", "model.attention=splash", "optim.accum_steps=8"]
@@ -177,8 +180,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--accelerators", nargs="+", default=["v5p-8", "v6e-8"], choices=sorted(CHIPS),
                     help="TPU slices to compile for")
-    ap.add_argument("--cases", nargs="+", default=["config", "full", "1024"], help="grid cases: config, full, 1024 (default); opt-in: 1024-full, 1024-splash, 1024-splash-full, splash-none, splash-none-rep, "
-                    "splash-none-4")
+    ap.add_argument("--cases", nargs="+", default=["config", "full", "1024"], help="grid cases: config, full, 1024 (default); opt-in: splash, splash-4, splash-8, 1024-full, 1024-splash, 1024-splash-full, "
+                    "splash-none, splash-none-rep, splash-none-4")
     ap.add_argument("--quick", action="store_true", help="smoke run: the tiny config on v5p-8 only")
     ap.add_argument("--rederive", nargs="+", metavar="KEY", default=[],
                     help="no compile: derive the time estimates of these recorded cases (e.g. v6e-8/config) again "

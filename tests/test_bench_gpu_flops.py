@@ -29,7 +29,8 @@ ARGS = (S((1, L, 64), F32), S((1, L, 3), F32), S((1, T, 256), F32), S((1, T, 3),
 
 @pytest.fixture(autouse=True)
 def paired_rope(monkeypatch):
-    monkeypatch.setattr(layers, "apply_rope", lambda q, k, pe: (_paired_rope(q, pe), _paired_rope(k, pe)))
+    monkeypatch.setattr(layers, "apply_rope", lambda q, k, pe, heads_first=False: (
+        _paired_rope(q, pe, heads_first), _paired_rope(k, pe, heads_first)))
 
 
 def _xla_flops(fn, *args) -> float:

@@ -2,7 +2,9 @@
 
 FLUX attention is full (no mask, no causality) over the joint [txt; img] sequence, after RoPE
 has rotated q and k (that happens in `layers.attention`, before this module). Inputs are
-[B, L, H, D]; the output is [B, L, H, D].
+[B, L, H, D] and so is the output, or [B, H, L, D] with `heads_first=True` (what the FLUX blocks
+pass: splash takes that layout as it is; the XLA and cuDNN paths swap the axes, and XLA folds
+the swap into its einsums).
 
 kinds (`FluxConfig.attention`):
   xla     `jax.nn.dot_product_attention` lowered by XLA; runs everywhere.
@@ -107,18 +109,20 @@ def resolve_kind(kind: str, platform: str, dtype) -> str:
 # ----------------------------------------------------------------------------- entry point
 
 
-def dot_product_attention(q, k, v, spec: AttentionSpec | None = None):
-    """Full softmax attention, q/k/v [B, L, H, D] -> [B, L, H, D], with the kernel `spec` names."""
+def dot_product_attention(q, k, v, spec: AttentionSpec | None = None, heads_first: bool = False):
+    """Full softmax attention, q/k/v [B, L, H, D] -> [B, L, H, D] ([B, H, L, D] -> [B, H, L, D] with
+    `heads_first`), with the kernel `spec` names."""
     spec = spec or AttentionSpec()
-    if spec.kind == "xla":
-        return jax.nn.dot_product_attention(q, k, v)
-    mesh = current_mesh()
-    kind = resolve_kind(spec.kind, mesh_platform(mesh), q.dtype)
-    if kind == "xla":
-        return jax.nn.dot_product_attention(q, k, v)
-    if kind == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-    return splash_attention(q, k, v, spec, mesh=mesh, interpret=mesh_platform(mesh) != "tpu")
+    kind = spec.kind
+    mesh = None
+    if kind != "xla":
+        mesh = current_mesh()
+        kind = resolve_kind(kind, mesh_platform(mesh), q.dtype)
+    if kind == "splash":
+        return splash_attention(q, k, v, spec, mesh=mesh, interpret=mesh_platform(mesh) != "tpu", heads_first=heads_first)
+    swap = (lambda x: jnp.swapaxes(x, 1, 2)) if heads_first else (lambda x: x)
+    implementation = "cudnn" if kind == "cudnn" else None
+    return swap(jax.nn.dot_product_attention(swap(q), swap(k), swap(v), implementation=implementation))
 
 
 # ----------------------------------------------------------------------------- splash
@@ -177,9 +181,11 @@ def _mesh_specs(mesh, heads: int):
     return P(batch_axes or None, head_axis, None, None), math.prod(sizes[a] for a in batch_axes)
 
 
-def splash_attention(q, k, v, spec: AttentionSpec, *, mesh=None, interpret: bool = False):
-    """Splash attention for q/k/v [B, L, H, D] -> [B, L, H, D], sharded over `mesh` when given."""
-    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, H, L, D]
+def splash_attention(q, k, v, spec: AttentionSpec, *, mesh=None, interpret: bool = False, heads_first: bool = False):
+    """Splash attention for q/k/v [B, L, H, D] -> [B, L, H, D] ([B, H, L, D] in and out with
+    `heads_first`), sharded over `mesh` when given."""
+    if not heads_first:
+        q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, H, L, D]
 
     def local(q, k, v):
         return _splash_local(q, k, v, spec, interpret)
@@ -194,4 +200,4 @@ def splash_attention(q, k, v, spec: AttentionSpec, *, mesh=None, interpret: bool
             q, k, v = (jnp.pad(x, ((0, extra), (0, 0), (0, 0), (0, 0))) for x in (q, k, v))
         out = jax.shard_map(local, mesh=mesh, in_specs=(pspec, pspec, pspec), out_specs=pspec, check_vma=False)(q, k, v)
         out = out[:batch]
-    return jnp.swapaxes(out, 1, 2)
+    return out if heads_first else jnp.swapaxes(out, 1, 2)

@@ -6,7 +6,11 @@ Module and parameter names mirror the BFL checkpoint keys (`img_attn.qkv`, `img_
 
     B batch, L tokens, H heads, D head dim, C hidden (= H * D)
     activations  [B, L, C]
-    q, k, v      [B, L, H, D]   (the layout `jax.nn.dot_product_attention` takes)
+    q, k, v      [B, H, L, D]   head-major, straight out of the qkv projection (an einsum with the
+                 kernel viewed as [C, 3, H, D]) into rope, attention and the output projection
+                 (an einsum with the kernel viewed as [H, D, C]): no split, transpose or
+                 concatenation is materialised between them (on TPU those layout copies were a
+                 fifth of a block's fwd+bwd time in libtpu's estimate)
     rope tables  [B, L, D/2, 2, 2] in float32
 
 Positional and timestep math always runs in float32, whatever the activation dtype.
@@ -131,8 +135,9 @@ def _rotate_pairs_bwd(res, g):
 _rotate_pairs.defvjp(_rotate_pairs_fwd, _rotate_pairs_bwd)
 
 
-def apply_rope(xq: Array, xk: Array, pe: Array) -> tuple[Array, Array]:
-    """Rotate adjacent pairs of q and k: [B, L, H, D] with pe [B, L, D/2, 2, 2]; float32 inside.
+def apply_rope(xq: Array, xk: Array, pe: Array, heads_first: bool = False) -> tuple[Array, Array]:
+    """Rotate adjacent pairs of q and k: [B, L, H, D] (or [B, H, L, D] with `heads_first`) with pe
+    [B, L, D/2, 2, 2]; float32 inside.
 
     out[2i + j] = pe[i, j, 0] * x[2i] + pe[i, j, 1] * x[2i + 1] (BFL `apply_rope`), written
     lane-dense (the paired form's minor axis of 2 cost ~20% of a flux-dev block's fwd+bwd time
@@ -145,19 +150,19 @@ def apply_rope(xq: Array, xk: Array, pe: Array) -> tuple[Array, Array]:
     """
     diag = jnp.stack([pe[..., 0, 0], pe[..., 1, 1]], axis=-1)  # [B, L, D/2, 2]
     off = jnp.stack([pe[..., 0, 1], pe[..., 1, 0]], axis=-1)
-    diag = diag.reshape(*diag.shape[:2], 1, -1)  # [B, L, 1, D]: broadcast over heads
-    off = off.reshape(*off.shape[:2], 1, -1)
+    b, length = diag.shape[:2]
+    table = (b, 1, length, -1) if heads_first else (b, length, 1, -1)  # broadcast over heads
+    diag, off = diag.reshape(table), off.reshape(table)
     return _rotate_pairs(xq, diag, off), _rotate_pairs(xk, diag, off)
 
 
 def attention(q: Array, k: Array, v: Array, pe: Array, spec: AttentionSpec | None = None) -> Array:
-    """Rope then softmax attention over the whole sequence (no mask): [B, L, H, D] -> [B, L, H*D].
+    """Rope then softmax attention over the whole sequence (no mask): [B, H, L, D] -> [B, H, L, D].
 
     `spec` picks the kernel (xla, splash, cudnn, auto; see `models/attention.py`).
     """
-    q, k = apply_rope(q, k, pe)
-    out = dot_product_attention(q, k, v, spec)
-    return out.reshape(*out.shape[:2], -1)
+    q, k = apply_rope(q, k, pe, heads_first=True)
+    return dot_product_attention(q, k, v, spec, heads_first=True)
 
 
 def layer_norm(x: Array, eps: float = NORM_EPS) -> Array:
@@ -170,6 +175,23 @@ def layer_norm(x: Array, eps: float = NORM_EPS) -> Array:
 
 def gelu_tanh(x: Array) -> Array:
     return jax.nn.gelu(x, approximate=True)
+
+
+def project(equation: str, x: Array, kernel: Array, bias: Array | None, dtype, f32_out: bool = False) -> Array:
+    """`einsum(equation, x, kernel) + bias` computed as `nnx.Linear` does (operands in `dtype`), for
+    a Linear whose kernel is viewed in another shape (qkv as [C, 3, H, D], proj as [H, D, C]).
+    `f32_out`: accumulate and return float32 (a sum of several projections rounds once)."""
+    dtype = jnp.dtype(dtype)
+    out = jnp.einsum(equation, x.astype(dtype), kernel.astype(dtype),
+                     preferred_element_type=jnp.float32 if f32_out else None)
+    if bias is not None:
+        out = out + bias.astype(out.dtype)
+    return out
+
+
+def _param(lin: nnx.Linear, name: str) -> Array | None:
+    value = getattr(lin, name, None)
+    return None if value is None else value[...]
 
 
 # ----------------------------------------------------------------------------- modules
@@ -267,12 +289,29 @@ class SelfAttention(nnx.Module):
         self.norm = QKNorm(head_dim, param_dtype=param_dtype)
         self.proj = linear(dim, dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype, axes=("mlp", "embed"))
 
+    def qkv_heads(self, x: Array) -> Array:
+        """The fused qkv projection, head-major: x [B, L, C] -> [3, B, H, L, D] ("B L (K H D)" of
+        the checkpoint's layout, with K and H moved in front of L by the einsum)."""
+        return qkv_heads(x, _param(self.qkv, "kernel"), _param(self.qkv, "bias"), self.num_heads, self.qkv.dtype)
+
     def split_qkv(self, qkv: Array) -> tuple[Array, Array, Array]:
-        """"B L (K H D) -> K x [B, L, H, D]", then RMSNorm on q and k."""
-        q, k, v = jnp.split(qkv.reshape(*qkv.shape[:2], 3, self.num_heads, -1), 3, axis=2)
-        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
-        q, k = self.norm(q, k, v)
-        return q, k, v
+        """[3, B, H, L, D] -> q, k, v [B, H, L, D], with RMSNorm on q and k."""
+        q, k = self.norm(qkv[0], qkv[1], qkv[2])
+        return q, k, qkv[2]
+
+    def project_out(self, attn: Array) -> Array:
+        """The output projection from head-major attention: [B, H, L, D] -> [B, L, C]."""
+        kernel = _param(self.proj, "kernel")
+        h, d = attn.shape[1], attn.shape[-1]
+        return project("bhld,hdc->blc", attn, kernel.reshape(h, d, -1), _param(self.proj, "bias"), self.proj.dtype)
+
+
+def qkv_heads(x: Array, kernel: Array, bias: Array | None, num_heads: int, dtype) -> Array:
+    """x [B, L, C] times a fused qkv kernel [C, 3*H*D] (+ bias [3*H*D]) -> [3, B, H, L, D]."""
+    c = kernel.shape[0]
+    kernel = kernel.reshape(c, 3, num_heads, -1)
+    bias = None if bias is None else bias.reshape(3, 1, num_heads, 1, -1)
+    return project("blc,ckhd->kbhld", x, kernel, bias, dtype)
 
 
 def _mlp(dim: int, hidden: int, *, rngs, dtype, param_dtype) -> nnx.List:
@@ -322,25 +361,31 @@ class DoubleStreamBlock(nnx.Module):
         img_mod1, img_mod2 = self.img_mod(vec)
         txt_mod1, txt_mod2 = self.txt_mod(vec)
 
-        img_qkv = checkpoint_name(self.img_attn.qkv(modulate(layer_norm(img), img_mod1)), "img_qkv_proj")
-        txt_qkv = checkpoint_name(self.txt_attn.qkv(modulate(layer_norm(txt), txt_mod1)), "txt_qkv_proj")
+        img_qkv = checkpoint_name(self.img_attn.qkv_heads(modulate(layer_norm(img), img_mod1)), "img_qkv_proj")
+        txt_qkv = checkpoint_name(self.txt_attn.qkv_heads(modulate(layer_norm(txt), txt_mod1)), "txt_qkv_proj")
         iq, ik, iv = self.img_attn.split_qkv(img_qkv)
         tq, tk, tv = self.txt_attn.split_qkv(txt_qkv)
 
         t = txt.shape[1]
-        q, k, v = (jnp.concatenate(p, axis=1) for p in ((tq, iq), (tk, ik), (tv, iv)))
+        q, k, v = (jnp.concatenate(p, axis=2) for p in ((tq, iq), (tk, ik), (tv, iv)))  # [B, H, T+L, D]
         attn = checkpoint_name(attention(q, k, v, pe, self.attention_spec), "attn_output")
-        txt_attn, img_attn = attn[:, :t], attn[:, t:]
+        txt_attn, img_attn = attn[:, :, :t], attn[:, :, t:]
 
-        img = img + img_mod1.gate * self.img_attn.proj(img_attn)
+        img = img + img_mod1.gate * self.img_attn.project_out(img_attn)
         img = img + img_mod2.gate * _run_mlp(self.img_mlp, modulate(layer_norm(img), img_mod2))
-        txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
+        txt = txt + txt_mod1.gate * self.txt_attn.project_out(txt_attn)
         txt = txt + txt_mod2.gate * _run_mlp(self.txt_mlp, modulate(layer_norm(txt), txt_mod2))
         return img, txt
 
 
 class SingleStreamBlock(nnx.Module):
-    """Parallel attention + MLP on the concatenated stream: linear1 -> (qkv, mlp_in) fused."""
+    """Parallel attention + MLP on the concatenated stream: linear1 -> (qkv, mlp_in) fused.
+
+    linear1 and linear2 keep the checkpoint's fused kernels, but each runs as two projections on
+    column (row) slices of its kernel: qkv head-major and the MLP input apart, and linear2 as
+    attention part + MLP part summed in float32, so neither the split of linear1's output nor the
+    concatenation of linear2's input is materialised.
+    """
 
     def __init__(self, dims: BlockDims, *, rngs: nnx.Rngs, dtype="float32", param_dtype="float32"):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -357,13 +402,17 @@ class SingleStreamBlock(nnx.Module):
     def __call__(self, x: Array, vec: Array, pe: Array) -> Array:
         mod, _ = self.modulation(vec)
         x_mod = checkpoint_name(modulate(layer_norm(x), mod), "lin1_norm_hidden_states")
-        h = self.linear1(x_mod)
-        qkv, mlp = h[..., : 3 * self.hidden_size], h[..., 3 * self.hidden_size :]
-        q, k, v = jnp.split(qkv.reshape(*qkv.shape[:2], 3, self.num_heads, -1), 3, axis=2)
-        q, k = self.norm(q[:, :, 0], k[:, :, 0], v[:, :, 0])
-        attn = checkpoint_name(attention(q, k, v[:, :, 0], pe, self.attention_spec), "attn_output")
-        out = self.linear2(jnp.concatenate([attn, gelu_tanh(mlp)], axis=-1))
-        return x + mod.gate * out
+        c, dt = self.hidden_size, self.linear1.dtype
+        w1, b1 = _param(self.linear1, "kernel"), _param(self.linear1, "bias")
+        qkv = qkv_heads(x_mod, w1[:, : 3 * c], None if b1 is None else b1[: 3 * c], self.num_heads, dt)
+        mlp = project("blc,cm->blm", x_mod, w1[:, 3 * c :], None if b1 is None else b1[3 * c :], dt)
+        q, k = self.norm(qkv[0], qkv[1], qkv[2])
+        attn = checkpoint_name(attention(q, k, qkv[2], pe, self.attention_spec), "attn_output")  # [B, H, L, D]
+        w2, b2 = _param(self.linear2, "kernel"), _param(self.linear2, "bias")
+        h, d = attn.shape[1], attn.shape[-1]
+        out = project("bhld,hdc->blc", attn, w2[:c].reshape(h, d, c), None, self.linear2.dtype, f32_out=True)
+        out = project("blm,mc->blc", gelu_tanh(mlp), w2[c:], b2, self.linear2.dtype, f32_out=True) + out
+        return x + mod.gate * out.astype(x.dtype)
 
 
 class LastLayer(nnx.Module):

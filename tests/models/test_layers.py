@@ -178,19 +178,26 @@ def test_apply_rope_and_attention():
     rng = np.random.default_rng(1)
     q, k, v = (rng.standard_normal((b, n, h, d)).astype(np.float32) for _ in range(3))
     pe, pe_ref = pe_pair(b, n, AXES)
+    heads_first = lambda a: jnp.asarray(a.transpose(0, 2, 1, 3))  # noqa: E731  [B, H, L, D], as the blocks pass them
     with jax.default_matmul_precision("highest"):
-        out = L.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), pe)
+        out = L.attention(heads_first(q), heads_first(k), heads_first(v), pe)
         rq, rk = L.apply_rope(jnp.asarray(q), jnp.asarray(k), pe)
+        hq, hk = L.apply_rope(heads_first(q), heads_first(k), pe, heads_first=True)
     perm = lambda a: T(a).permute(0, 2, 1, 3)  # noqa: E731
-    assert rel_err(out, ref_attention(perm(q), perm(k), perm(v), pe_ref)) <= TOL
+    assert out.shape == (b, h, n, d)
+    assert rel_err(np.asarray(out).transpose(0, 2, 1, 3).reshape(b, n, h * d),
+                   ref_attention(perm(q), perm(k), perm(v), pe_ref)) <= TOL
     assert rel_err(np.asarray(rq).transpose(0, 2, 1, 3), ref_apply_rope(perm(q), pe_ref)) <= TOL
     assert rel_err(np.asarray(rk).transpose(0, 2, 1, 3), ref_apply_rope(perm(k), pe_ref)) <= TOL
+    np.testing.assert_array_equal(np.asarray(hq), np.asarray(rq).transpose(0, 2, 1, 3))
+    np.testing.assert_array_equal(np.asarray(hk), np.asarray(rk).transpose(0, 2, 1, 3))
 
 
-def _paired_rope(x, pe):
-    """BFL's paired form: x as [..., D/2, 1, 2] times the 2x2 rotations, float32 inside."""
+def _paired_rope(x, pe, heads_first=False):
+    """BFL's paired form: x [B, L, H, D] (or [B, H, L, D]) as [..., D/2, 1, 2] times the 2x2 rotations,
+    float32 inside."""
     x2 = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 1, 2)
-    p = pe[:, :, None]
+    p = pe[:, None] if heads_first else pe[:, :, None]
     return (p[..., 0] * x2[..., 0] + p[..., 1] * x2[..., 1]).reshape(x.shape).astype(x.dtype)
 
 
