@@ -14,15 +14,19 @@ chips, weights replicated (no FSDP gathers; `--weights fsdp`: sharded by the tra
 `model.frozen_sharding: fsdp` does, so each block all-gathers them). Per kernel: the analytic FLOPs (splash's counted inside
 the kernel, whose work XLA's cost analysis does not see), XLA's bytes and optimal_seconds per chip,
 the estimated time (optimal_seconds + the kernels' FLOPs at peak, as `fluxir train --topology`
-does), the FLOP bound and per-chip memory. Estimates from the compiler: no TPU ran.
-Appends to bench/results/tpu_attention.jsonl.
+does), the FLOP bound and per-chip memory, and where libtpu's estimate puts the time: the
+compiled program's instructions carry libtpu's `estimated_cycles` each, summed per kind (matmul,
+splash, layout copy, slice, ...) into `cycle_shares` (`--breakdown N` also prints the N costliest
+instructions). Estimates from the compiler: no TPU ran. Appends to bench/results/tpu_attention.jsonl.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import collections
 import os
 import pathlib
+import re
 import sys
 import time
 
@@ -63,8 +67,53 @@ def blocks_fwd_bwd(model: str, kind: str, batch: int, res: int, txt: int):
     return fn, (state, x)
 
 
+_INSTRUCTION = re.compile(r"\s+(?:ROOT )?%([\w.\-]+) = .*? ([a-z][\w\-]*)\(")
+
+
+def cycle_breakdown(hlo_text: str) -> list[dict]:
+    """The entry computation's instructions of a compiled TPU program with libtpu's `estimated_cycles`:
+    [{name, opcode, kind, op_name, cycles}], costliest first. `kind` groups them: `matmul` (any
+    instruction from a dot_general but rope's pair swap), `rope swap`, `splash` (the Pallas kernels and
+    their operands' reformatting), else the opcode and the JAX op it came from (`copy: transpose`)."""
+    body = hlo_text[hlo_text.index("\nENTRY "):].splitlines()[1:]
+    lines: list[str] = []
+    for line in body:  # an instruction's attributes may continue on the next lines
+        if re.match(r"\s+(ROOT )?%", line):
+            lines.append(line)
+        elif lines:
+            lines[-1] += " " + line
+    rows = []
+    for line in lines:
+        m, cycles = _INSTRUCTION.match(line), re.search(r'"estimated_cycles":"(\d+)"', line)
+        if not (m and cycles):
+            continue
+        op = re.search(r'op_name="([^"]*)"', line)
+        op_name = op.group(1) if op else ""
+        if "splash" in op_name or "tpu_custom_call" in line:
+            kind = "splash"
+        elif "rope_pair_swap" in op_name:
+            kind = "rope swap"
+        elif "dot_general" in op_name:
+            kind = "matmul"
+        else:
+            kind = f"{m.group(2)}: {op_name.rsplit('/', 1)[-1] or '-'}"
+        rows.append(dict(name=m.group(1), opcode=m.group(2), kind=kind, op_name=op_name, cycles=int(cycles.group(1))))
+    return sorted(rows, key=lambda r: -r["cycles"])
+
+
+def cycle_shares(rows: list[dict]) -> dict[str, float]:
+    """Share of the summed estimated cycles per kind (kinds under 0.5% pooled as `other`), largest first."""
+    total = sum(r["cycles"] for r in rows) or 1
+    by_kind = collections.Counter()
+    for r in rows:
+        by_kind[r["kind"]] += r["cycles"] / total
+    shares = {k: v for k, v in by_kind.most_common() if v >= 0.005}
+    rest = 1 - sum(shares.values())
+    return {k: round(v, 4) for k, v in {**shares, **({"other": rest} if rest > 0 else {})}.items()}
+
+
 def measure(accelerator: str, kind: str, per_chip: int, res: int, txt: int, model: str,
-            weights: str = "replicated") -> dict:
+            weights: str = "replicated", breakdown: int = 0) -> dict:
     acc = tpu_topology.parse_accelerator(accelerator)
     fn, (state, x) = blocks_fwd_bwd(model, kind, per_chip * acc.chips, res, txt)
     mesh = tpu_topology.topology_mesh(accelerator, (1, -1, 1))
@@ -78,12 +127,15 @@ def measure(accelerator: str, kind: str, per_chip: int, res: int, txt: int, mode
     seconds = time.perf_counter() - t0
     ca = compiled.cost_analysis()
     ca = (ca[0] if ca else {}) if isinstance(ca, (list, tuple)) else (ca or {})
+    cycles = cycle_breakdown(compiled.as_text())
+    for r in cycles[:breakdown]:
+        print(f"  {r['cycles']:>10d} cycles  {r['kind']:<24.24s} {r['name']:<36.36s} {r['op_name'][-70:]}")
     peak = acc.peak_bf16_flops
     est = None if rec.xla_seconds is None else rec.xla_seconds + kernels / (acc.chips * peak)
     return {"kind": kind, "analytic_flops": analytic, "kernel_flops": kernels, "xla_flops_per_chip": ca.get("flops"),
             "xla_bytes_per_chip": ca.get("bytes accessed"), "xla_seconds": rec.xla_seconds, "est_seconds": est,
             "flop_bound_seconds": analytic / (acc.chips * peak), "per_chip_bytes": rec.per_chip_bytes["total"],
-            "compile_seconds": round(seconds, 1)}
+            "cycle_shares": cycle_shares(cycles), "compile_seconds": round(seconds, 1)}
 
 
 def figures(accelerator: str, per_chip: int, res: int, rows: dict[str, dict], weights: str = "replicated") -> list[dict]:
@@ -113,6 +165,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kinds", nargs="+", default=["xla", "splash"], choices=["xla", "splash"])
     ap.add_argument("--weights", default="replicated", choices=["replicated", "fsdp"],
                     help="frozen block weights whole on every chip, or sharded by the FSDP rules (all-gathered per block)")
+    ap.add_argument("--breakdown", type=int, default=0, metavar="N",
+                    help="print the N instructions libtpu estimates costliest (estimated_cycles)")
     ap.add_argument("--quick", action="store_true", help="smoke run: the tiny preset at 64² on v5p-8")
     args = ap.parse_args(argv)
     if args.quick:
@@ -120,7 +174,7 @@ def main(argv=None) -> int:
     jax.config.update("jax_enable_compilation_cache", False)
     for accelerator in args.accelerators:
         per_chip = args.examples_per_chip or PER_CHIP.get(accelerator, 1)
-        rows = {kind: measure(accelerator, kind, per_chip, args.res, args.txt, args.model, args.weights)
+        rows = {kind: measure(accelerator, kind, per_chip, args.res, args.txt, args.model, args.weights, args.breakdown)
                 for kind in args.kinds}
         for kind, r in rows.items():
             print(f"{accelerator} {kind}: {r}", flush=True)

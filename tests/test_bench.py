@@ -258,6 +258,36 @@ def test_tpu_attention_rows_compare_the_kernels_and_skip_missing_time_estimates(
     assert names and all("FSDP-sharded weights" in n for n in names) and not any("/ xla" in n for n in names)
 
 
+HLO = """HloModule jit_fn, is_scheduled=true
+
+%fused_computation (p: bf16[8,128]) -> bf16[8,128] {
+  ROOT %copy.9 = bf16[8,128]{1,0} copy(%p), backend_config={"estimated_cycles":"999999"}
+}
+
+ENTRY %main (param.1: bf16[8,128]) -> bf16[8,128] {
+  %param.1 = bf16[8,128]{1,0} parameter(0)
+  %fusion.1 = bf16[8,128]{1,0} fusion(%param.1), kind=kOutput, metadata={op_name="jit(fn)/jvp()/dot_general"}, backend_config={"estimated_cycles":"600"}
+  %fusion.2 = bf16[8,128]{1,0} fusion(%fusion.1), kind=kOutput, metadata={op_name="jit(fn)/jvp(rope_pair_swap)/dot_general"}, backend_config={"estimated_cycles":"100"}
+  %splash.3 = (f32[8,128]{1,0}, bf16[8,128]{1,0}) custom-call(%fusion.2), custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={
+}}, metadata={op_name="jit(fn)/splash_mha_fwd/pallas_call"}, backend_config={"estimated_cycles":"200"}
+  %copy.4 = bf16[8,128]{0,1} copy(%fusion.2), metadata={op_name="jit(fn)/jvp()/transpose"}, backend_config={"estimated_cycles":"98"}
+  %add.5 = bf16[8,128]{1,0} add(%copy.4, %copy.4), backend_config={"estimated_cycles":"2"}
+  ROOT %tuple = (bf16[8,128]{1,0}) tuple(%add.5)
+}
+"""
+
+
+def test_tpu_attention_cycle_breakdown_reads_the_entry_instructions_estimated_cycles():
+    from bench import tpu_attention
+
+    rows = tpu_attention.cycle_breakdown(HLO)  # the fused computation's instructions are not the program's
+    assert [(r["name"], r["kind"], r["cycles"]) for r in rows] == [
+        ("fusion.1", "matmul", 600), ("splash.3", "splash", 200), ("fusion.2", "rope swap", 100),
+        ("copy.4", "copy: transpose", 98), ("add.5", "add: -", 2)]
+    assert tpu_attention.cycle_shares(rows) == {"matmul": 0.6, "splash": 0.2, "rope swap": 0.1, "copy: transpose": 0.098,
+                                                "other": 0.002}
+
+
 def test_tpu_memory_cases_merged_on_another_machine_keep_their_own_machine_and_date(tmp_path, monkeypatch):
     """tpu_memory.json gathers cases compiled on different days and machines: merging one must not relabel the rest."""
     from bench import tpu_memory

@@ -8,9 +8,9 @@ Module and parameter names mirror the BFL checkpoint keys (`img_attn.qkv`, `img_
     activations  [B, L, C]
     q, k, v      [B, H, L, D]   head-major, straight out of the qkv projection (an einsum with the
                  kernel viewed as [C, 3, H, D]) into rope, attention and the output projection
-                 (an einsum with the kernel viewed as [H, D, C]): no split, transpose or
-                 concatenation is materialised between them (on TPU those layout copies were a
-                 fifth of a block's fwd+bwd time in libtpu's estimate)
+                 (an einsum with the kernel viewed as [H, D, C]), so nothing between them asks
+                 for a split, transpose or concatenation (on TPU such layout copies were a quarter
+                 of the estimated cycles of a flux-dev block's fwd+bwd: docs/tpu.md)
     rope tables  [B, L, D/2, 2, 2] in float32
 
 Positional and timestep math always runs in float32, whatever the activation dtype.
