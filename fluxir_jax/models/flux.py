@@ -29,6 +29,7 @@ from fluxir_jax.models.layers import (
     LastLayer,
     MLPEmbedder,
     SingleStreamBlock,
+    batch_split,
     embed_nd,
     linear,
     timestep_embedding,
@@ -205,8 +206,8 @@ def _residual(name: str, layer_ctrl, shared_ctrl) -> Array | None:
         return None
     if name in layer_ctrl:
         return layer_ctrl[name]
-    if f"{name}_gate" in layer_ctrl:
-        return shared_ctrl[name] * layer_ctrl[f"{name}_gate"][:, None, :]
+    if f"{name}_gate" in layer_ctrl:  # [B, L, C] x [B, 1, C], kept in the batch split (layers.batch_split)
+        return batch_split(shared_ctrl[name] * batch_split(layer_ctrl[f"{name}_gate"][:, None, :]))
     return None
 
 
