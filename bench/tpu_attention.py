@@ -22,8 +22,8 @@ instructions). Estimates from the compiler: no TPU ran. Appends to bench/results
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import collections
+import dataclasses
 import os
 import pathlib
 import re

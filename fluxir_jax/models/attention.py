@@ -3,8 +3,8 @@
 FLUX attention is full (no mask, no causality) over the joint [txt; img] sequence, after RoPE
 has rotated q and k (that happens in `layers.attention`, before this module). Inputs are
 [B, L, H, D] and so is the output, or [B, H, L, D] with `heads_first=True` (what the FLUX blocks
-pass: splash takes that layout as it is; the XLA and cuDNN paths swap the axes, and XLA folds
-the swap into its einsums).
+pass: splash takes that layout as it is; the XLA and cuDNN paths swap the axes around
+`jax.nn.dot_product_attention`, which XLA can fold into its einsums; on cuDNN this is unmeasured).
 
 kinds (`FluxConfig.attention`):
   xla     `jax.nn.dot_product_attention` lowered by XLA; runs everywhere.
@@ -170,15 +170,22 @@ def _splash_local(q, k, v, spec: AttentionSpec, interpret: bool):
     return out[:, :, :length]
 
 
+def mesh_batch_axes(mesh) -> tuple[tuple[str, ...], int]:
+    """(the mesh's batch axes of size > 1, how many shards they split the batch into)."""
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    axes = tuple(a for a in BATCH_AXES if sizes.get(a, 1) > 1)
+    return axes, math.prod(sizes[a] for a in axes)
+
+
 def _mesh_specs(mesh, heads: int):
     """(PartitionSpec for [B, H, L, D], how many shards the batch is split into): batch over
     data/fsdp, heads over tensor."""
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    batch_axes = tuple(a for a in BATCH_AXES if sizes.get(a, 1) > 1)
+    batch_axes, shards = mesh_batch_axes(mesh)
     head_axis = HEAD_AXIS if sizes.get(HEAD_AXIS, 1) > 1 else None
     if head_axis and heads % sizes[head_axis]:
         raise UserError(f"attention=splash: {heads} heads are not divisible by the mesh's tensor size {sizes[head_axis]}")
-    return P(batch_axes or None, head_axis, None, None), math.prod(sizes[a] for a in batch_axes)
+    return P(batch_axes or None, head_axis, None, None), shards
 
 
 def splash_attention(q, k, v, spec: AttentionSpec, *, mesh=None, interpret: bool = False, heads_first: bool = False):

@@ -28,7 +28,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
-from fluxir_jax.models.attention import BATCH_AXES, AttentionSpec, current_mesh, dot_product_attention
+from fluxir_jax.models.attention import AttentionSpec, current_mesh, dot_product_attention, mesh_batch_axes
 
 Array = jax.Array
 NORM_EPS = 1e-6
@@ -201,9 +201,8 @@ def batch_split(x: Array) -> Array:
     mesh = current_mesh()
     if mesh is None or getattr(getattr(mesh, "abstract_mesh", mesh), "manual_axes", ()):
         return x
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    axes = tuple(a for a in BATCH_AXES if sizes.get(a, 1) > 1)
-    if not axes or x.shape[0] % math.prod(sizes[a] for a in axes):
+    axes, shards = mesh_batch_axes(mesh)
+    if not axes or x.shape[0] % shards:
         return x
     return jax.lax.with_sharding_constraint(x, PartitionSpec(axes, *([None] * (x.ndim - 1))))
 
