@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fluxir_jax.models import weight_gather
 from fluxir_jax.models.attention import AttentionSpec
 from fluxir_jax.models.layers import (
     Array,
@@ -32,6 +33,7 @@ from fluxir_jax.models.layers import (
     batch_split,
     embed_nd,
     linear,
+    mesh_split,
     timestep_embedding,
 )
 from fluxir_jax.models.weight_gather import gather
@@ -211,6 +213,25 @@ def _residual(name: str, layer_ctrl, shared_ctrl) -> Array | None:
     return None
 
 
+def _modulations(graphdef, params, vec: Array) -> Array | None:
+    """Every stacked layer's modulation vectors at once, before the layer loop: [n, ...] (the blocks'
+    `modulations`). They depend only on vec, so computing them here takes the modulation kernels
+    (a third of a double block's weights, a fifth of a single block's) out of the loop: with
+    FSDP-sharded weights the partitioner multiplies the small vec against the kernels where they
+    lie instead of all-gathering them per layer, and a remat'ed loop does not gather them again
+    in the backward pass. None under weight gathering (sharded inference, `weight_gather`): there
+    every contraction must run whole on one device, as in pmap, so the blocks compute their own
+    from their gathered weights."""
+    if weight_gather.active():
+        return None
+    # vec split by channel like the kernels' input dimension (fsdp): each chip multiplies its slice of
+    # vec by its shard of the kernels, and the partial products are summed into the batch split
+    # (a reduce-scatter of [n, B, 6C]: megabytes, where all-gathering the kernels moves gigabytes)
+    vec = mesh_split(vec, None, "fsdp")
+    mods = jax.vmap(lambda p: nnx.merge(graphdef, p).modulations(vec))(params)
+    return mesh_split(mods, *([None] * (mods.ndim - 2)), "batch")
+
+
 def _add(x: Array, r: Array | None) -> Array:
     return x if r is None else x + r.astype(x.dtype)
 
@@ -291,21 +312,22 @@ class Flux(nnx.Module):
     def run_double_blocks(self, img, txt, vec, pe, stream: ControlStream | None = None, intermediates: bool = False):
         per_layer, shared = _split_control(stream, self.config.depth)
 
-        def body(carry, layer_params, layer_ctrl):
+        def body(carry, layer_params, layer_ctrl, layer_mods):
             img, txt = carry
-            img, txt = nnx.merge(graphdef, layer_params)(img, txt, vec, pe)
+            img, txt = nnx.merge(graphdef, layer_params)(img, txt, vec, pe, layer_mods)
             img = _add(img, _residual("img", layer_ctrl, shared))
             txt = _add(txt, _residual("txt", layer_ctrl, shared))
             return img, txt
 
         graphdef, params = nnx.split(self.double_blocks)
-        return self._loop(body, (img, txt), params, per_layer, self.config.depth, intermediates)
+        mods = _modulations(graphdef, params, vec)
+        return self._loop(body, (img, txt), params, per_layer, self.config.depth, intermediates, mods)
 
     def run_single_blocks(self, x, vec, pe, num_txt: int, stream: ControlStream | None = None, intermediates: bool = False):
         per_layer, shared = _split_control(stream, self.config.depth_single_blocks)
 
-        def body(x, layer_params, layer_ctrl):
-            x = nnx.merge(graphdef, layer_params)(x, vec, pe)
+        def body(x, layer_params, layer_ctrl, layer_mods):
+            x = nnx.merge(graphdef, layer_params)(x, vec, pe, layer_mods)
             r_txt = _residual("txt", layer_ctrl, shared)
             r_img = _residual("img", layer_ctrl, shared)
             if r_txt is not None or r_img is not None:
@@ -314,25 +336,28 @@ class Flux(nnx.Module):
             return x
 
         graphdef, params = nnx.split(self.single_blocks)
-        return self._loop(body, x, params, per_layer, self.config.depth_single_blocks, intermediates)
+        mods = _modulations(graphdef, params, vec)
+        return self._loop(body, x, params, per_layer, self.config.depth_single_blocks, intermediates, mods)
 
-    def _loop(self, body, carry, params, per_layer_ctrl, n: int, intermediates: bool = False):
+    def _loop(self, body, carry, params, per_layer_ctrl, n: int, intermediates: bool = False, mods=None):
         """Run `body` over the n stacked layers; returns (carry, per-layer outputs or None).
 
-        Under `weight_gather.gathering(mesh)` (sharded inference) each layer's parameters are
-        all-gathered inside the loop, just before the layer runs (a no-op otherwise).
+        `mods`: every layer's modulation vectors ([n, ...], from `_modulations`), scanned over with
+        the layers' parameters. Under `weight_gather.gathering(mesh)` (sharded inference) each
+        layer's parameters are all-gathered inside the loop, just before the layer runs (a no-op
+        otherwise).
         """
-        step = _remat(lambda c, layer_params, layer_ctrl: body(c, gather(layer_params), layer_ctrl),
+        step = _remat(lambda c, layer_params, layer_ctrl, layer_mods: body(c, gather(layer_params), layer_ctrl, layer_mods),
                       self.config.remat_policy, self.config.scan_layers)
         if self.config.scan_layers:
             def scan_body(c, xs):
                 c = step(c, *xs)
                 return c, (c if intermediates else None)
 
-            return jax.lax.scan(scan_body, carry, (params, per_layer_ctrl))
+            return jax.lax.scan(scan_body, carry, (params, per_layer_ctrl, mods))
         history = []
         for i in range(n):
-            layer = jax.tree.map(lambda a: a[i], (params, per_layer_ctrl))
+            layer = jax.tree.map(lambda a: a[i], (params, per_layer_ctrl, mods))
             carry = step(carry, *layer)
             history.append(carry)
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *history) if intermediates else None

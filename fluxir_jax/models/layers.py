@@ -198,13 +198,24 @@ def batch_split(x: Array) -> Array:
     backward pass; a v6e-8 block pair fwd+bwd at 8 per chip estimated 45% slower with FSDP-sharded
     weights than with replicated ones, docs/tpu.md). A no-op without a mesh, under manual axes
     (shard_map, pmap) or when the batch does not split."""
+    return mesh_split(x, "batch")
+
+
+def mesh_split(x: Array, *dims: str | None) -> Array:
+    """`x` constrained to a split over the current mesh, per leading dimension: "batch" (the mesh's
+    data and fsdp axes), "fsdp" (the fsdp axis) or None (whole); dimensions not named are whole, and
+    so is a dimension its axes do not divide. A no-op without a mesh or under manual axes (shard_map,
+    pmap)."""
     mesh = current_mesh()
     if mesh is None or getattr(getattr(mesh, "abstract_mesh", mesh), "manual_axes", ()):
         return x
-    axes, shards = mesh_batch_axes(mesh)
-    if not axes or x.shape[0] % shards:
+    fsdp = dict(zip(mesh.axis_names, mesh.axis_sizes)).get("fsdp", 1)
+    split = {"batch": mesh_batch_axes(mesh), "fsdp": (("fsdp",), fsdp) if fsdp > 1 else ((), 1), None: ((), 1)}
+    spec = [axes if axes and size % shards == 0 else None
+            for size, (axes, shards) in zip(x.shape, (split[d] for d in dims))]
+    if not any(spec):
         return x
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(axes, *([None] * (x.ndim - 1))))
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec, *([None] * (x.ndim - len(spec)))))
 
 
 def _param(lin: nnx.Linear, name: str) -> Array | None:
@@ -287,7 +298,19 @@ class Modulation(nnx.Module):
         self.lin = linear(dim, self.multiplier * dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, vec: Array) -> tuple[ModulationOut, ModulationOut | None]:
-        out = batch_split(self.lin(jax.nn.silu(vec))[:, None, :])
+        return self.split(self.raw(vec))
+
+    def raw(self, vec: Array) -> Array:
+        """lin(SiLU(vec)): [B, C] -> [B, multiplier * C], before chunking; accumulated (bias
+        included) in float32 and rounded once, so partial products summed across chips (flux.py
+        computes every layer's modulation where its FSDP-sharded kernel lies) add in float32."""
+        out = project("bc,cm->bm", jax.nn.silu(vec), _param(self.lin, "kernel"), _param(self.lin, "bias"),
+                      self.lin.dtype, f32_out=True)
+        return out.astype(self.lin.dtype)
+
+    def split(self, raw: Array) -> tuple[ModulationOut, ModulationOut | None]:
+        """`raw` [B, multiplier * C] chunked into ModulationOuts of [B, 1, C] each (batch-split)."""
+        out = batch_split(raw[:, None, :])
         chunks = jnp.split(out, self.multiplier, axis=-1)
         first = ModulationOut(*chunks[:3])
         return first, (ModulationOut(*chunks[3:]) if self.is_double else None)
@@ -375,9 +398,17 @@ class DoubleStreamBlock(nnx.Module):
         self.txt_attn = SelfAttention(c, dims.num_heads, dims.qkv_bias, **kw)
         self.txt_mlp = _mlp(c, dims.mlp_hidden, **kw)
 
-    def __call__(self, img: Array, txt: Array, vec: Array, pe: Array) -> tuple[Array, Array]:
-        img_mod1, img_mod2 = self.img_mod(vec)
-        txt_mod1, txt_mod2 = self.txt_mod(vec)
+    def modulations(self, vec: Array) -> Array:
+        """Both streams' modulation vectors before chunking: vec [B, C] -> [2 (img, txt), B, 6C]. They
+        depend on vec alone, so a caller may compute them for every layer at once (flux.py does)."""
+        return jnp.stack([self.img_mod.raw(vec), self.txt_mod.raw(vec)])
+
+    def __call__(self, img: Array, txt: Array, vec: Array, pe: Array, mods: Array | None = None
+                 ) -> tuple[Array, Array]:
+        """`mods`: `self.modulations(vec)` computed beforehand (then `vec` is not read)."""
+        mods = self.modulations(vec) if mods is None else mods
+        img_mod1, img_mod2 = self.img_mod.split(mods[0])
+        txt_mod1, txt_mod2 = self.txt_mod.split(mods[1])
 
         img_qkv = checkpoint_name(self.img_attn.qkv_heads(modulate(layer_norm(img), img_mod1)), "img_qkv_proj")
         txt_qkv = checkpoint_name(self.txt_attn.qkv_heads(modulate(layer_norm(txt), txt_mod1)), "txt_qkv_proj")
@@ -417,8 +448,13 @@ class SingleStreamBlock(nnx.Module):
         self.norm = QKNorm(c // dims.num_heads, param_dtype=param_dtype)
         self.modulation = Modulation(c, False, **kw)
 
-    def __call__(self, x: Array, vec: Array, pe: Array) -> Array:
-        mod, _ = self.modulation(vec)
+    def modulations(self, vec: Array) -> Array:
+        """The modulation vector before chunking: vec [B, C] -> [B, 3C] (see DoubleStreamBlock)."""
+        return self.modulation.raw(vec)
+
+    def __call__(self, x: Array, vec: Array, pe: Array, mods: Array | None = None) -> Array:
+        """`mods`: `self.modulations(vec)` computed beforehand (then `vec` is not read)."""
+        mod, _ = self.modulation.split(self.modulations(vec) if mods is None else mods)
         x_mod = checkpoint_name(modulate(layer_norm(x), mod), "lin1_norm_hidden_states")
         c, dt = self.hidden_size, self.linear1.dtype
         w1, b1 = _param(self.linear1, "kernel"), _param(self.linear1, "bias")

@@ -31,6 +31,11 @@ def gathering(mesh):
     return WEIGHT_GATHER(mesh)
 
 
+def active() -> bool:
+    """Whether programs are being traced with weights gathered (`gathering(mesh)` with a mesh)."""
+    return WEIGHT_GATHER.value is not None
+
+
 def gather(tree):
     """`tree` constrained to be replicated over the gathering mesh (an all-gather); unchanged when off."""
     mesh = WEIGHT_GATHER.value
