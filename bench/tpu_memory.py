@@ -52,7 +52,7 @@ def case_overrides(case: str, accelerator: str) -> list[str]:
         # gather (one per block, forward and backward, per micro-batch) serves 8 examples instead of 2 or 4
         return ["model.attention=splash", f"optim.accum_steps={max(1, 64 // (8 * CHIPS[accelerator]))}"]
     if case == "splash-8-qkv":  # splash-8, keeping the qkv projections and the single blocks' modulated inputs too:
-        # the backward recomputes less (no qkv matmuls in the double blocks) for ~7 GiB more per v6e-8 chip
+        # the backward recomputes less (no qkv matmuls in the double blocks) for 9.2 GiB more per v6e-8 chip (measured)
         return [*case_overrides("splash-8", accelerator), "model.remat_policy=save_qkv_attention"]
     if case == "splash-none":  # no remat recompute, flash attention (no L x L probabilities to keep); micro-batches
         # of 2 per chip: with the config's 4 per chip it needs 119.8 GiB per v5p chip (measured; case splash-none-4)

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from fluxir_jax import libtpu_env, tpu_topology
+from fluxir_jax import libtpu_env, parallel, tpu_topology
 from fluxir_jax.errors import UserError
 from fluxir_jax.models.flux import Flux
 from tests.models import tiny_flux
@@ -140,18 +140,13 @@ def test_modulations_are_computed_where_their_fsdp_sharded_kernels_lie():
     """flux.py computes every layer's modulation vectors before the layer loop, from vec split like the
     kernels' input dimension: no chip all-gathers a modulation kernel (a third of a double block's
     weights), in the forward or in a remat'ed backward; only the small partial products are summed."""
-    import re
-
-    from fluxir_jax import parallel
-
     cfg = tiny_flux.config(remat_policy="save_attention")
     c = cfg.hidden_size
     fn, (state, x), _ = _step(cfg, batch=8, train=True)
     _, compiled = tpu_topology.compile_for_topology(
         fn, (state, x), "v5p-8", (1, 4, 1),
         in_shardings=lambda mesh: (parallel.state_shardings(state, mesh), jax.tree.map(lambda _: P("fsdp"), x)))
-    gathered = {tuple(int(d) for d in m.split(",") if d)
-                for m in re.findall(r"= \(?\w+\[([\d,]*)\][^ ]* all-gather(?:-start)?\(", compiled.as_text())}
+    gathered = tiny_flux.all_gather_shapes(compiled.as_text())
     assert any(s[-2:] == (c, 4 * c) for s in gathered)  # the MLP kernels are gathered, as FSDP does
     assert not any(s[-2:] == (c, 6 * c) for s in gathered), gathered  # the double blocks' modulation kernels are not
 

@@ -1,7 +1,5 @@
 """Sharded inference gathers each weight whole before use (models/weight_gather.py): pmap's bytes,
 arguments still sharded, the scanned stacks all-gathered one layer at a time."""
-import re
-
 import jax
 import numpy as np
 from flax import nnx
@@ -11,6 +9,7 @@ from fluxir_jax.models import presets
 from fluxir_jax.models.adapter import FluxIR, FluxIRConfig, fluxir_forward
 from fluxir_jax.models.flux import Flux
 from fluxir_jax.models.weight_gather import SCANNED, gathering
+from tests.models.tiny_flux import all_gather_shapes
 
 B, L, T = 8, 16, 8
 
@@ -47,15 +46,6 @@ def _compiled(engine, program, batch):
         return engine._program(program).lower(params, jax.tree.map(lambda x: sds(x, engine._batch_sharding), batch)).compile()
 
 
-def _all_gather_shapes(hlo: str) -> set[tuple[int, ...]]:
-    out = set()
-    for line in hlo.splitlines():
-        m = re.search(r"= \w+\[([\d,]*)\]\S* all-gather\(", line)
-        if m:
-            out.add(tuple(int(d) for d in m.group(1).split(",") if d))
-    return out
-
-
 def test_sharded_gathers_one_layer_at_a_time_keeps_arguments_sharded_and_equals_pmap_bitwise():
     params, program, batch = _setup()
     ref = Engine(params, parallel="pmap").run(program, batch)
@@ -74,5 +64,5 @@ def test_sharded_gathers_one_layer_at_a_time_keeps_arguments_sharded_and_equals_
     stacks = {tuple(v.shape) for p, v in nnx.to_flat_state(engine.params["base"])
               if str(p[0]) in SCANNED and v.shape[0] > 1 and not v[...].sharding.is_fully_replicated}
     assert len(stacks) >= 8
-    shapes = _all_gather_shapes(compiled.as_text())
+    shapes = all_gather_shapes(compiled.as_text())
     assert {(1, *s[1:]) for s in stacks} <= shapes and not stacks & shapes, shapes

@@ -4,6 +4,8 @@ Used to compare model variants that share parameters but differ in static option
 (attention kernel, remat policy): `graphdef(cfg)` gives each variant's graph, `random_state`
 one parameter state that all of them accept.
 """
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,3 +96,10 @@ def worst_leaf_err(a, b) -> float:
     """The largest relative error over the leaves of two matching pytrees."""
     errs = jax.tree.leaves(jax.tree.map(rel_err, a, b))
     return max(errs)
+
+
+def all_gather_shapes(hlo: str) -> set[tuple[int, ...]]:
+    """Result shapes of the all-gathers in a compiled program's text (for an async `all-gather-start`,
+    the first shape of its result tuple)."""
+    return {tuple(int(d) for d in m.split(",") if d)
+            for m in re.findall(r"= \(?\w+\[([\d,]*)\][^ ]* all-gather(?:-start)?\(", hlo)}
