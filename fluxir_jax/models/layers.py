@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -166,16 +166,49 @@ def attention(q: Array, k: Array, v: Array, pe: Array, spec: AttentionSpec | Non
     return dot_product_attention(q, k, v, spec, heads_first=True)
 
 
-def layer_norm(x: Array, eps: float = NORM_EPS) -> Array:
-    """LayerNorm without affine parameters, two-pass statistics in float32, cast back."""
+def recomputed_in_backward(fn: Callable[..., Array]) -> Callable[..., Array]:
+    """`fn` (array arguments, one array out) whose backward pass keeps only fn's inputs and recomputes
+    the rest: its VJP is `jax.vjp(fn)` run on the saved inputs, so gradients are exactly those of fn's
+    own autodiff.
+
+    For the norms and the MLP's GELU. Autodiff keeps their intermediates for the backward pass: the
+    float32 upcast and centred copy of a LayerNorm input ([B, L, C] float32, twice), the float32 q
+    and k of an RMSNorm, four [B, L, 4C] terms of GELU-tanh. Without remat (`remat_policy="none"`) a
+    scanned layer loop stacks them for every layer: at flux-dev's training shapes they were most of
+    the per-layer memory. The recompute is elementwise work on data the backward pass reads anyway.
+    Forward-mode differentiation (jax.jvp) of such a function is not supported (custom_vjp)."""
+    f = jax.custom_vjp(fn)
+    f.defvjp(lambda *args: (fn(*args), args), lambda args, g: jax.vjp(fn, *args)[1](g))
+    return f
+
+
+@recomputed_in_backward
+def _layer_norm(x: Array) -> Array:
     x32 = x.astype(jnp.float32)
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+    return ((x32 - mean) * jax.lax.rsqrt(var + NORM_EPS)).astype(x.dtype)
 
 
+def layer_norm(x: Array) -> Array:
+    """LayerNorm without affine parameters (eps 1e-6), two-pass statistics in float32, cast back;
+    recomputed in the backward pass (`recomputed_in_backward`)."""
+    return _layer_norm(x)
+
+
+@recomputed_in_backward
 def gelu_tanh(x: Array) -> Array:
+    """GELU, tanh approximation; recomputed in the backward pass (`recomputed_in_backward`)."""
     return jax.nn.gelu(x, approximate=True)
+
+
+@recomputed_in_backward
+def rms_norm(x: Array, scale: Array) -> Array:
+    """x * rsqrt(mean(x^2) + 1e-6) in float32, cast back, times `scale`; recomputed in the backward
+    pass (`recomputed_in_backward`)."""
+    x32 = x.astype(jnp.float32)
+    rrms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + NORM_EPS)
+    return (x32 * rrms).astype(x.dtype) * scale.astype(x.dtype)
 
 
 def project(equation: str, x: Array, kernel: Array, bias: Array | None, dtype, f32_out: bool = False) -> Array:
@@ -258,9 +291,7 @@ class RMSNorm(nnx.Module):
         self.scale = nnx.Param(jnp.ones((dim,), _dtype(param_dtype)))
 
     def __call__(self, x: Array) -> Array:
-        x32 = x.astype(jnp.float32)
-        rrms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + NORM_EPS)
-        return (x32 * rrms).astype(x.dtype) * self.scale[...].astype(x.dtype)
+        return rms_norm(x, self.scale[...])
 
 
 class QKNorm(nnx.Module):
