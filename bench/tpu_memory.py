@@ -9,8 +9,8 @@ this CPU machine (`fluxir train ... --compile-only --topology NAME`, libtpu's re
 Grid per accelerator: `config` (the knobs the config chooses), `full` (remat_policy=full, same
 batch), `1024` (1024^2 crops, per-chip batch 1). Opt-in cases: `splash` (the config's knobs with attention=splash), `splash-4` / `splash-8` (splash, 4 / 8 examples per chip per micro-batch), `splash-8-qkv` (splash-8 with remat_policy=save_qkv_attention), `splash-none` (remat_policy=none,
 attention=splash, accum_steps 8: no recompute, for the MFU question), `splash-none-rep` (the same with
-model.frozen_sharding=replicated: no weight all-gathers), `splash-none-2` / `splash-none-4` /
-`splash-none-8` (remat none with 2 / 4 / 8 examples per chip per micro-batch), `1024-full` (1024^2, remat_policy=full), `1024-splash`
+model.frozen_sharding=replicated: no weight all-gathers), `splash-none-N` (remat none with N
+examples per chip per micro-batch), `splash-none-rep-N` (the same with the frozen weights whole), `1024-full` (1024^2, remat_policy=full), `1024-splash`
 (1024^2, splash attention), `1024-splash-full` (the same with remat_policy=full). Every case runs in its own process; its record is
 merged into bench/results/tpu_memory.json (keyed by accelerator and case) as soon as it ends, so
 partial grids keep what finished. Step time and MFU are estimates (see docs/tpu.md): no TPU ran.
@@ -59,12 +59,14 @@ def case_overrides(case: str, accelerator: str) -> list[str]:
         return ["model.remat_policy=none", "model.attention=splash", "optim.accum_steps=8"]
     if case == "splash-none-rep":  # splash-none with the frozen weights whole on every chip: no weight all-gathers
         return [*case_overrides("splash-none", accelerator), "model.frozen_sharding=replicated"]
-    if case in ("splash-none-2", "splash-none-4", "splash-none-8"):  # no remat, 2 / 4 / 8 examples per chip per
-        # micro-batch (v5p-8: 4 per chip needed 119.8 GiB before remat "none" stopped keeping the norms' float32
-        # copies, GELU's terms and per-layer copies of the weight views; measured)
-        per_chip = int(case.rsplit("-", 1)[1])
+    prefix, _, per_chip = case.rpartition("-")
+    if prefix in ("splash-none", "splash-none-rep") and per_chip.isdigit():  # no remat, N examples per chip per
+        # micro-batch, frozen weights FSDP-split or (rep) whole on every chip (v5p-8: 4 per chip needed 119.8 GiB
+        # before remat "none" stopped keeping the norms' float32 copies, GELU's terms and per-layer copies of the
+        # weight views; measured)
         return ["model.remat_policy=none", "model.attention=splash",
-                f"optim.accum_steps={max(1, 64 // (per_chip * CHIPS[accelerator]))}"]
+                f"optim.accum_steps={max(1, 64 // (int(per_chip) * CHIPS[accelerator]))}",
+                *(["model.frozen_sharding=replicated"] if prefix == "splash-none-rep" else [])]
     if case == "1024":
         return ["crop_size=1024", f"batch_size={CHIPS[accelerator]}", "optim.accum_steps=1"]
     if case == "1024-full":  # v6e-8: one 1024^2 example per chip with save_attention needs 51.7 GiB (measured)
@@ -188,7 +190,7 @@ def main(argv=None) -> int:
     ap.add_argument("--accelerators", nargs="+", default=["v5p-8", "v6e-8"], choices=sorted(CHIPS),
                     help="TPU slices to compile for")
     ap.add_argument("--cases", nargs="+", default=["config", "full", "1024"], help="grid cases: config, full, 1024 (default); opt-in: splash, splash-4, splash-8, splash-8-qkv, 1024-full, 1024-splash, 1024-splash-full, "
-                    "splash-none, splash-none-rep, splash-none-2, splash-none-4, splash-none-8")
+                    "splash-none, splash-none-rep, splash-none-N, splash-none-rep-N (N examples per chip)")
     ap.add_argument("--quick", action="store_true", help="smoke run: the tiny config on v5p-8 only")
     ap.add_argument("--rederive", nargs="+", metavar="KEY", default=[],
                     help="no compile: derive the time estimates of these recorded cases (e.g. v6e-8/config) again "
