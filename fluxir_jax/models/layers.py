@@ -18,6 +18,7 @@ Positional and timestep math always runs in float32, whatever the activation dty
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable, NamedTuple
 
@@ -211,16 +212,61 @@ def rms_norm(x: Array, scale: Array) -> Array:
     return (x32 * rrms).astype(x.dtype) * scale.astype(x.dtype)
 
 
-def project(equation: str, x: Array, kernel: Array, bias: Array | None, dtype, f32_out: bool = False) -> Array:
-    """`einsum(equation, x, kernel) + bias` computed as `nnx.Linear` does (operands in `dtype`), for
-    a Linear whose kernel is viewed in another shape (qkv as [C, 3, H, D], proj as [H, D, C]).
-    `f32_out`: accumulate and return float32 (a sum of several projections rounds once)."""
+def project(equation: str, x: Array, kernel: Array, bias: Array | None, dtype, f32_out: bool = False,
+            view: Callable[[Array], Array] | None = None) -> Array:
+    """`einsum(equation, x, view(kernel)) + bias` computed as `nnx.Linear` does (operands in `dtype`).
+    `f32_out`: accumulate and return float32 (a sum of several projections rounds once).
+
+    `view`: a reshape or slice of a checkpoint kernel (qkv as [C, 3, H, D], proj as [H, D, C], the
+    single block's column and row blocks of linear1 / linear2). The backward pass takes the view of
+    the kernel again instead of keeping it, and keeps x only when the kernel is differentiated. With
+    frozen weights, autodiff would keep each view: a scanned layer loop without remat stacked a copy
+    of every layer's viewed weights (11 GiB per v5p chip for flux-dev with whole weights, measured).
+    (A checkpoint around the loop could recompute the views too, but marks every residual it keeps
+    with a reduce_precision that splits TPU fusions.)"""
     dtype = jnp.dtype(dtype)
+    if view is None:
+        return _project(equation, dtype, f32_out, x, kernel, bias)
+    return _project_view(equation, view, dtype, f32_out, x, kernel, bias)
+
+
+def _project(equation, dtype, f32_out, x, kernel, bias):
     out = jnp.einsum(equation, x.astype(dtype), kernel.astype(dtype),
                      preferred_element_type=jnp.float32 if f32_out else None)
     if bias is not None:
         out = out + bias.astype(out.dtype)
     return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _project_view(equation, view, dtype, f32_out, x, kernel, bias):
+    return _project(equation, dtype, f32_out, x, view(kernel), bias)
+
+
+def _project_view_fwd(equation, view, dtype, f32_out, x, kernel, bias):
+    # symbolic_zeros: the array arguments come as CustomVJPPrimal (value, perturbed). x is kept only when
+    # the kernel is differentiated, the bias never (the VJP does not read it); what is not kept is
+    # replaced by a zero-size array whose trailing dimensions are its shape
+    keep_x = kernel.perturbed
+    x, kernel, bias = x.value, kernel.value, None if bias is None else bias.value
+    out = _project(equation, dtype, f32_out, x, view(kernel), bias)
+    return out, (x if keep_x else _shape_only(x), kernel, None if bias is None else _shape_only(bias))
+
+
+def _shape_only(a: Array) -> Array:
+    return jnp.zeros((0, *a.shape), a.dtype)
+
+
+def _project_view_bwd(equation, view, dtype, f32_out, res, g):
+    x, kernel, bias = res
+    kernel_grad = x.size > 0  # else x is a stand-in: the projection is linear in x, its VJP does not read x
+    x = x if kernel_grad else jnp.zeros(x.shape[1:], x.dtype)
+    bias = None if bias is None else jnp.zeros(bias.shape[1:], bias.dtype)
+    dx, dkernel, dbias = jax.vjp(lambda x, k, b: _project(equation, dtype, f32_out, x, view(k), b), x, kernel, bias)[1](g)
+    return dx, dkernel if kernel_grad else None, dbias
+
+
+_project_view.defvjp(_project_view_fwd, _project_view_bwd, symbolic_zeros=True)
 
 
 def batch_split(x: Array) -> Array:
@@ -375,15 +421,16 @@ class SelfAttention(nnx.Module):
         """The output projection from head-major attention: [B, H, L, D] -> [B, L, C]."""
         kernel = _param(self.proj, "kernel")
         h, d = attn.shape[1], attn.shape[-1]
-        return project("bhld,hdc->blc", attn, kernel.reshape(h, d, -1), _param(self.proj, "bias"), self.proj.dtype)
+        return project("bhld,hdc->blc", attn, kernel, _param(self.proj, "bias"), self.proj.dtype,
+                       view=lambda k: k.reshape(h, d, -1))
 
 
-def qkv_heads(x: Array, kernel: Array, bias: Array | None, num_heads: int, dtype) -> Array:
-    """x [B, L, C] times a fused qkv kernel [C, 3*H*D] (+ bias [3*H*D]) -> [3, B, H, L, D]."""
+def qkv_heads(x: Array, kernel: Array, bias: Array | None, num_heads: int, dtype, cols: slice = slice(None)) -> Array:
+    """x [B, L, C] times a fused qkv kernel [C, 3*H*D] (+ bias [3*H*D]) -> [3, B, H, L, D]; `cols`: the
+    kernel's (and bias's) columns that hold qkv (the single block's linear1 holds the MLP input too)."""
     c = kernel.shape[0]
-    kernel = kernel.reshape(c, 3, num_heads, -1)
-    bias = None if bias is None else bias.reshape(3, 1, num_heads, 1, -1)
-    return project("blc,ckhd->kbhld", x, kernel, bias, dtype)
+    bias = None if bias is None else bias[cols].reshape(3, 1, num_heads, 1, -1)
+    return project("blc,ckhd->kbhld", x, kernel, bias, dtype, view=lambda k: k[:, cols].reshape(c, 3, num_heads, -1))
 
 
 def _mlp(dim: int, hidden: int, *, rngs, dtype, param_dtype) -> nnx.List:
@@ -489,14 +536,15 @@ class SingleStreamBlock(nnx.Module):
         x_mod = checkpoint_name(modulate(layer_norm(x), mod), "lin1_norm_hidden_states")
         c, dt = self.hidden_size, self.linear1.dtype
         w1, b1 = _param(self.linear1, "kernel"), _param(self.linear1, "bias")
-        qkv = qkv_heads(x_mod, w1[:, : 3 * c], None if b1 is None else b1[: 3 * c], self.num_heads, dt)
-        mlp = project("blc,cm->blm", x_mod, w1[:, 3 * c :], None if b1 is None else b1[3 * c :], dt)
+        qkv = qkv_heads(x_mod, w1, b1, self.num_heads, dt, cols=slice(0, 3 * c))
+        mlp = project("blc,cm->blm", x_mod, w1, None if b1 is None else b1[3 * c :], dt, view=lambda k: k[:, 3 * c :])
         q, k = self.norm(qkv[0], qkv[1], qkv[2])
         attn = checkpoint_name(attention(q, k, qkv[2], pe, self.attention_spec), "attn_output")  # [B, H, L, D]
         w2, b2 = _param(self.linear2, "kernel"), _param(self.linear2, "bias")
         h, d = attn.shape[1], attn.shape[-1]
-        out = project("bhld,hdc->blc", attn, w2[:c].reshape(h, d, c), None, self.linear2.dtype, f32_out=True)
-        out = project("blm,mc->blc", gelu_tanh(mlp), w2[c:], b2, self.linear2.dtype, f32_out=True) + out
+        out = project("bhld,hdc->blc", attn, w2, None, self.linear2.dtype, f32_out=True,
+                      view=lambda k: k[:c].reshape(h, d, c))
+        out = project("blm,mc->blc", gelu_tanh(mlp), w2, b2, self.linear2.dtype, f32_out=True, view=lambda k: k[c:]) + out
         return x + mod.gate * out.astype(x.dtype)
 
 

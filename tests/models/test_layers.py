@@ -249,6 +249,34 @@ def test_recomputed_functions_have_the_gradients_of_their_autodiff(name, dtype):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
+@pytest.mark.parametrize("frozen", [True, False])
+@pytest.mark.parametrize("equation,x_shape,k_shape,view,f32_out", [
+    ("blc,ckhd->kbhld", (2, 5, 8), (8, 14), lambda k: k[:, :12].reshape(8, 3, 2, 2), False),  # single-block qkv
+    ("bhld,hdc->blc", (2, 2, 5, 4), (10, 8), lambda k: k[:8].reshape(2, 4, 8), True),  # linear2, attention rows
+    ("blm,mc->blc", (2, 5, 6), (14, 8), lambda k: k[8:], True),  # linear2, MLP rows
+])
+def test_projection_of_a_kernel_view_has_the_gradients_of_autodiff(equation, x_shape, k_shape, view, f32_out, frozen):
+    """`project(view=...)` keeps neither the view nor (with a frozen kernel) x: outputs and gradients
+    bitwise those of autodiff of the einsum of the view, float32."""
+    rng = np.random.default_rng(11)
+    x, k = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (x_shape, k_shape))
+    out_shape = jax.eval_shape(lambda: jnp.einsum(equation, x, view(k))).shape
+    b = jnp.asarray(rng.standard_normal(out_shape[-1:]), jnp.float32)
+    g = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
+
+    def grads(f):
+        args = (x, b) if frozen else (x, k, b)
+        fn = (lambda x, b: f(x, k, b)) if frozen else f
+        out, vjp = jax.vjp(fn, *args)
+        return (out, *vjp(g))
+
+    with jax.default_matmul_precision("highest"):
+        got = jax.jit(lambda: grads(lambda x, k, b: L.project(equation, x, k, b, "float32", f32_out, view=view)))()
+        want = jax.jit(lambda: grads(lambda x, k, b: L.project(equation, x, view(k), b, "float32", f32_out)))()
+    for a, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(w))
+
+
 def test_layer_norm_two_pass_matches_torch():
     x = (np.random.default_rng(3).standard_normal((4, 256)) * 0.1 + 10.0).astype(np.float32)
     # a mean 100x the std: one-pass E[x^2]-E[x]^2 in float32 is off by ~1e-3 here, two-pass by ~1e-6

@@ -5,7 +5,6 @@ import pytest
 
 from fluxir_jax import config, tpu_topology
 from fluxir_jax.errors import UserError
-from fluxir_jax.models import flux
 from fluxir_jax.models.flux import REMAT_POLICIES, FluxConfig
 from tests.models import tiny_flux
 
@@ -36,22 +35,20 @@ def test_policy_gives_the_gradients_of_no_remat(reference, policy):
     assert max(errs) <= TOL
 
 
-def test_no_remat_gives_the_gradients_of_plain_autodiff(reference, monkeypatch):
-    """remat "none" runs under jax.checkpoint (to take the weight views again in the backward pass);
-    its gradients must be those of the blocks without any checkpoint."""
-    x, state, ref = reference
-    monkeypatch.setattr(flux, "_remat", lambda fn, policy, scanned=True: fn)
-    with jax.default_matmul_precision("highest"):
-        plain = tiny_flux.forward_and_grads(tiny_flux.graphdef(tiny_flux.config()), state, x)
-    errs = [tiny_flux.worst_leaf_err(o, r) for o, r in zip(plain, ref)]
-    assert max(errs) <= TOL, errs
+def test_no_remat_traces_without_checkpoint(reference):
+    """jax.checkpoint marks each residual it keeps with a reduce_precision, which splits TPU fusions:
+    "none" must not be a checkpoint that saves everything (flux._remat)."""
+    x, state, _ = reference
+    gdef = tiny_flux.graphdef(tiny_flux.config())
+    jaxpr = str(jax.make_jaxpr(lambda s: jax.grad(lambda s: tiny_flux.loss(gdef, s, x))(s))(state))
+    assert "checkpoint" not in jaxpr and "remat" not in jaxpr
 
 
 def test_no_remat_keeps_activations_only():
     """What a scanned layer loop without remat stacks for the backward pass, per layer, with frozen
     weights (gradients for the activations, as in adapter training), bf16: every residual is an
-    activation (it has the batch dimension; no view of a kernel: those were a per-layer copy of the
-    weights, 11 GiB per v5p chip for flux-dev with whole weights), none is float32 with the hidden or
+    activation (it has the batch dimension; no view of a kernel, `layers.project(view=...)`: those
+    were a per-layer copy of the weights, 11 GiB per v5p chip for flux-dev with whole weights), none is float32 with the hidden or
     head width (the norms' float32 copies: recomputed), and the MLP keeps one [B, L, 4C] tensor per
     stream (its input: GELU-tanh's four other terms are recomputed)."""
     from jax._src.ad_checkpoint import saved_residuals  # the list behind jax.ad_checkpoint.print_saved_residuals
@@ -61,7 +58,7 @@ def test_no_remat_keeps_activations_only():
     b, head_dim, mlp = 3, cfg.hidden_size // cfg.num_heads, int(cfg.hidden_size * cfg.mlp_ratio)
     x = tiny_flux.inputs(batch=b, h=4, w=5, t=6)  # 26 tokens: no length equals a width
     loss = lambda img: tiny_flux.output_loss(tiny_flux.forward(gdef, state, {**x, "img": img}).astype(jnp.float32))  # noqa: E731
-    stacked = [aval for aval, why in saved_residuals(loss, x["img"]) if "output of scan" in why]
+    stacked = [aval for aval, why in saved_residuals(loss, x["img"]) if "output of scan" in why and aval.size]
     shapes = [(str(a.dtype), a.shape) for a in stacked]
     assert len({a.shape[0] for a in stacked}) == 2, shapes  # the double and single loops' residuals
     assert all(b in a.shape[1:3] for a in stacked), shapes
