@@ -258,12 +258,20 @@ def _shape_only(a: Array) -> Array:
 
 
 def _project_view_bwd(equation, view, dtype, f32_out, res, g):
+    # each cotangent by transposing the linear map it belongs to, so no forward product is computed
+    # again (XLA would drop it as dead code, but aot.py's jaxpr FLOP counts would count it)
     x, kernel, bias = res
-    kernel_grad = x.size > 0  # else x is a stand-in: the projection is linear in x, its VJP does not read x
-    x = x if kernel_grad else jnp.zeros(x.shape[1:], x.dtype)
-    bias = None if bias is None else jnp.zeros(bias.shape[1:], bias.dtype)
-    dx, dkernel, dbias = jax.vjp(lambda x, k, b: _project(equation, dtype, f32_out, x, view(k), b), x, kernel, bias)[1](g)
-    return dx, dkernel if kernel_grad else None, dbias
+    kernel_grad = x.size > 0  # else x is a stand-in: the projection is linear in x, dx does not read x
+    x_shape = x if kernel_grad else jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+    (dx,) = jax.linear_transpose(lambda x: _project(equation, dtype, f32_out, x, view(kernel), None), x_shape)(g)
+    dkernel = None
+    if kernel_grad:
+        (dkernel,) = jax.linear_transpose(lambda k: _project(equation, dtype, f32_out, x, view(k), None), kernel)(g)
+    dbias = None
+    if bias is not None:  # out + bias.astype(out.dtype), broadcast from the right
+        bias_shape = jax.ShapeDtypeStruct(bias.shape[1:], bias.dtype)
+        (dbias,) = jax.linear_transpose(lambda b: jnp.broadcast_to(b.astype(g.dtype), g.shape), bias_shape)(g)
+    return dx, dkernel, dbias
 
 
 _project_view.defvjp(_project_view_fwd, _project_view_bwd, symbolic_zeros=True)
