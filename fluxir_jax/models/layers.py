@@ -184,17 +184,13 @@ def recomputed_in_backward(fn: Callable[..., Array]) -> Callable[..., Array]:
 
 
 @recomputed_in_backward
-def _layer_norm(x: Array) -> Array:
+def layer_norm(x: Array) -> Array:
+    """LayerNorm without affine parameters (eps 1e-6), two-pass statistics in float32, cast back;
+    recomputed in the backward pass (`recomputed_in_backward`)."""
     x32 = x.astype(jnp.float32)
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
     return ((x32 - mean) * jax.lax.rsqrt(var + NORM_EPS)).astype(x.dtype)
-
-
-def layer_norm(x: Array) -> Array:
-    """LayerNorm without affine parameters (eps 1e-6), two-pass statistics in float32, cast back;
-    recomputed in the backward pass (`recomputed_in_backward`)."""
-    return _layer_norm(x)
 
 
 @recomputed_in_backward

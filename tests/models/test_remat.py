@@ -48,9 +48,9 @@ def test_no_remat_keeps_activations_only():
     """What a scanned layer loop without remat stacks for the backward pass, per layer, with frozen
     weights (gradients for the activations, as in adapter training), bf16: every residual is an
     activation (it has the batch dimension; no view of a kernel, `layers.project(view=...)`: those
-    were a per-layer copy of the weights, 11 GiB per v5p chip for flux-dev with whole weights), none is float32 with the hidden or
-    head width (the norms' float32 copies: recomputed), and the MLP keeps one [B, L, 4C] tensor per
-    stream (its input: GELU-tanh's four other terms are recomputed)."""
+    were a per-layer copy of the weights, 11 GiB per v5p chip for flux-dev with whole weights), none
+    is float32 with the hidden or head width (the norms' float32 copies: recomputed), and the MLP
+    keeps one [B, L, 4C] tensor per stream (its input: GELU-tanh's four other terms are recomputed)."""
     from jax._src.ad_checkpoint import saved_residuals  # the list behind jax.ad_checkpoint.print_saved_residuals
 
     cfg = tiny_flux.config(dtype="bfloat16", param_dtype="bfloat16", depth=2, depth_single_blocks=3)
