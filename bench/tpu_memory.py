@@ -39,7 +39,13 @@ CHIPS = {"v5p-8": 4, "v6e-8": 8}
 
 
 def case_overrides(case: str, accelerator: str) -> list[str]:
-    if case == "config":
+    """The command line of a case: `config` is the config as it is (with its slice_knobs for the slice);
+    every other case starts from its base knobs (`slice_knobs={}`), as all of them did before slice_knobs."""
+    return [] if case == "config" else ["slice_knobs={}", *_case_knobs(case, accelerator)]
+
+
+def _case_knobs(case: str, accelerator: str) -> list[str]:
+    if case == "base":  # the config without its slice_knobs: knobs that fit both v5p-8 and v6e-8
         return []
     if case == "full":
         return ["model.remat_policy=full"]
@@ -53,12 +59,12 @@ def case_overrides(case: str, accelerator: str) -> list[str]:
         return ["model.attention=splash", f"optim.accum_steps={max(1, 64 // (8 * CHIPS[accelerator]))}"]
     if case == "splash-8-qkv":  # splash-8, keeping the qkv projections and the single blocks' modulated inputs too:
         # the backward recomputes less (no qkv matmuls in the double blocks) for 9.2 GiB more per v6e-8 chip (measured)
-        return [*case_overrides("splash-8", accelerator), "model.remat_policy=save_qkv_attention"]
+        return [*_case_knobs("splash-8", accelerator), "model.remat_policy=save_qkv_attention"]
     if case == "splash-none":  # no remat recompute, flash attention (no L x L probabilities to keep); micro-batches
         # of 2 per chip on v5p-8, 1 on v6e-8
         return ["model.remat_policy=none", "model.attention=splash", "optim.accum_steps=8"]
     if case == "splash-none-rep":  # splash-none with the frozen weights whole on every chip: no weight all-gathers
-        return [*case_overrides("splash-none", accelerator), "model.frozen_sharding=replicated"]
+        return [*_case_knobs("splash-none", accelerator), "model.frozen_sharding=replicated"]
     prefix, _, per_chip = case.rpartition("-")
     if prefix in ("splash-none", "splash-none-rep") and per_chip.isdigit():  # no remat, N examples per chip per
         # micro-batch, frozen weights FSDP-split or (rep) whole on every chip (v5p-8: 4 per chip needed 119.8 GiB
@@ -70,11 +76,11 @@ def case_overrides(case: str, accelerator: str) -> list[str]:
     if case == "1024":
         return ["crop_size=1024", f"batch_size={CHIPS[accelerator]}", "optim.accum_steps=1"]
     if case == "1024-full":  # v6e-8: one 1024^2 example per chip with save_attention needs 51.7 GiB (measured)
-        return [*case_overrides("1024", accelerator), "model.remat_policy=full"]
+        return [*_case_knobs("1024", accelerator), "model.remat_policy=full"]
     if case == "1024-splash":  # v6e-8: XLA attention's 4608 x 4608 matrices are what does not fit at 1024^2
-        return [*case_overrides("1024", accelerator), "model.attention=splash"]
+        return [*_case_knobs("1024", accelerator), "model.attention=splash"]
     if case == "1024-splash-full":  # v6e-8: the save_attention compile of 1024-splash needs more than 24 GB of host RAM
-        return [*case_overrides("1024-splash", accelerator), "model.remat_policy=full"]
+        return [*_case_knobs("1024-splash", accelerator), "model.remat_policy=full"]
     raise SystemExit(f"unknown case {case!r}")
 
 

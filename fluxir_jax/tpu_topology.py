@@ -127,6 +127,30 @@ def parse_accelerator(name: str) -> Accelerator:
     raise UserError(f"unknown TPU accelerator {name!r}; known forms: {KNOWN_FORMS}")
 
 
+# device_kind prefixes (lower case) of each generation, most specific first; real v5p chips report
+# "TPU v5p" or "TPU v5" (libtpu's compile-only devices say "TPU v5")
+_KINDS = (("tpu v6", "v6e"), ("tpu v5 lite", "v5litepod"), ("tpu v5e", "v5litepod"), ("tpu v5", "v5p"), ("tpu v4", "v4"))
+
+
+def accelerator_of(devices, num_slices: int = 1) -> str | None:
+    """The Cloud TPU accelerator type of one slice of `devices` (`v5p-8` for 4 v5p chips), or None
+    when they are not TPUs of a known generation (CPU, GPU)."""
+    devices = list(devices)
+    if not devices or devices[0].platform != "tpu" or len(devices) % max(num_slices, 1):
+        return None
+    kind = str(devices[0].device_kind).lower()
+    gen_key = next((g for prefix, g in _KINDS if kind.startswith(prefix)), None)
+    if gen_key is None:
+        return None
+    return f"{gen_key}-{len(devices) // max(num_slices, 1) * GENERATIONS[gen_key].cores_per_chip}"
+
+
+def same_slice(a: str, b: str) -> bool:
+    """Whether two accelerator names (`v5e-8` and `v5litepod-8`, `v5p-8` and `v5p:2x2x1`) are one slice."""
+    x, y = parse_accelerator(a), parse_accelerator(b)
+    return (x.generation, x.chips) == (y.generation, y.chips)
+
+
 def topology_devices(name: str, num_slices: int = 1) -> list:
     """Compile-only TPU devices of the slice `name` (`num_slices` copies joined over DCN)."""
     from jax.experimental import topologies

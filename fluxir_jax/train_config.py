@@ -187,6 +187,10 @@ class TrainConfig:
     log_every      print and record metrics every this many steps
     max_bad_steps  consecutive non-finite steps after which the run stops
     peak_tflops    per-device peak for MFU (0: from the device-kind table)
+    slice_knobs    knobs for the Cloud TPU slices they were compiled for: {accelerator type:
+                   [key=value, ...]} (e.g. `v5p-8: [optim.accum_steps=2]`), applied when the run's
+                   devices (or `--topology`) are that slice, before the command line's overrides
+                   (`slice_knobs={}` turns them off); docs/tpu.md
     """
 
     base: str = "flux-dev"
@@ -207,6 +211,7 @@ class TrainConfig:
     log_every: int = 10
     max_bad_steps: int = 10
     peak_tflops: float = 0.0
+    slice_knobs: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
 
 def load(path: str | None, overrides=()) -> TrainConfig:
@@ -245,6 +250,44 @@ def check_static(cfg: TrainConfig) -> None:
     _need(cfg.val.every >= 0 and cfg.val.steps >= 1, "val.every must be >= 0 and val.steps >= 1")
     _need(cfg.val.lpips_net in LPIPS_NETS, f"val.lpips_net={cfg.val.lpips_net!r}: expected one of {LPIPS_NETS}")
     _need(cfg.max_bad_steps >= 1, "max_bad_steps must be >= 1")
+    _check_slice_knobs(cfg)
+
+
+def _check_slice_knobs(cfg: TrainConfig) -> None:
+    """Every `slice_knobs` entry names a TPU slice and overrides that give a valid config."""
+    from fluxir_jax import tpu_topology
+
+    for name, knobs in cfg.slice_knobs.items():
+        where = f"slice_knobs.{name}"
+        tpu_topology.parse_accelerator(name)  # UserError naming the known forms
+        _need(isinstance(knobs, list) and all(isinstance(k, str) and "=" in k for k in knobs),
+              f"{where}: expected a list of key=value overrides, got {knobs!r}")
+        _need(not any(k.strip().startswith("slice_knobs") for k in knobs), f"{where}: cannot change slice_knobs")
+        try:
+            knobbed = config_io.apply_overrides(dataclasses.replace(cfg, slice_knobs={}), knobs)
+        except (UserError, ValueError) as e:
+            raise UserError(f"{where}: {e}") from None
+        check_static(knobbed)
+
+
+def slice_knobs(cfg: TrainConfig, accelerator: str | None) -> list[str]:
+    """The overrides `cfg.slice_knobs` gives the slice `accelerator` ([] for none, or no TPU)."""
+    from fluxir_jax import tpu_topology
+
+    if not accelerator:
+        return []
+    return next((list(knobs) for name, knobs in cfg.slice_knobs.items() if tpu_topology.same_slice(name, accelerator)), [])
+
+
+def for_slice(cfg: TrainConfig, accelerator: str | None, overrides=()) -> tuple[TrainConfig, list[str]]:
+    """`cfg` with its knobs for the slice `accelerator`, and the command line's `overrides` applied
+    again on top (they win); (config, the knobs applied)."""
+    knobs = slice_knobs(cfg, accelerator)
+    if not knobs:
+        return cfg, []
+    out = config_io.apply_overrides(cfg, [*knobs, *overrides])
+    check_static(out)
+    return out, knobs
 
 
 def check_data(cfg: TrainConfig) -> None:

@@ -165,13 +165,15 @@ def compile_only(cfg: TrainConfig, mesh, log=print) -> dict:
             "lower_s": rep["lower_s"], "compile_s": rep["compile_s"]}
 
 
-def compile_topology(cfg: TrainConfig, topology: str, log=print, memory_only: bool = False) -> dict:
+def compile_topology(cfg: TrainConfig, topology: str, log=print, memory_only: bool = False,
+                     slice_knobs: list[str] | None = None) -> dict:
     """The `--compile-only --topology NAME` record: the real step compiled for a Cloud TPU slice.
 
     The mesh is `cfg.mesh` over the slice's chips (-1 fills); nothing is read or allocated. The
     whole-step XLA figures come from unrolled 2/3-block compiles of one micro-batch (times
     optim.accum_steps), see `aot.topology_record`; `memory_only` skips them (one compile: memory and
-    fits; the step-time estimate is then the FLOP bound).
+    fits; the step-time estimate is then the FLOP bound). `slice_knobs`: the config's knobs for this
+    slice already in `cfg` (`train_config.for_slice`), named in the record.
     """
     import dataclasses
 
@@ -189,7 +191,8 @@ def compile_topology(cfg: TrainConfig, topology: str, log=print, memory_only: bo
     accum = cfg.optim.accum_steps
     what = "train step (forward, backward, AdamW update)."
     info = dict(program="train_step", base=cfg.base, batch_size=cfg.batch_size, per_chip_batch=cfg.batch_size / mesh.devices.size,
-                accum_steps=accum, crop_size=cfg.crop_size, remat_policy=cfg.model.remat_policy, attention=cfg.model.attention)
+                accum_steps=accum, crop_size=cfg.crop_size, remat_policy=cfg.model.remat_policy, attention=cfg.model.attention,
+                frozen_sharding=cfg.model.frozen_sharding, slice_knobs=list(slice_knobs or ()))
     try:
         compiled, seconds = aot.compile_on(trainer.jitted, args, mesh)
     except aot.OutOfHBM as e:
@@ -455,6 +458,7 @@ def main(args) -> int:
     cfg = train_config.load(args.config, list(args.overrides))
     train_config.check_static(cfg)
     if args.compile_only:
+        cfg = _with_slice_knobs(cfg, args.overrides)
         mesh = parallel.make_mesh(cfg.mesh)
         check_devices(cfg, mesh)
         with jax.set_mesh(mesh):
@@ -467,8 +471,23 @@ def main(args) -> int:
         print(json.dumps(report), flush=True)
         return 0
     distributed.initialize(args, log=print)
-    train(cfg)
+    train(_with_slice_knobs(cfg, args.overrides))
     return 0
+
+
+def _with_slice_knobs(cfg: TrainConfig, overrides, accelerator: str | None = None) -> TrainConfig:
+    """`cfg` with its `slice_knobs` for `accelerator` (default: the slice these devices are), said in one
+    line on process 0; the command line's `overrides` still win."""
+    import jax
+
+    from fluxir_jax import tpu_topology
+
+    if accelerator is None:
+        accelerator = tpu_topology.accelerator_of(jax.devices(), cfg.mesh.dcn_data)
+    cfg, knobs = train_config.for_slice(cfg, accelerator, list(overrides))
+    if knobs and jax.process_index() == 0:
+        print(f"config: slice_knobs for {accelerator}: {' '.join(knobs)}", flush=True)
+    return cfg
 
 
 def _add_flags(p: argparse.ArgumentParser) -> None:
@@ -522,9 +541,11 @@ def _dispatch(args) -> int:
         if args.memory_only:
             raise UserError("--memory-only is for --compile-only --topology NAME")
         return main(args)
-    from fluxir_jax import aot
+    from fluxir_jax import aot, tpu_topology
 
     cfg = train_config.load(args.config, list(args.overrides))
     train_config.check_static(cfg)
-    record = compile_topology(cfg, args.topology, log=lambda *a: None, memory_only=args.memory_only)
+    tpu_topology.parse_accelerator(args.topology)  # unknown name: one line
+    cfg, knobs = train_config.for_slice(cfg, args.topology, list(args.overrides))
+    record = compile_topology(cfg, args.topology, log=lambda *a: None, memory_only=args.memory_only, slice_knobs=knobs)
     return aot.emit_record(record, args.out or pathlib.Path(cfg.run_dir) / "compile.json", "train")

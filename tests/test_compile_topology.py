@@ -66,6 +66,28 @@ def test_memory_only_compiles_the_step_once(capsys, tmp_path, monkeypatch):
     assert rc == 2 and "--memory-only is for --compile-only --topology NAME" in err
 
 
+def test_slice_knobs_apply_on_their_slice_under_the_command_line(capsys, tmp_path):
+    """The config's slice_knobs for the --topology slice are compiled (and named in the record); the
+    command line still wins; other slices' knobs and other slices are left alone."""
+    knobs = "slice_knobs={v5p-8: [optim.accum_steps=2, model.remat_policy=full, adapter.se_reduction=8], v6e-8: [mesh.fsdp=2]}"
+    rc, out, err = _run(capsys, "--compile-only", "--topology", "v5p:2x2x1", "--memory-only", f"run_dir={tmp_path}",
+                        knobs, "model.remat_policy=save_attention")
+    assert rc == 0, err
+    rec = json.loads(out.strip().splitlines()[-1])
+    assert rec["slice_knobs"] == ["optim.accum_steps=2", "model.remat_policy=full", "adapter.se_reduction=8"]
+    assert (rec["accum_steps"], rec["remat_policy"], rec["mesh"]["fsdp"]) == (2, "save_attention", 4)
+    # the knob reached the compiled program: a wider SE bottleneck has more trainable (and AdamW) bytes
+    rc, out, err = _run(capsys, "--compile-only", "--topology", "v5p-8", "--memory-only", f"run_dir={tmp_path}",
+                        knobs.replace("se_reduction=8", "se_reduction=4"), "model.remat_policy=save_attention")
+    assert rc == 0, err
+    wider = json.loads(out.strip().splitlines()[-1])
+    assert wider["per_chip_bytes"]["arguments"] > rec["per_chip_bytes"]["arguments"]
+    rc, out, err = _run(capsys, "--compile-only", "--topology", "v5p-16", "--memory-only", f"run_dir={tmp_path}", knobs)
+    assert rc == 0, err
+    other = json.loads(out.strip().splitlines()[-1])
+    assert other["slice_knobs"] == [] and other["accum_steps"] == 1 and other["remat_policy"] == "none"
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--topology", "v9x-8"], "unknown TPU accelerator 'v9x-8'"),
     (["--topology=v5p-8", "mesh.data=3", "mesh.fsdp=1"], "mesh sizes data=3 x fsdp=1 x tensor=1"),

@@ -82,3 +82,15 @@ def test_trainer_checks_the_config_before_building():
                             ["batch_size=6", "optim.accum_steps=4"])
     with pytest.raises(UserError, match="batch_size=6 is not divisible by optim.accum_steps=4"):
         Trainer(cfg, mesh=None)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "train").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_train_configs_and_their_slice_knobs_are_valid(path):
+    """Every shipped train config passes the static checks, and so does each slice's knobs applied to it."""
+    from fluxir_jax import train_config
+
+    cfg = train_config.load(str(path))
+    train_config.check_static(cfg)
+    for name, knobs in cfg.slice_knobs.items():
+        knobbed, applied = train_config.for_slice(cfg, name)
+        assert applied == knobs and config.to_dict(knobbed) != config.to_dict(cfg)

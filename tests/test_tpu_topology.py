@@ -87,6 +87,27 @@ def test_topology_devices(name, n, kind):
     assert len(devices) == n and {d.platform for d in devices} == {"tpu"} and devices[0].device_kind == kind
 
 
+@pytest.mark.parametrize("name", ["v5p-8", "v5p-16", "v4-8", "v6e-8", "v5litepod-4"])
+def test_accelerator_of_names_the_slice_its_devices_are(name):
+    """A run finds its slice (for the config's slice_knobs) from its devices: the same name back."""
+    assert tpu_topology.accelerator_of(tpu_topology.topology_devices(name)) == name
+    assert tpu_topology.accelerator_of(tpu_topology.topology_devices(name, num_slices=2), num_slices=2) == name
+
+
+def test_accelerator_of_other_devices_and_device_kinds():
+    class Dev:
+        def __init__(self, kind, platform="tpu"):
+            self.device_kind, self.platform = kind, platform
+
+    assert tpu_topology.accelerator_of(jax.devices("cpu")) is None  # no TPU: no slice
+    assert tpu_topology.accelerator_of([Dev("NVIDIA H100 80GB HBM3", "gpu")] * 8) is None
+    assert tpu_topology.accelerator_of([Dev("TPU v5p")] * 4) == "v5p-8"  # real v5p chips may say v5p
+    assert tpu_topology.accelerator_of([Dev("TPU v5e")] * 8) == "v5litepod-8"
+    assert tpu_topology.accelerator_of([Dev("TPU v7x")] * 8) is None  # a generation without a table entry
+    assert tpu_topology.same_slice("v5e-8", "v5litepod-8") and tpu_topology.same_slice("v5p:2x2x1", "v5p-8")
+    assert not tpu_topology.same_slice("v5p-8", "v5p-16") and not tpu_topology.same_slice("v5p-8", "v4-8")
+
+
 def test_multislice_devices_span_slices():
     devices = tpu_topology.topology_devices("v5p-8", num_slices=2)
     assert len(devices) == 8 and {d.slice_index for d in devices} == {0, 1}

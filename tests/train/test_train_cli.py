@@ -142,6 +142,10 @@ def init_ckpt(tmp_path_factory):
     (["data.val=PAIRS", "val.every=1", "val.lpips_weights=/nonexistent/lpips.safetensors"], "val.lpips_weights"),
     (["val.lpips_net=squeeze"], "val.lpips_net"),
     (["run_dir=gs://bucket/run"], "run_dir"),  # not a local directory named 'gs:'
+    (["slice_knobs={v9x-8: [steps=2]}"], "v9x-8"),
+    (["slice_knobs={v5p-8: [bogus=1]}"], "slice_knobs.v5p-8: unknown config key bogus"),
+    (["slice_knobs={v5p-8: [optim.accum_steps=3]}"], "accum_steps"),  # checked even off that slice
+    (["slice_knobs={v5p-8: steps=2}"], "slice_knobs.v5p-8: expected a list"),
 ])
 def test_bad_config_exits_2_before_compiling(overrides, field, pairs, init_ckpt, tmp_path, capsys, no_compile):
     overrides = [f"base={init_ckpt}" if o == "BASE" else o.replace("PAIRS", str(pairs)) for o in overrides]
