@@ -6,8 +6,9 @@ this CPU machine (`fluxir train ... --compile-only --topology NAME`, libtpu's re
     .venv/bin/python bench/tpu_memory.py --accelerators v6e-8 --cases config full
     .venv/bin/python bench/tpu_memory.py --quick                  # tiny config on v5p-8 (smoke)
 
-Grid per accelerator: `config` (the knobs the config chooses), `full` (remat_policy=full, same
-batch), `1024` (1024^2 crops, per-chip batch 1). Opt-in cases: `splash` (the config's knobs with attention=splash), `splash-4` / `splash-8` (splash, 4 / 8 examples per chip per micro-batch), `splash-8-qkv` (splash-8 with remat_policy=save_qkv_attention), `splash-none` (remat_policy=none,
+Grid per accelerator: `config` (the config as it is: its slice_knobs for the slice), `full` (the base
+knobs with remat_policy=full, same batch), `1024` (1024^2 crops, per-chip batch 1). Every case but `config`
+starts from the base knobs (`slice_knobs={}`). Opt-in cases: `base` (the base knobs alone), `splash` (the base knobs with attention=splash), `splash-4` / `splash-8` (splash, 4 / 8 examples per chip per micro-batch), `splash-8-qkv` (splash-8 with remat_policy=save_qkv_attention), `splash-none` (remat_policy=none,
 attention=splash, accum_steps 8: no recompute, for the MFU question), `splash-none-rep` (the same with
 model.frozen_sharding=replicated: no weight all-gathers), `splash-none-N` (remat none with N
 examples per chip per micro-batch), `splash-none-rep-N` (the same with the frozen weights whole), `1024-full` (1024^2, remat_policy=full), `1024-splash`
@@ -195,11 +196,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--accelerators", nargs="+", default=["v5p-8", "v6e-8"], choices=sorted(CHIPS),
                     help="TPU slices to compile for")
-    ap.add_argument("--cases", nargs="+", default=["config", "full", "1024"], help="grid cases: config, full, 1024 (default); opt-in: splash, splash-4, splash-8, splash-8-qkv, 1024-full, 1024-splash, 1024-splash-full, "
+    ap.add_argument("--cases", nargs="+", default=["config", "full", "1024"], help="grid cases: config, full, 1024 (default); opt-in: base, splash, splash-4, splash-8, splash-8-qkv, 1024-full, 1024-splash, 1024-splash-full, "
                     "splash-none, splash-none-rep, splash-none-N, splash-none-rep-N (N examples per chip)")
     ap.add_argument("--quick", action="store_true", help="smoke run: the tiny config on v5p-8 only")
     ap.add_argument("--rederive", nargs="+", metavar="KEY", default=[],
-                    help="no compile: derive the time estimates of these recorded cases (e.g. v6e-8/config) again "
+                    help="no compile: derive the time estimates of these recorded cases (e.g. v6e-8/base) again "
                          "from the libtpu figures they kept, with today's rules (aot.rederive)")
     ap.add_argument("--memory-only", action="store_true",
                     help="per-chip memory and fits only (fluxir train --memory-only: one compile per case, no time "

@@ -326,15 +326,15 @@ def test_tpu_memory_rederive_keeps_the_case_and_derives_its_estimates_again(tmp_
     accepted (no time) gets its estimate from the figures it kept, and keeps its machine and date."""
     from bench import tpu_memory
 
-    entry = json.loads((ROOT / "bench" / "results" / "tpu_memory.json").read_text())["cases"]["v6e-8/config"]
+    entry = json.loads((ROOT / "bench" / "results" / "tpu_memory.json").read_text())["cases"]["v6e-8/base"]
     rec = entry["record"]
     kept = rec["xla_cost_analysis"]
     old = dict(rec, xla_seconds=None, est_mfu=None, est_hfu=None, est_step_seconds=0.5423,
                xla_cost_analysis={"scanned": kept["scanned"], "variants": [dict(v, seconds=None) for v in kept["variants"]]})
-    (tmp_path / "tpu_memory.json").write_text(json.dumps({"cases": {"v6e-8/config": dict(entry, record=old)}}))
+    (tmp_path / "tpu_memory.json").write_text(json.dumps({"cases": {"v6e-8/base": dict(entry, record=old)}}))
     monkeypatch.setattr(tpu_memory, "RESULTS", tmp_path)
-    assert tpu_memory.main(["--rederive", "v6e-8/config"]) == 0
-    again = json.loads((tmp_path / "tpu_memory.json").read_text())["cases"]["v6e-8/config"]
+    assert tpu_memory.main(["--rederive", "v6e-8/base"]) == 0
+    again = json.loads((tmp_path / "tpu_memory.json").read_text())["cases"]["v6e-8/base"]
     assert again["cpu"] == entry["cpu"] and again["date"] == entry["date"] and "rederived" in again
     assert again["record"]["est_mfu"] == pytest.approx(0.2017, abs=1e-4)  # 4 micro-batches x 0.532 s
     assert again["record"]["per_chip_bytes"] == rec["per_chip_bytes"]
