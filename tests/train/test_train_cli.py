@@ -195,3 +195,22 @@ print(live, scalars())
     assert r.returncode == 0, r.stderr
     want = "[(1, 'loss', 0.5), (2, 'loss', 0.25)]"
     assert r.stdout.strip().splitlines()[-1] == f"{want} {want}"
+
+
+def test_a_run_on_a_slice_with_knobs_trains_with_them(monkeypatch, capsys, tmp_path):
+    """`fluxir train` finds its slice from its devices and trains with that slice's knobs, under the
+    command line's overrides (the training itself is replaced: what matters is the config it gets)."""
+    from fluxir_jax import tpu_topology, train_loop
+
+    seen = []
+    monkeypatch.setattr(train_loop, "train", lambda cfg, **k: seen.append(cfg) or {})
+    slices = []
+    monkeypatch.setattr(tpu_topology, "accelerator_of", lambda devices, n=1: slices.append(len(devices)) or "v5p-8")
+    knobs = "slice_knobs={v5p-8: [optim.accum_steps=2, loss.pixel_crop=16], v6e-8: [optim.accum_steps=4]}"
+    assert cli.main(["train", str(TINY), f"run_dir={tmp_path}", knobs, "loss.pixel_crop=24"]) == 0
+    (cfg,) = seen
+    assert (cfg.optim.accum_steps, cfg.loss.pixel_crop) == (2, 24) and slices == [len(jax.devices())]
+    assert "config: slice_knobs for v5p-8: optim.accum_steps=2 loss.pixel_crop=16" in capsys.readouterr().out
+    monkeypatch.setattr(tpu_topology, "accelerator_of", lambda devices, n=1: None)  # CPU, GPU: the base knobs
+    assert cli.main(["train", str(TINY), f"run_dir={tmp_path}", knobs]) == 0
+    assert seen[-1].optim.accum_steps == 1 and "slice_knobs for" not in capsys.readouterr().out
