@@ -210,7 +210,7 @@ def test_whole_step_seconds_add_back_libtpus_minus_one_per_concat_bitcast():
 
 
 def test_rederive_gives_the_v6e_flux_dev_step_the_time_its_variants_imply():
-    """The v6e-8 flux-dev train step as recorded (libtpu 0.0.42.1, fluxir-dev.yaml's knobs): the (2, 1)
+    """The v6e-8 flux-dev train step as recorded (libtpu 0.0.42.1, fluxir-dev.yaml's base knobs): the (2, 1)
     variant's corrected optimal_seconds lies 2% under bytes / HBM bandwidth and was once dropped, so
     the step had no estimate; derived again, the three variants give 0.532 s per micro-batch."""
     variants = [dict(double=d, single=s, flops=f, bytes=b, seconds=None, raw_seconds=r, unmodelled=n)
