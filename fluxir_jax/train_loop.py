@@ -475,15 +475,14 @@ def main(args) -> int:
     return 0
 
 
-def _with_slice_knobs(cfg: TrainConfig, overrides, accelerator: str | None = None) -> TrainConfig:
-    """`cfg` with its `slice_knobs` for `accelerator` (default: the slice these devices are), said in one
-    line on process 0; the command line's `overrides` still win."""
+def _with_slice_knobs(cfg: TrainConfig, overrides) -> TrainConfig:
+    """`cfg` with its `slice_knobs` for the slice these devices are, said in one line on process 0;
+    the command line's `overrides` still win."""
     import jax
 
     from fluxir_jax import tpu_topology
 
-    if accelerator is None:
-        accelerator = tpu_topology.accelerator_of(jax.devices(), cfg.mesh.dcn_data)
+    accelerator = tpu_topology.accelerator_of(jax.devices(), cfg.mesh.dcn_data)
     cfg, knobs = train_config.for_slice(cfg, accelerator, list(overrides))
     if knobs and jax.process_index() == 0:
         print(f"config: slice_knobs for {accelerator}: {' '.join(knobs)}", flush=True)
