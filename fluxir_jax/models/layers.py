@@ -118,13 +118,7 @@ def _rotate_pairs(x: Array, diag: Array, off: Array) -> Array:
 
 
 def _rotate_pairs_fwd(x, diag, off):
-    # symbolic_zeros: the arguments come as CustomVJPPrimal (value, perturbed). The rotation is linear in
-    # x, so x is kept only when the tables are differentiated; they come from position ids, so in
-    # training they are not, and a layer loop without remat does not stack a copy of the normed q and k
-    # (splash keeps the rotated ones)
-    keep_x = diag.perturbed or off.perturbed
-    x, diag, off = x.value, diag.value, off.value
-    return _rotate_pairs(x, diag, off), (x if keep_x else _shape_only(x), diag, off)
+    return _rotate_pairs(x, diag, off), (x, diag, off)
 
 
 def _rotate_pairs_bwd(res, g):
@@ -132,18 +126,15 @@ def _rotate_pairs_bwd(res, g):
     # rounded once, as autodiff of the paired form does (autodiff of the matmul form would round
     # the swapped term to x's dtype first). swap(g) is exact in g's own dtype.
     x, diag, off = res
-    g32 = g.astype(jnp.float32)
+    g32, x32 = g.astype(jnp.float32), x.astype(jnp.float32)
     swapped_off = off.reshape(*off.shape[:-1], -1, 2)[..., ::-1].reshape(off.shape)  # a small table
     dx = (diag * g32 + swapped_off * _swap_pairs(g).astype(jnp.float32)).astype(x.dtype)
-    if x.ndim != g.ndim:  # x was not kept: the tables are not differentiated
-        return dx, None, None
-    x32 = x.astype(jnp.float32)
     ddiag = _sum_to(g32 * x32, diag.shape)
     doff = _sum_to(g32 * _swap_pairs(x).astype(jnp.float32), off.shape)
     return dx, ddiag, doff
 
 
-_rotate_pairs.defvjp(_rotate_pairs_fwd, _rotate_pairs_bwd, symbolic_zeros=True)
+_rotate_pairs.defvjp(_rotate_pairs_fwd, _rotate_pairs_bwd)
 
 
 def apply_rope(xq: Array, xk: Array, pe: Array, heads_first: bool = False) -> tuple[Array, Array]:
