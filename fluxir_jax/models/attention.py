@@ -109,15 +109,19 @@ def resolve_kind(kind: str, platform: str, dtype) -> str:
 # ----------------------------------------------------------------------------- entry point
 
 
+def kernel_and_mesh(spec: AttentionSpec, dtype):
+    """(the concrete kernel `spec` asks for on the current backend, the mesh it runs over or None)."""
+    if spec.kind == "xla":
+        return "xla", None
+    mesh = current_mesh()
+    return resolve_kind(spec.kind, mesh_platform(mesh), dtype), mesh
+
+
 def dot_product_attention(q, k, v, spec: AttentionSpec | None = None, heads_first: bool = False):
     """Full softmax attention, q/k/v [B, L, H, D] -> [B, L, H, D] ([B, H, L, D] -> [B, H, L, D] with
     `heads_first`), with the kernel `spec` names."""
     spec = spec or AttentionSpec()
-    kind = spec.kind
-    mesh = None
-    if kind != "xla":
-        mesh = current_mesh()
-        kind = resolve_kind(kind, mesh_platform(mesh), q.dtype)
+    kind, mesh = kernel_and_mesh(spec, q.dtype)
     if kind == "splash":
         return splash_attention(q, k, v, spec, mesh=mesh, interpret=mesh_platform(mesh) != "tpu", heads_first=heads_first)
     swap = (lambda x: jnp.swapaxes(x, 1, 2)) if heads_first else (lambda x: x)
@@ -150,24 +154,66 @@ def splash_block_sizes(spec: AttentionSpec, padded_len: int):
     )
 
 
-def _splash_local(q, k, v, spec: AttentionSpec, interpret: bool):
-    """Splash on local arrays [b, H, L, D] (no mesh axes inside)."""
+def _splash_kernel(heads: int, padded: int, spec: AttentionSpec, interpret: bool, save_residuals: bool = False):
+    """A splash kernel for one example [H, padded, D] (full mask; `save_residuals`: it returns (out, (lse,)))."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-    _, heads, length, head_dim = q.shape
+    mask = splash.MultiHeadMask([splash.FullMask((padded, padded)) for _ in range(heads)])
+    return splash.make_splash_mha(mask, block_sizes=splash_block_sizes(spec, padded), head_shards=1, q_seq_shards=1,
+                                  interpret=interpret, save_residuals=save_residuals)
+
+
+def _pad_sequence(length: int, *xs):
+    """Pad [b, H, L, ...] arrays along L to a multiple of 128; (padded length, segment ids, arrays)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
     padded = -(-length // LANES) * LANES
     if padded != length:
-        pad = ((0, 0), (0, 0), (0, padded - length), (0, 0))
-        q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+        xs = tuple(jnp.pad(x, [(0, 0), (0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 3)) for x in xs)
     segment = jnp.asarray(np.arange(padded) >= length, jnp.int32)  # 0 real, 1 padding
-    segment_ids = splash.SegmentIds(q=segment, kv=segment)
-    mask = splash.MultiHeadMask([splash.FullMask((padded, padded)) for _ in range(heads)])
-    kernel = splash.make_splash_mha(
-        mask, block_sizes=splash_block_sizes(spec, padded), head_shards=1, q_seq_shards=1, interpret=interpret
-    )
-    q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)  # the kernel does not scale the logits
-    out = jax.vmap(kernel, in_axes=(0, 0, 0, None))(q, k, v, segment_ids)
-    return out[:, :, :length]
+    return padded, splash.SegmentIds(q=segment, kv=segment), xs
+
+
+def _logit_scale(q):
+    return jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)  # the kernel does not scale the logits
+
+
+def _splash_local(q, k, v, spec: AttentionSpec, interpret: bool, with_lse: bool = False):
+    """Splash on local arrays [b, H, L, D] (no mesh axes inside); `with_lse`: (out, logsumexp [b, H, L]),
+    what `_splash_local_bwd` needs besides q, k, v."""
+    _, heads, length, _ = q.shape
+    padded, segment_ids, (q, k, v) = _pad_sequence(length, q, k, v)
+    kernel = _splash_kernel(heads, padded, spec, interpret, save_residuals=with_lse)
+    out = jax.vmap(kernel, in_axes=(0, 0, 0, None))(q * _logit_scale(q), k, v, segment_ids)
+    if not with_lse:
+        return out[:, :, :length]
+    out, (lse,) = out
+    return out[:, :, :length], lse[:, :, :length]
+
+
+def _splash_local_bwd(q, k, v, out, lse, do, spec: AttentionSpec, interpret: bool):
+    """The gradients (dq, dk, dv) of `_splash_local` at (q, k, v), from its forward's out and logsumexp:
+    splash's own backward kernels (dq, dkv), run without its forward (jax 0.10's
+    `splash_attention_kernel._splash_attention_bwd`; its residuals are rebuilt here)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sak
+
+    _, heads, length, _ = q.shape
+    padded, segment_ids, (q, k, v, out, lse, do) = _pad_sequence(length, q, k, v, out, lse, do)
+    kernel = _splash_kernel(heads, padded, spec, interpret)
+    kw = kernel.kwargs
+    for info in (kernel.dq_mask_info, kernel.dkv_mask_info):  # a full mask has no partial blocks to reshape
+        assert info is None or info.partial_mask_blocks is None, "splash backward: partial mask blocks"
+    scale = _logit_scale(q)
+
+    def one(q, k, v, out, lse, do):
+        res = (q, k, v, segment_ids, None, out, lse, kernel.dq_mask_info, kernel.dkv_mask_info)
+        grads = sak._splash_attention_bwd(False, kw["mask_value"], kw["is_mqa"], kw["block_sizes"],
+                                          kw["residual_checkpoint_name"], kw["mask_function"],
+                                          kw["attn_logits_soft_cap"], kw["interpret"], res, do)
+        return grads[3:6]
+
+    dq, dk, dv = jax.vmap(one)(q * scale, k, v, out, lse, do)
+    return (dq * scale)[:, :, :length], dk[:, :, :length], dv[:, :, :length]
 
 
 def mesh_batch_axes(mesh) -> tuple[tuple[str, ...], int]:
@@ -188,23 +234,41 @@ def _mesh_specs(mesh, heads: int):
     return P(batch_axes or None, head_axis, None, None), shards
 
 
+def _sharded(local, mesh, arrays):
+    """local(*arrays) on [b, H, L, ...] arrays, under shard_map over `mesh` (batch over data/fsdp, heads
+    over tensor) when given; a batch the mesh does not divide is padded with zero examples (e.g. 4 val
+    images on 8 chips), cut off again. Returns what `local` returns (arrays or a tuple of them)."""
+    if mesh is None:
+        return local(*arrays)
+    pspec, n_batch = _mesh_specs(mesh, arrays[0].shape[1])
+    batch = arrays[0].shape[0]
+    extra = -batch % n_batch
+    if extra:
+        arrays = tuple(jnp.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1)) for x in arrays)
+    spec_of = lambda x: P(*pspec[: x.ndim])  # noqa: E731  ([b, H, L] logsumexps: the first three axes)
+    out_shapes = jax.eval_shape(local, *arrays)
+    out = jax.shard_map(local, mesh=mesh, in_specs=tuple(spec_of(x) for x in arrays),
+                        out_specs=jax.tree.map(spec_of, out_shapes), check_vma=False)(*arrays)
+    return jax.tree.map(lambda x: x[:batch], out)
+
+
 def splash_attention(q, k, v, spec: AttentionSpec, *, mesh=None, interpret: bool = False, heads_first: bool = False):
     """Splash attention for q/k/v [B, L, H, D] -> [B, L, H, D] ([B, H, L, D] in and out with
     `heads_first`), sharded over `mesh` when given."""
     if not heads_first:
         q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, H, L, D]
-
-    def local(q, k, v):
-        return _splash_local(q, k, v, spec, interpret)
-
-    if mesh is None:
-        out = local(q, k, v)
-    else:
-        pspec, n_batch = _mesh_specs(mesh, q.shape[1])
-        batch = q.shape[0]
-        extra = -batch % n_batch  # e.g. 4 val images on 8 chips: zero examples fill the shards, then are cut off
-        if extra:
-            q, k, v = (jnp.pad(x, ((0, extra), (0, 0), (0, 0), (0, 0))) for x in (q, k, v))
-        out = jax.shard_map(local, mesh=mesh, in_specs=(pspec, pspec, pspec), out_specs=pspec, check_vma=False)(q, k, v)
-        out = out[:batch]
+    out = _sharded(lambda q, k, v: _splash_local(q, k, v, spec, interpret), mesh, (q, k, v))
     return out if heads_first else jnp.swapaxes(out, 1, 2)
+
+
+def splash_forward(q, k, v, spec: AttentionSpec, *, mesh=None, interpret: bool = False):
+    """Splash attention's forward for q/k/v [B, H, L, D] with what its backward needs besides q, k, v:
+    (out [B, H, L, D], logsumexp [B, H, L] float32). For callers with their own VJP that keep
+    something else than q and k (`layers.normed_attention`)."""
+    return _sharded(lambda q, k, v: _splash_local(q, k, v, spec, interpret, with_lse=True), mesh, (q, k, v))
+
+
+def splash_backward(q, k, v, out, lse, do, spec: AttentionSpec, *, mesh=None, interpret: bool = False):
+    """(dq, dk, dv) of splash attention at q/k/v [B, H, L, D], given `splash_forward`'s (out, lse) and
+    the output's cotangent `do`: splash's own backward kernels, without its forward."""
+    return _sharded(lambda *a: _splash_local_bwd(*a, spec, interpret), mesh, (q, k, v, out, lse, do))

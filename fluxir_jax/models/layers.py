@@ -29,7 +29,17 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
-from fluxir_jax.models.attention import AttentionSpec, current_mesh, dot_product_attention, mesh_batch_axes
+from fluxir_jax.models.attention import (
+    AttentionSpec,
+    current_mesh,
+    dot_product_attention,
+    mesh_batch_axes,
+    mesh_platform,
+    splash_attention,
+    splash_backward,
+    splash_forward,
+)
+from fluxir_jax.models.attention import kernel_and_mesh as attention_kernel_and_mesh
 
 Array = jax.Array
 NORM_EPS = 1e-6
@@ -150,12 +160,18 @@ def apply_rope(xq: Array, xk: Array, pe: Array, heads_first: bool = False) -> tu
     Every output (and every input gradient) is the same two float32 products summed as in the
     paired form, so results are bitwise the same.
     """
+    diag, off = _rope_rows(pe, heads_first)
+    return _rotate_pairs(xq, diag, off), _rotate_pairs(xk, diag, off)
+
+
+def _rope_rows(pe: Array, heads_first: bool) -> tuple[Array, Array]:
+    """`apply_rope`'s lane-dense tables (diag, off) from pe [B, L, D/2, 2, 2]: [B, L, 1, D] ([B, 1, L, D]
+    with `heads_first`), broadcast over heads."""
     diag = jnp.stack([pe[..., 0, 0], pe[..., 1, 1]], axis=-1)  # [B, L, D/2, 2]
     off = jnp.stack([pe[..., 0, 1], pe[..., 1, 0]], axis=-1)
     b, length = diag.shape[:2]
-    table = (b, 1, length, -1) if heads_first else (b, length, 1, -1)  # broadcast over heads
-    diag, off = diag.reshape(table), off.reshape(table)
-    return _rotate_pairs(xq, diag, off), _rotate_pairs(xk, diag, off)
+    table = (b, 1, length, -1) if heads_first else (b, length, 1, -1)
+    return diag.reshape(table), off.reshape(table)
 
 
 def attention(q: Array, k: Array, v: Array, pe: Array, spec: AttentionSpec | None = None) -> Array:
@@ -165,6 +181,45 @@ def attention(q: Array, k: Array, v: Array, pe: Array, spec: AttentionSpec | Non
     """
     q, k = apply_rope(q, k, pe, heads_first=True)
     return dot_product_attention(q, k, v, spec, heads_first=True)
+
+
+def normed_attention(prepare: Callable[..., tuple[Array, Array]], qk_args: tuple, v: Array, pe: Array,
+                     spec: AttentionSpec | None = None) -> Array:
+    """`attention(*prepare(*qk_args), v, pe, spec)`: `prepare` maps the arrays `qk_args` to q and k
+    [B, H, L, D] before rope (the blocks' QK RMSNorm of the qkv projection, per stream).
+
+    With splash attention the backward pass keeps `qk_args` (which the norms' backward keeps anyway)
+    instead of the normed, roped q and k that splash's own VJP keeps, and computes those again (norm and
+    rope, elementwise) before splash's backward kernels: per layer without remat, two [B, H, L, D]
+    tensors fewer are stacked for the backward pass (at flux-dev's shapes 2 of the ~11 per layer).
+    Forward and gradients are those of the plain composition (the same kernels on the same inputs).
+    Other kernels run the plain composition."""
+    spec = spec or AttentionSpec()
+    kind, mesh = attention_kernel_and_mesh(spec, v.dtype)
+    if kind != "splash":
+        q, k = prepare(*qk_args)
+        return attention(q, k, v, pe, spec)
+    run = dict(spec=spec, mesh=mesh, interpret=mesh_platform(mesh) != "tpu")
+
+    def roped(args, diag, off):
+        q, k = prepare(*args)
+        return _rotate_pairs(q, diag, off), _rotate_pairs(k, diag, off)
+
+    def fwd(args, v, diag, off):
+        q, k = roped(args, diag, off)
+        out, lse = splash_forward(q, k, v, **run)
+        return out, (args, v, diag, off, out, lse)
+
+    def bwd(res, do):
+        args, v, diag, off, out, lse = res
+        (q, k), vjp = jax.vjp(roped, args, diag, off)
+        dq, dk, dv = splash_backward(q, k, v, out, lse, do, **run)
+        dargs, ddiag, doff = vjp((dq, dk))
+        return dargs, dv, ddiag, doff
+
+    f = jax.custom_vjp(lambda args, v, diag, off: splash_attention(*roped(args, diag, off), v, heads_first=True, **run))
+    f.defvjp(fwd, bwd)
+    return f(tuple(qk_args), v, *_rope_rows(pe, heads_first=True))
 
 
 def recomputed_in_backward(fn: Callable[..., Array]) -> Callable[..., Array]:
@@ -352,6 +407,22 @@ class QKNorm(nnx.Module):
     def __call__(self, q: Array, k: Array, v: Array) -> tuple[Array, Array]:
         return self.query_norm(q).astype(v.dtype), self.key_norm(k).astype(v.dtype)
 
+    def scales(self) -> tuple[Array, Array]:
+        return self.query_norm.scale[...], self.key_norm.scale[...]
+
+
+def qk_norm_streams(*streams: Array) -> tuple[Array, Array]:
+    """`QKNorm` of each stream, the streams concatenated along L: streams = (q, k, q_scale, k_scale) per
+    stream, q and k [B, H, L_i, D] -> (q, k) [B, H, sum L_i, D]. Pure, for `normed_attention`."""
+    qs, ks = [], []
+    for i in range(0, len(streams), 4):
+        q, k, q_scale, k_scale = streams[i : i + 4]
+        qs.append(rms_norm(q, q_scale))
+        ks.append(rms_norm(k, k_scale))
+    if len(qs) == 1:
+        return qs[0], ks[0]
+    return jnp.concatenate(qs, axis=2), jnp.concatenate(ks, axis=2)
+
 
 class MLPEmbedder(nnx.Module):
     """in_layer -> SiLU -> out_layer."""
@@ -494,12 +565,10 @@ class DoubleStreamBlock(nnx.Module):
 
         img_qkv = checkpoint_name(self.img_attn.qkv_heads(modulate(layer_norm(img), img_mod1)), "img_qkv_proj")
         txt_qkv = checkpoint_name(self.txt_attn.qkv_heads(modulate(layer_norm(txt), txt_mod1)), "txt_qkv_proj")
-        iq, ik, iv = self.img_attn.split_qkv(img_qkv)
-        tq, tk, tv = self.txt_attn.split_qkv(txt_qkv)
-
         t = txt.shape[1]
-        q, k, v = (jnp.concatenate(p, axis=2) for p in ((tq, iq), (tk, ik), (tv, iv)))  # [B, H, T+L, D]
-        attn = checkpoint_name(attention(q, k, v, pe, self.attention_spec), "attn_output")
+        v = jnp.concatenate([txt_qkv[2], img_qkv[2]], axis=2)  # [B, H, T+L, D]
+        qk = (txt_qkv[0], txt_qkv[1], *self.txt_attn.norm.scales(), img_qkv[0], img_qkv[1], *self.img_attn.norm.scales())
+        attn = checkpoint_name(normed_attention(qk_norm_streams, qk, v, pe, self.attention_spec), "attn_output")
         txt_attn, img_attn = attn[:, :, :t], attn[:, :, t:]
 
         img = img + img_mod1.gate * self.img_attn.project_out(img_attn)
@@ -542,8 +611,9 @@ class SingleStreamBlock(nnx.Module):
         w1, b1 = _param(self.linear1, "kernel"), _param(self.linear1, "bias")
         qkv = qkv_heads(x_mod, w1, b1, self.num_heads, dt, cols=slice(0, 3 * c))
         mlp = project("blc,cm->blm", x_mod, w1, None if b1 is None else b1[3 * c :], dt, view=lambda k: k[:, 3 * c :])
-        q, k = self.norm(qkv[0], qkv[1], qkv[2])
-        attn = checkpoint_name(attention(q, k, qkv[2], pe, self.attention_spec), "attn_output")  # [B, H, L, D]
+        qk = (qkv[0], qkv[1], *self.norm.scales())
+        attn = checkpoint_name(normed_attention(qk_norm_streams, qk, qkv[2], pe, self.attention_spec),
+                               "attn_output")  # [B, H, L, D]
         w2, b2 = _param(self.linear2, "kernel"), _param(self.linear2, "bias")
         h, d = attn.shape[1], attn.shape[-1]
         out = project("bhld,hdc->blc", attn, w2, None, self.linear2.dtype, f32_out=True,

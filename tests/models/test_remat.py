@@ -70,6 +70,29 @@ def test_no_remat_keeps_activations_only():
     assert per_loop == {cfg.depth: 2, cfg.depth_single_blocks: 1}, shapes  # double: img and txt MLP
 
 
+def test_no_remat_with_splash_keeps_q_and_k_before_norm_and_rope_only():
+    """With splash attention the normed and the roped q and k are not stacked for the backward pass
+    (`layers.normed_attention` computes them again from the qkv projection, which the norms' backward
+    keeps anyway): per layer the [B, H, T+L, D] residuals are v and splash's output (double block;
+    its q and k are kept per stream, [B, H, T, D] and [B, H, L, D]), and q, k, v and the output
+    (single block). With splash's own VJP there were 6 and 8: it keeps q and k after rope, and
+    rope's VJP its input (those two XLA drops as dead: docs/tpu.md). 128 tokens: splash pads to
+    multiples of 128, and flux-dev's 1536 need no padding."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    cfg = tiny_flux.config(dtype="bfloat16", param_dtype="bfloat16", depth=2, depth_single_blocks=3, attention="splash")
+    gdef, state = tiny_flux.graphdef(cfg), tiny_flux.random_state(cfg)
+    b, t, heads, head_dim = 3, 8, cfg.num_heads, cfg.hidden_size // cfg.num_heads
+    x = tiny_flux.inputs(batch=b, h=8, w=15, t=t)
+    loss = lambda img: tiny_flux.output_loss(tiny_flux.forward(gdef, state, {**x, "img": img}).astype(jnp.float32))  # noqa: E731
+    stacked = [aval for aval, why in saved_residuals(loss, x["img"]) if "output of scan" in why and aval.size]
+    full = {}
+    for a in stacked:
+        if a.shape[1:] == (b, heads, t + 120, head_dim):
+            full[a.shape[0]] = full.get(a.shape[0], 0) + 1
+    assert full == {cfg.depth: 2, cfg.depth_single_blocks: 4}, [(str(a.dtype), a.shape) for a in stacked]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", OFFLOAD)
 def test_offload_policies_compile_for_tpu_with_host_memory(policy):
