@@ -16,6 +16,8 @@ kinds (`FluxConfig.attention`):
           padding is masked with segment ids (real queries see only real keys); the block sizes
           are the largest multiples of 128 not above the configured ones that divide the
           padded length, so padding never exceeds 127 tokens.
+          `splash_forward` / `splash_backward` run its forward (with the log-sum-exp) and its backward
+          kernels apart, for a VJP that keeps q and k before norm and rope (`layers.normed_attention`).
   cudnn   `jax.nn.dot_product_attention(implementation="cudnn")`: NVIDIA GPUs, bfloat16/float16.
   auto    splash on TPU, cudnn on GPU (xla when the dtype is float32), xla elsewhere.
 
