@@ -33,13 +33,13 @@ from fluxir_jax.models.attention import (
     AttentionSpec,
     current_mesh,
     dot_product_attention,
+    kernel_and_mesh,
     mesh_batch_axes,
     mesh_platform,
     splash_attention,
     splash_backward,
     splash_forward,
 )
-from fluxir_jax.models.attention import kernel_and_mesh as attention_kernel_and_mesh
 
 Array = jax.Array
 NORM_EPS = 1e-6
@@ -195,7 +195,7 @@ def normed_attention(prepare: Callable[..., tuple[Array, Array]], qk_args: tuple
     Forward and gradients are those of the plain composition (the same kernels on the same inputs).
     Other kernels run the plain composition."""
     spec = spec or AttentionSpec()
-    kind, mesh = attention_kernel_and_mesh(spec, v.dtype)
+    kind, mesh = kernel_and_mesh(spec, v.dtype)
     if kind != "splash":
         q, k = prepare(*qk_args)
         return attention(q, k, v, pe, spec)
@@ -405,7 +405,8 @@ class QKNorm(nnx.Module):
         self.key_norm = RMSNorm(dim, param_dtype=param_dtype)
 
     def __call__(self, q: Array, k: Array, v: Array) -> tuple[Array, Array]:
-        return self.query_norm(q).astype(v.dtype), self.key_norm(k).astype(v.dtype)
+        q, k = qk_norm_streams(q, k, *self.scales())
+        return q.astype(v.dtype), k.astype(v.dtype)
 
     def scales(self) -> tuple[Array, Array]:
         return self.query_norm.scale[...], self.key_norm.scale[...]
@@ -486,11 +487,6 @@ class SelfAttention(nnx.Module):
         """The fused qkv projection, head-major: x [B, L, C] -> [3, B, H, L, D] ("B L (K H D)" of
         the checkpoint's layout, with K and H moved in front of L by the einsum)."""
         return qkv_heads(x, _param(self.qkv, "kernel"), _param(self.qkv, "bias"), self.num_heads, self.qkv.dtype)
-
-    def split_qkv(self, qkv: Array) -> tuple[Array, Array, Array]:
-        """[3, B, H, L, D] -> q, k, v [B, H, L, D], with RMSNorm on q and k."""
-        q, k = self.norm(qkv[0], qkv[1], qkv[2])
-        return q, k, qkv[2]
 
     def project_out(self, attn: Array) -> Array:
         """The output projection from head-major attention: [B, H, L, D] -> [B, L, C]."""
