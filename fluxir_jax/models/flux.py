@@ -43,8 +43,8 @@ REMAT_POLICIES = (
     "offload_dots_no_batch", "offload_attention", "offload_qkv_attention",
 )
 # checkpoint_name tags inside the blocks (models/layers.py)
-_ATTENTION_NAMES = ("attn_output",)
-_QKV_ATTENTION_NAMES = ("attn_output", "img_qkv_proj", "txt_qkv_proj", "lin1_norm_hidden_states")
+_ATTENTION_NAMES = ("attn_output", "attn_lse")
+_QKV_ATTENTION_NAMES = (*_ATTENTION_NAMES, "img_qkv_proj", "txt_qkv_proj", "lin1_norm_hidden_states")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +65,9 @@ class FluxConfig:
                                            dots_with_no_batch_dims_saveable), recompute
                                            attention, norms and elementwise ops
                    "save_attention"        FLUX-tuned: keep only the attention outputs
-                                           (`attn_output`; attention is the costliest op to
+                                           (`attn_output`, with splash its log-sum-exp
+                                           `attn_lse`: the backward pass runs no attention
+                                           forward again; attention is the costliest op to
                                            recompute at FLUX's sequence lengths)
                    "save_qkv_attention"    keep the attention outputs and the qkv / linear1
                                            inputs (`img_qkv_proj`, `txt_qkv_proj`,

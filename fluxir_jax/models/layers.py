@@ -193,12 +193,14 @@ def normed_attention(prepare: Callable[..., tuple[Array, Array]], qk_args: tuple
     rope, elementwise) before splash's backward kernels: per layer without remat, two [B, H, L, D]
     tensors fewer are stacked for the backward pass (at flux-dev's shapes 2 of the ~11 per layer).
     Forward and gradients are those of the plain composition (the same kernels on the same inputs).
+    Splash's output and log-sum-exp are tagged `attn_output` and `attn_lse` (`checkpoint_name`): a
+    remat policy that saves them (`save_attention`) runs no splash forward kernel in the backward pass.
     Other kernels run the plain composition."""
     spec = spec or AttentionSpec()
     kind, mesh = kernel_and_mesh(spec, v.dtype)
     if kind != "splash":
         q, k = prepare(*qk_args)
-        return attention(q, k, v, pe, spec)
+        return checkpoint_name(attention(q, k, v, pe, spec), "attn_output")
     run = dict(spec=spec, mesh=mesh, interpret=mesh_platform(mesh) != "tpu")
 
     def roped(args, diag, off):
@@ -208,6 +210,8 @@ def normed_attention(prepare: Callable[..., tuple[Array, Array]], qk_args: tuple
     def fwd(args, v, diag, off):
         q, k = roped(args, diag, off)
         out, lse = splash_forward(q, k, v, **run)
+        # named for the remat policies: saving them spares the backward pass splash's forward kernel
+        out, lse = checkpoint_name(out, "attn_output"), checkpoint_name(lse, "attn_lse")
         return out, (args, v, diag, off, out, lse)
 
     def bwd(res, do):
@@ -564,7 +568,7 @@ class DoubleStreamBlock(nnx.Module):
         t = txt.shape[1]
         v = jnp.concatenate([txt_qkv[2], img_qkv[2]], axis=2)  # [B, H, T+L, D]
         qk = (txt_qkv[0], txt_qkv[1], *self.txt_attn.norm.scales(), img_qkv[0], img_qkv[1], *self.img_attn.norm.scales())
-        attn = checkpoint_name(normed_attention(qk_norm_streams, qk, v, pe, self.attention_spec), "attn_output")
+        attn = normed_attention(qk_norm_streams, qk, v, pe, self.attention_spec)  # named attn_output
         txt_attn, img_attn = attn[:, :, :t], attn[:, :, t:]
 
         img = img + img_mod1.gate * self.img_attn.project_out(img_attn)
@@ -608,8 +612,7 @@ class SingleStreamBlock(nnx.Module):
         qkv = qkv_heads(x_mod, w1, b1, self.num_heads, dt, cols=slice(0, 3 * c))
         mlp = project("blc,cm->blm", x_mod, w1, None if b1 is None else b1[3 * c :], dt, view=lambda k: k[:, 3 * c :])
         qk = (qkv[0], qkv[1], *self.norm.scales())
-        attn = checkpoint_name(normed_attention(qk_norm_streams, qk, qkv[2], pe, self.attention_spec),
-                               "attn_output")  # [B, H, L, D]
+        attn = normed_attention(qk_norm_streams, qk, qkv[2], pe, self.attention_spec)  # [B, H, L, D], named attn_output
         w2, b2 = _param(self.linear2, "kernel"), _param(self.linear2, "bias")
         h, d = attn.shape[1], attn.shape[-1]
         out = project("bhld,hdc->blc", attn, w2, None, self.linear2.dtype, f32_out=True,

@@ -35,6 +35,22 @@ def test_policy_gives_the_gradients_of_no_remat(reference, policy):
     assert max(errs) <= TOL
 
 
+@pytest.mark.slow  # splash in interpret mode: ~20 s per policy on an idle 2-core CPU
+@pytest.mark.parametrize("policy", ["save_attention", "full"])
+def test_policy_with_splash_gives_the_gradients_of_no_remat(policy):
+    """Splash runs its own VJP (`layers.normed_attention`) whose residuals the policies name: the
+    forward pass, the parameter gradients and the input gradient under `policy` equal those without
+    remat. 128 tokens (8 text + 120 image), so splash needs no padding."""
+    x = tiny_flux.inputs(batch=2, h=8, w=15, t=8)
+    state = tiny_flux.random_state(tiny_flux.config())
+    with jax.default_matmul_precision("highest"):
+        ref, out = (tiny_flux.forward_and_grads(tiny_flux.graphdef(tiny_flux.config(attention="splash", remat_policy=p)),
+                                                state, x) for p in ("none", policy))
+    errs = [tiny_flux.worst_leaf_err(o, r) for o, r in zip(out, ref)]
+    print(policy, "forward / param grads / img grad:", [f"{e:.1e}" for e in errs])
+    assert max(errs) <= TOL
+
+
 def test_no_remat_traces_without_checkpoint(reference):
     """jax.checkpoint marks each residual it keeps with a reduce_precision, which splits TPU fusions:
     "none" must not be a checkpoint that saves everything (flux._remat)."""
@@ -91,6 +107,48 @@ def test_no_remat_with_splash_keeps_q_and_k_before_norm_and_rope_only():
         if a.shape[1:] == (b, heads, t + 120, head_dim):
             full[a.shape[0]] = full.get(a.shape[0], 0) + 1
     assert full == {cfg.depth: 2, cfg.depth_single_blocks: 4}, [(str(a.dtype), a.shape) for a in stacked]
+
+
+def _pallas_kernels(jaxpr, found: dict) -> dict:
+    """Pallas kernel name -> how often it is called, in `jaxpr` and every jaxpr inside it."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            name = str(eqn.params.get("name_and_src_info", eqn.params.get("name"))).split(" ")[0]
+            found[name] = found.get(name, 0) + 1
+            continue
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else [value]:
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    _pallas_kernels(sub, found)
+    return found
+
+
+@pytest.mark.parametrize("policy, forward_kernels", [("save_attention", 2), ("full", 4)])
+def test_save_attention_keeps_what_splash_backward_needs(policy, forward_kernels):
+    """With splash attention, `save_attention` stacks per layer splash's output and its log-sum-exp
+    (named `attn_output` and `attn_lse` inside `layers.normed_attention`), so the backward pass runs
+    splash's backward kernels without its forward kernel: one forward kernel per layer loop (the
+    forward pass), where `full` runs it again in each loop's backward. Before the names were inside,
+    the single block's output was saved by nothing and its backward recomputed the forward kernel."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    cfg = tiny_flux.config(dtype="bfloat16", param_dtype="bfloat16", depth=2, depth_single_blocks=3, attention="splash",
+                           remat_policy=policy)
+    gdef, state = tiny_flux.graphdef(cfg), tiny_flux.random_state(cfg)
+    b, t, heads, head_dim = 3, 8, cfg.num_heads, cfg.hidden_size // cfg.num_heads
+    x = tiny_flux.inputs(batch=b, h=8, w=15, t=t)  # 128 tokens: no splash padding
+    loss = lambda img: tiny_flux.output_loss(tiny_flux.forward(gdef, state, {**x, "img": img}).astype(jnp.float32))  # noqa: E731
+    stacked = [(str(a.dtype), a.shape) for a, why in saved_residuals(loss, x["img"]) if "output of scan" in why]
+    attention = [s for s in stacked if s[1][1:] in ((b, heads, t + 120, head_dim), (b, heads, t + 120))]
+    kernels = _pallas_kernels(jax.make_jaxpr(jax.grad(loss))(x["img"]).jaxpr, {})
+    forward = sum(n for name, n in kernels.items() if "fwd" in name)
+    assert forward == forward_kernels, kernels
+    if policy == "save_attention":  # output and lse, once per layer loop
+        assert sorted(attention) == sorted([("bfloat16", (n, b, heads, t + 120, head_dim)) for n in (2, 3)]
+                                           + [("float32", (n, b, heads, t + 120)) for n in (2, 3)]), stacked
+    else:
+        assert attention == [], stacked
 
 
 @pytest.mark.slow
