@@ -46,10 +46,12 @@ from fluxir_jax.models.flux import Flux  # noqa: E402
 PER_CHIP = {"v5p-8": 4, "v6e-8": 2}  # configs/train/fluxir-dev.yaml: micro-batch 16 over the slice's chips
 
 
-def blocks_fwd_bwd(model: str, kind: str, batch: int, res: int, txt: int):
-    """(fn, abstract args): d/d img of one double + one single block of `model`, bf16, unrolled."""
-    cfg = dataclasses.replace(presets.get(model), depth=1, depth_single_blocks=1, scan_layers=False, attention=kind,
-                              dtype="bfloat16", param_dtype="bfloat16")
+def blocks_fwd_bwd(model: str, kind: str, batch: int, res: int, txt: int, **overrides):
+    """(fn, abstract args): d/d img of one double + one single block of `model`, bf16, unrolled
+    (`overrides`: other FluxConfig fields, e.g. depth, scan_layers, remat_policy)."""
+    cfg = dataclasses.replace(presets.get(model), **{"depth": 1, "depth_single_blocks": 1, "scan_layers": False,
+                                                     "attention": kind, "dtype": "bfloat16", "param_dtype": "bfloat16",
+                                                     **overrides})
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Flux(cfg, rngs=nnx.Rngs(0))))
     tokens = (res // 16) ** 2
     S, bf = jax.ShapeDtypeStruct, jnp.bfloat16

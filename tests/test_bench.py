@@ -338,3 +338,17 @@ def test_tpu_memory_rederive_keeps_the_case_and_derives_its_estimates_again(tmp_
     assert again["cpu"] == entry["cpu"] and again["date"] == entry["date"] and "rederived" in again
     assert again["record"]["est_mfu"] == pytest.approx(0.2017, abs=1e-4)  # 4 micro-batches x 0.532 s
     assert again["record"]["per_chip_bytes"] == rec["per_chip_bytes"]
+
+
+def test_tpu_layer_cost_reads_one_block_both_ways(tmp_path, monkeypatch):
+    """The smoke run compiles the tiny model for v5p-8 unrolled (1, 2 single blocks) and scanned (4 blocks,
+    unroll 1 and 2) and records one block's cost from each: both positive (a second block costs time)."""
+    from bench import common, tpu_layer_cost
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    assert tpu_layer_cost.main(["--quick"]) == 0
+    rec = json.loads((tmp_path / "tpu_layer_cost.jsonl").read_text().splitlines()[-1])
+    row = rec["row"]
+    assert row["block_unrolled_ms"] > 0 and row["block_scanned_ms"] > 0, row
+    assert [f["value"] for f in rec["figures"]] == [row["block_unrolled_ms"], row["block_scanned_ms"]]
+    assert "tiny single block" in rec["figures"][0]["figure"]

@@ -78,6 +78,9 @@ class FluxConfig:
                                            backward: trades PCIe/DMA time for HBM)
     scan_layers    True: lax.scan over the stacked blocks; False: an unrolled Python loop
                    over the same stacked parameters (for debugging; compile grows with depth)
+    scan_unroll    blocks per iteration of the scanned loops (lax.scan's `unroll`; 1: one
+                   block per iteration). `bench/tpu_layer_cost.py` uses 2 to read one block's
+                   cost off XLA's estimates, which count a loop body once
     attention      the attention kernel (`models/attention.py`): "xla" (runs everywhere),
                    "splash" (Pallas splash attention on TPU, sharded over the mesh's batch and
                    heads axes; interpret mode on CPU), "cudnn" (NVIDIA GPU, bf16/fp16) or "auto"
@@ -104,6 +107,7 @@ class FluxConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"
     scan_layers: bool = True
+    scan_unroll: int = 1
     attention: str = "xla"
     splash_block_q: int = 512
     splash_block_kv: int = 512
@@ -115,6 +119,8 @@ class FluxConfig:
         head_dim = self.hidden_size // self.num_heads
         if sum(self.axes_dim) != head_dim:
             raise ValueError(f"sum(axes_dim)={sum(self.axes_dim)} must equal the head dim {head_dim}")
+        if self.scan_unroll < 1:
+            raise ValueError(f"scan_unroll must be >= 1, got {self.scan_unroll}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
         for name in ("dtype", "param_dtype"):
@@ -363,7 +369,7 @@ class Flux(nnx.Module):
                 c = step(c, *xs)
                 return c, (c if intermediates else None)
 
-            return jax.lax.scan(scan_body, carry, (params, per_layer_ctrl, mods))
+            return jax.lax.scan(scan_body, carry, (params, per_layer_ctrl, mods), unroll=self.config.scan_unroll)
         history = []
         for i in range(n):
             layer = jax.tree.map(lambda a: a[i], (params, per_layer_ctrl, mods))

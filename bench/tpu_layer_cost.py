@@ -1,0 +1,105 @@
+"""What one flux-dev block costs in libtpu's estimate, read two ways, compiled for a TPU slice on this
+CPU machine (compile-only: no TPU runs):
+
+    .venv/bin/python bench/tpu_layer_cost.py --accelerator v6e-8 --examples-per-chip 8 --policy save_attention --weights fsdp
+    .venv/bin/python bench/tpu_layer_cost.py --accelerator v5p-8 --examples-per-chip 8 --policy none --weights replicated
+    .venv/bin/python bench/tpu_layer_cost.py --quick            # the tiny preset on v5p-8 (smoke)
+
+XLA's cost analysis counts a loop body once, so `fluxir train --topology` takes whole-step figures
+from unrolled compiles (`aot.whole_program_cost`: F(b+1 blocks) - F(b blocks) per kind of block).
+Unrolled, the remat'ed blocks carry jax's CSE barriers (`prevent_cse=True`), and without remat
+XLA may fuse across the layer boundary; the program that runs is the scanned loop. This bench reads
+one block's cost both ways, for the block kind asked (single or double), bf16, forward + backward
+with respect to the input (the frozen base's part of a FluxIR step), splash attention:
+
+- unrolled: optimal_seconds(2 blocks) - optimal_seconds(1 block), scan_layers false;
+- scanned: optimal_seconds(4 blocks, scan_unroll 2) - optimal_seconds(4 blocks, scan_unroll 1): a
+  loop body of two blocks against one, both loops running (trip counts 2 and 4).
+
+The program has one block of the other kind besides (scanned: 1 of it, so its loop is no loop).
+XLA seconds only: the Pallas kernels' FLOPs (counted at peak by `--topology`) are the same on both
+sides of each difference. Appends to bench/results/tpu_layer_cost.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from bench.common import append_record, cpu_name  # noqa: E402
+from bench.tpu_attention import blocks_fwd_bwd  # noqa: E402
+from fluxir_jax import parallel, tpu_topology  # noqa: E402
+
+
+def seconds(accelerator: str, model: str, batch: int, res: int, txt: int, weights: str, **cfg) -> tuple[float, float]:
+    """(XLA optimal_seconds per chip, per-chip bytes) of the blocks' fwd+bwd with FluxConfig fields `cfg`."""
+    fn, (state, x) = blocks_fwd_bwd(model, "splash", batch, res, txt, **cfg)
+    rules = parallel.LOGICAL_RULES if weights == "fsdp" else parallel.REPLICATED_OVER_FSDP
+    rec, _ = tpu_topology.compile_for_topology(
+        fn, (state, x), accelerator, (1, -1, 1),
+        in_shardings=lambda mesh: (parallel.state_shardings(state, mesh, logical_rules=rules),
+                                   jax.tree.map(lambda _: P("fsdp"), x)))
+    if rec.xla_seconds is None:
+        raise SystemExit(f"libtpu gave no time estimate for {accelerator} {cfg}")
+    return rec.xla_seconds, rec.per_chip_bytes["total"]
+
+
+def measure(accelerator: str, model: str, per_chip: int, res: int, txt: int, policy: str, weights: str,
+            block: str) -> dict:
+    batch = per_chip * tpu_topology.parse_accelerator(accelerator).chips
+    own, other = ("depth_single_blocks", "depth") if block == "single" else ("depth", "depth_single_blocks")
+    run = lambda **cfg: seconds(accelerator, model, batch, res, txt, weights, remat_policy=policy, **{other: 1}, **cfg)  # noqa: E731
+    t0 = time.perf_counter()
+    unrolled = [run(scan_layers=False, **{own: n})[0] for n in (1, 2)]
+    scanned = [run(scan_layers=True, scan_unroll=u, **{own: 4})[0] for u in (1, 2)]
+    return {"unrolled_seconds": unrolled, "scanned_seconds": scanned,
+            "block_unrolled_ms": (unrolled[1] - unrolled[0]) * 1e3, "block_scanned_ms": (scanned[1] - scanned[0]) * 1e3,
+            "compile_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def figures(accelerator: str, model: str, per_chip: int, policy: str, weights: str, block: str, row: dict) -> list[dict]:
+    what = f"{accelerator}, one {model} {block} block fwd+bwd (dX), {per_chip}/chip, remat {policy}, {weights} weights"
+    return [{"figure": f"{what}: XLA est. from unrolled compiles (estimate)", "value": row["block_unrolled_ms"],
+             "unit": "ms", "repeats": 1},
+            {"figure": f"{what}: XLA est. from the scanned loop (estimate)", "value": row["block_scanned_ms"],
+             "unit": "ms", "repeats": 1}]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--accelerator", default="v6e-8")
+    ap.add_argument("--examples-per-chip", type=int, default=8)
+    ap.add_argument("--policy", default="save_attention")
+    ap.add_argument("--weights", default="fsdp", choices=["fsdp", "replicated"])
+    ap.add_argument("--blocks", nargs="+", default=["single"], choices=["single", "double"])
+    ap.add_argument("--res", type=int, default=512)
+    ap.add_argument("--txt", type=int, default=512)
+    ap.add_argument("--model", default="flux-dev")
+    ap.add_argument("--quick", action="store_true", help="smoke run: the tiny preset at 64² on v5p-8, 1 per chip")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.accelerator, args.model, args.res, args.txt, args.examples_per_chip = "v5p-8", "tiny", 64, 16, 1
+    jax.config.update("jax_enable_compilation_cache", False)
+    for block in args.blocks:
+        row = measure(args.accelerator, args.model, args.examples_per_chip, args.res, args.txt, args.policy,
+                      args.weights, block)
+        append_record("tpu_layer_cost.jsonl", {
+            "benchmark": "TPU block cost, unrolled vs scanned (compile-only)", "accelerator": args.accelerator,
+            "model": args.model, "res": args.res, "txt": args.txt, "examples_per_chip": args.examples_per_chip,
+            "policy": args.policy, "weights": args.weights, "block": block, "row": row,
+            "figures": figures(args.accelerator, args.model, args.examples_per_chip, args.policy, args.weights, block, row),
+            "cpu": cpu_name(), "cores": os.cpu_count(),
+            "device": "no TPU attached: libtpu compile-only on this CPU machine", "date": time.strftime("%Y-%m-%d")})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
