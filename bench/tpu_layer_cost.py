@@ -16,7 +16,8 @@ with respect to the input (the frozen base's part of a FluxIR step), splash atte
 - scanned: optimal_seconds(4 blocks, scan_unroll 2) - optimal_seconds(4 blocks, scan_unroll 1): a
   loop body of two blocks against one, both loops running (trip counts 2 and 4).
 
-The program has one block of the other kind besides (scanned: 1 of it, so its loop is no loop).
+The unrolled programs have one block of the other kind besides, the scanned ones none (with
+scan_unroll 2 a 1-block loop would be unrolled whole, and XLA could merge its remat away).
 XLA seconds only: the Pallas kernels' FLOPs (counted at peak by `--topology`) are the same on both
 sides of each difference. Appends to bench/results/tpu_layer_cost.jsonl.
 """
@@ -56,10 +57,12 @@ def measure(accelerator: str, model: str, per_chip: int, res: int, txt: int, pol
             block: str) -> dict:
     batch = per_chip * tpu_topology.parse_accelerator(accelerator).chips
     own, other = ("depth_single_blocks", "depth") if block == "single" else ("depth", "depth_single_blocks")
-    run = lambda **cfg: seconds(accelerator, model, batch, res, txt, weights, remat_policy=policy, **{other: 1}, **cfg)  # noqa: E731
+    run = lambda **cfg: seconds(accelerator, model, batch, res, txt, weights, remat_policy=policy, **cfg)  # noqa: E731
     t0 = time.perf_counter()
-    unrolled = [run(scan_layers=False, **{own: n})[0] for n in (1, 2)]
-    scanned = [run(scan_layers=True, scan_unroll=u, **{own: 4})[0] for u in (1, 2)]
+    unrolled = [run(scan_layers=False, **{own: n, other: 1})[0] for n in (1, 2)]
+    # none of the other kind: scan_unroll 2 would unroll a 1-block loop whole, and XLA may then merge
+    # that block's remat with its forward pass (prevent_cse is off in loops)
+    scanned = [run(scan_layers=True, scan_unroll=u, **{own: 4, other: 0})[0] for u in (1, 2)]
     return {"unrolled_seconds": unrolled, "scanned_seconds": scanned,
             "block_unrolled_ms": (unrolled[1] - unrolled[0]) * 1e3, "block_scanned_ms": (scanned[1] - scanned[0]) * 1e3,
             "compile_seconds": round(time.perf_counter() - t0, 1)}
