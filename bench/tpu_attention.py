@@ -69,6 +69,13 @@ def blocks_fwd_bwd(model: str, kind: str, batch: int, res: int, txt: int, **over
     return fn, (state, x)
 
 
+def block_shardings(state, x, weights: str):
+    """mesh -> (weight, input) shardings of `blocks_fwd_bwd`'s args: weights sharded by the FSDP rules
+    ("fsdp") or whole on every chip ("replicated"), the batch split over the chips."""
+    return lambda mesh: (parallel.state_shardings(state, mesh) if weights == "fsdp" else jax.tree.map(lambda _: P(), state),
+                         jax.tree.map(lambda _: P("fsdp"), x))
+
+
 _INSTRUCTION = re.compile(r"\s+(?:ROOT )?%([\w.\-]+) = .*? ([a-z][\w\-]*)\(")
 
 
@@ -122,10 +129,8 @@ def measure(accelerator: str, kind: str, per_chip: int, res: int, txt: int, mode
     with jax.set_mesh(mesh):
         analytic, kernels = aot.flop_counts(fn, state, x)
     t0 = time.perf_counter()
-    rec, compiled = tpu_topology.compile_for_topology(
-        fn, (state, x), accelerator, (1, -1, 1),
-        in_shardings=lambda mesh: (parallel.state_shardings(state, mesh) if weights == "fsdp"
-                                   else jax.tree.map(lambda _: P(), state), jax.tree.map(lambda _: P("fsdp"), x)))
+    rec, compiled = tpu_topology.compile_for_topology(fn, (state, x), accelerator, (1, -1, 1),
+                                                      in_shardings=block_shardings(state, x, weights))
     seconds = time.perf_counter() - t0
     ca = compiled.cost_analysis()
     ca = (ca[0] if ca else {}) if isinstance(ca, (list, tuple)) else (ca or {})

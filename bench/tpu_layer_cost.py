@@ -33,24 +33,20 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from bench.common import append_record, cpu_name  # noqa: E402
-from bench.tpu_attention import blocks_fwd_bwd  # noqa: E402
-from fluxir_jax import parallel, tpu_topology  # noqa: E402
+from bench.tpu_attention import block_shardings, blocks_fwd_bwd  # noqa: E402
+from fluxir_jax import tpu_topology  # noqa: E402
 
 
-def seconds(accelerator: str, model: str, batch: int, res: int, txt: int, weights: str, **cfg) -> tuple[float, float]:
-    """(XLA optimal_seconds per chip, per-chip bytes) of the blocks' fwd+bwd with FluxConfig fields `cfg`."""
+def seconds(accelerator: str, model: str, batch: int, res: int, txt: int, weights: str, **cfg) -> float:
+    """XLA's optimal_seconds per chip of the blocks' fwd+bwd with FluxConfig fields `cfg`."""
     fn, (state, x) = blocks_fwd_bwd(model, "splash", batch, res, txt, **cfg)
-    rules = parallel.LOGICAL_RULES if weights == "fsdp" else parallel.REPLICATED_OVER_FSDP
-    rec, _ = tpu_topology.compile_for_topology(
-        fn, (state, x), accelerator, (1, -1, 1),
-        in_shardings=lambda mesh: (parallel.state_shardings(state, mesh, logical_rules=rules),
-                                   jax.tree.map(lambda _: P("fsdp"), x)))
+    rec, _ = tpu_topology.compile_for_topology(fn, (state, x), accelerator, (1, -1, 1),
+                                               in_shardings=block_shardings(state, x, weights))
     if rec.xla_seconds is None:
         raise SystemExit(f"libtpu gave no time estimate for {accelerator} {cfg}")
-    return rec.xla_seconds, rec.per_chip_bytes["total"]
+    return rec.xla_seconds
 
 
 def measure(accelerator: str, model: str, per_chip: int, res: int, txt: int, policy: str, weights: str,
@@ -59,10 +55,10 @@ def measure(accelerator: str, model: str, per_chip: int, res: int, txt: int, pol
     own, other = ("depth_single_blocks", "depth") if block == "single" else ("depth", "depth_single_blocks")
     run = lambda **cfg: seconds(accelerator, model, batch, res, txt, weights, remat_policy=policy, **cfg)  # noqa: E731
     t0 = time.perf_counter()
-    unrolled = [run(scan_layers=False, **{own: n, other: 1})[0] for n in (1, 2)]
+    unrolled = [run(scan_layers=False, **{own: n, other: 1}) for n in (1, 2)]
     # none of the other kind: scan_unroll 2 would unroll a 1-block loop whole, and XLA may then merge
     # that block's remat with its forward pass (prevent_cse is off in loops)
-    scanned = [run(scan_layers=True, scan_unroll=u, **{own: 4, other: 0})[0] for u in (1, 2)]
+    scanned = [run(scan_layers=True, scan_unroll=u, **{own: 4, other: 0}) for u in (1, 2)]
     return {"unrolled_seconds": unrolled, "scanned_seconds": scanned,
             "block_unrolled_ms": (unrolled[1] - unrolled[0]) * 1e3, "block_scanned_ms": (scanned[1] - scanned[0]) * 1e3,
             "compile_seconds": round(time.perf_counter() - t0, 1)}
