@@ -5,9 +5,9 @@ CPU machine (compile-only: no TPU runs):
     .venv/bin/python bench/tpu_layer_cost.py --accelerator v5p-8 --examples-per-chip 8 --policy none --weights replicated
     .venv/bin/python bench/tpu_layer_cost.py --quick            # the tiny preset on v5p-8 (smoke)
 
-XLA's cost analysis counts a loop body once, so `fluxir train --topology` takes whole-step figures
-from unrolled compiles (`aot.whole_program_cost`: F(b+1 blocks) - F(b blocks) per kind of block).
-Unrolled, the remat'ed blocks carry jax's CSE barriers (`prevent_cse=True`), and without remat
+XLA's cost analysis counts a loop body once. `fluxir train --topology` took whole-step figures
+from unrolled compiles (F(b+1 blocks) - F(b blocks) per kind of block, `aot.whole_from_details`)
+until it switched to the scanned reading below (`aot.scanned_program_cost`). Unrolled, the remat'ed blocks carry jax's CSE barriers (`prevent_cse=True`), and without remat
 XLA may fuse across the layer boundary; the program that runs is the scanned loop. This bench reads
 one block's cost both ways, for the block kind asked (single or double), bf16, forward + backward
 with respect to the input (the frozen base's part of a FluxIR step), splash attention:

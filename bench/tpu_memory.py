@@ -158,15 +158,17 @@ def figures(key: str, entry: dict) -> list[dict]:
              (mem.get("total") or mem.get("temporaries") or 0) / gib, "GiB"),
             ("fits HBM", "yes" if rec["fits"] else "no", ""), ("compile time", rec["compile_seconds"], "s")]
     timed = rec.get("est_mfu") is not None  # MFU is given only with XLA's time estimate
+    # which program the whole-step XLA figures were read off (docs/tpu.md "One block's cost, read two ways")
+    reading = f", {rec.get('xla_cost_analysis', {}).get('reading', 'unrolled')} reading" if timed else ""
     if rec.get("est_step_seconds") is not None:
         fl = rec["flops_per_step"]
         rows += [("FLOPs per step, model / analytic (recompute) / XLA",
                   " / ".join(f"{fl[k] / 1e12:.0f}" if fl.get(k) else "-" for k in ("model", "analytic", "xla")), "TFLOP"),
-                 ("est. step time (estimate)" if timed else "step-time lower bound (FLOP bound; no XLA time estimate)",
+                 (f"est. step time (estimate{reading})" if timed else "step-time lower bound (FLOP bound; no XLA time estimate)",
                   rec["est_step_seconds"], "s")]
     if timed:
         if "est_hfu" in rec:
-            rows += [("est. MFU (model FLOPs, estimate)", 100 * rec["est_mfu"], "%"),
+            rows += [(f"est. MFU (model FLOPs, estimate{reading})", 100 * rec["est_mfu"], "%"),
                      ("est. HFU (recompute counted, estimate)", 100 * rec["est_hfu"], "%")]
         else:  # records written before the model-FLOPs count: est_mfu counted the recompute
             rows += [("est. HFU (recompute counted, estimate)", 100 * rec["est_mfu"], "%")]
@@ -206,7 +208,7 @@ def main(argv=None) -> int:
                     help="per-chip memory and fits only (fluxir train --memory-only: one compile per case, no time "
                          "estimate); such records are kept under CASE+memory")
     ap.add_argument("--timeout", type=float, default=6 * 3600,
-                    help="seconds per case (a flux-dev case, the scanned step plus three unrolled FLOP variants, took "
+                    help="seconds per case (a flux-dev case, the scanned step plus three FLOP variants, took "
                          "16-62 min wall on a 2-core AMD EPYC, up to 2 h on a loaded Intel Xeon)")
     args = ap.parse_args(argv)
     path = RESULTS / "tpu_memory.json"

@@ -7,7 +7,9 @@
 add), descending into sub-programs and multiplying a `scan` body by its trip count, a `shard_map`
 body by its number of shards and a Pallas kernel's body by its grid, so remat recomputation,
 every scanned layer and the work inside kernels (splash attention) are counted. XLA's `cost_analysis` counts a while-loop
-(scan) body only once; `xla_flops_unrolled` corrects for that by compiling variants.
+(scan) body only once; `xla_flops_unrolled` corrects for that by compiling unrolled variants, and
+`scanned_program_cost` (the `--topology` records) by compiling scanned ones whose loop bodies hold 1
+or 2 blocks.
 """
 from __future__ import annotations
 
@@ -228,36 +230,66 @@ def out_of_hbm_record(accelerator: str, mesh, err: OutOfHBM, method: str, analyt
     }
 
 
-def whole_program_cost(compile_variant: Callable[[int, int], Any], depth: int, depth_single: int,
-                       base: int = 1, accelerator: str | None = None) -> dict[str, float]:
-    """Per-chip XLA FLOPs and optimal_seconds of the program at full depth, from small unrolled compiles.
+SCAN_DEPTH = 4  # blocks of each kind in the scanned variants: loops of 4 (unroll 1) or 2 (unroll 2) iterations
 
-    `compile_variant(d, s)` returns the compiled program with d double and s single blocks, unrolled;
-    it is called at (base, base), (base + 1, base), (base, base + 1) (`tpu_topology.extrapolate_flops`),
-    or once at (depth, depth_single) when that is no bigger than the largest of them (`exact`). base 1
-    keeps the flux-dev compiles small (measured on the tiny model: 1.2% from a fully unrolled count;
-    base 2: 0.2%). `unmodelled`: custom calls whose -1 s libtpu's optimal_seconds held, added back
-    (`tpu_topology.cost_details`), summed over the variants.
+
+def counted_blocks(n: int, unroll: int, scanned: bool = True) -> int:
+    """How many of a loop's n blocks XLA's cost analysis counts: a while-loop body once (`unroll`
+    blocks) plus jax's unrolled remainder (n mod unroll), or all n when nothing is left rolled
+    (`scanned` false, unroll 0, fewer than 2 iterations of more than one block; jax's `_scan_impl`)."""
+    if not scanned or n == 0 or unroll == 0:
+        return n
+    trips, rest = divmod(n, unroll)
+    if trips == 0 or (unroll != 1 and trips == 1 and rest == 0):
+        return n
+    return unroll + rest
+
+
+def scanned_program_cost(main: dict, compile_variant: Callable[[int, int], Any], depth: int, depth_single: int,
+                         counted: tuple[int, int], accelerator: str | None = None) -> dict:
+    """Per-chip XLA FLOPs and optimal_seconds of the program at full depth, read off the scanned program.
+
+    `main` is `tpu_topology.cost_details` of the program as it runs, at full depth with its loops
+    rolled, in which XLA counts `counted` = (double, single) blocks (`counted_blocks`: one loop body
+    each). One block's cost per kind is the difference between two loop bodies, of 2 blocks and of 1:
+    `compile_variant(unroll_double, unroll_single)` returns the compiled program with SCAN_DEPTH
+    blocks of each kind, scanned with those lax.scan unrolls, at (1, 1), (2, 1) and (1, 2) (only the
+    kinds that need it). Whole = main + (n - counted) x one block, per kind (`whole_from_scanned`).
+    This reads the loop the chips run: an unrolled program can differ (bench/tpu_layer_cost.py,
+    docs/tpu.md "One block's cost, read two ways").
     """
     from fluxir_jax import tpu_topology
 
-    cache: dict[tuple[int, int], dict] = {}  # (double, single) -> cost_details of that variant
+    need = [depth > counted[0], depth_single > counted[1]]
+    unrolls = ([(1, 1)] if any(need) else []) + [u for u, n in zip(((2, 1), (1, 2)), need) if n]
+    details = [{"double": SCAN_DEPTH, "single": SCAN_DEPTH, "unroll": list(u),
+                **tpu_topology.cost_details(compile_variant(*u), accelerator)} for u in unrolls]
+    return whole_from_scanned(main, details, depth, depth_single, counted)
 
-    def at(counts):
-        key = (counts["double"], counts["single"])
-        if key not in cache:
-            cache[key] = {"double": key[0], "single": key[1],
-                          **tpu_topology.cost_details(compile_variant(*key), accelerator)}
-        return cache[key]
 
-    # compiles the variants the extrapolation needs (and only those) into `cache`
-    tpu_topology.extrapolate_flops(lambda c: at(c)["flops"], {"double": depth, "single": depth_single}, base)
-    return whole_from_details(list(cache.values()), depth, depth_single, base)
+def whole_from_scanned(main: dict, details: list[dict], depth: int, depth_single: int,
+                       counted: tuple[int, int]) -> dict:
+    """`scanned_program_cost`'s figures from the `cost_details` of the main program and its variants
+    (each with `unroll`, the [double, single] lax.scan unrolls it was compiled with)."""
+    by_unroll = {tuple(d["unroll"]): d for d in details}
+    grow = [(n - c, u) for n, c, u in ((depth, counted[0], (2, 1)), (depth_single, counted[1], (1, 2))) if n > c]
+
+    def total(key):
+        return main[key] + sum(extra * (by_unroll[u][key] - by_unroll[(1, 1)][key]) for extra, u in grow)
+
+    # libtpu gives no usable optimal_seconds for some programs: then no XLA time estimate, not a zero one
+    timed = all(d["seconds"] is not None for d in [main, *details])
+    return {"flops": total("flops"), "seconds": total("seconds") if timed else None, "reading": "scanned",
+            "variants": len(details), "counted": list(counted), "exact": not grow,
+            "unmodelled": sum(d["unmodelled"] for d in [main, *details]) if timed else 0, "main": main,
+            "details": details}
 
 
 def whole_from_details(details: list[dict], depth: int, depth_single: int, base: int = 1) -> dict:
-    """`whole_program_cost`'s figures from the `cost_details` of its variants (each with `double` and
-    `single`, the block counts it was compiled with)."""
+    """Whole-program figures of the *unrolled* reading, which records made before the scanned one
+    kept (`rederive`): from the `cost_details` of unrolled variants (each with `double` and `single`,
+    the block counts it was compiled with) at (b, b), (b + 1, b), (b, b + 1), extrapolated per kind
+    (`tpu_topology.extrapolate_flops`), or one exact compile at full depth."""
     from fluxir_jax import tpu_topology
 
     by_counts = {(d["double"], d["single"]): d for d in details}
@@ -270,16 +302,39 @@ def whole_from_details(details: list[dict], depth: int, depth_single: int, base:
     # libtpu gives no usable optimal_seconds for some programs: then no XLA time estimate, not a zero one
     timed = all(d["seconds"] is not None for d in details)
     seconds = tpu_topology.extrapolate_flops(lambda c: at(c)["seconds"], trips, base)["total"] if timed else None
-    return {"flops": flops["total"], "seconds": seconds, "variants": len(details), "base": base,
+    return {"flops": flops["total"], "seconds": seconds, "reading": "unrolled", "variants": len(details), "base": base,
             "exact": list(by_counts) == [(depth, depth_single)],
             "unmodelled": sum(d["unmodelled"] for d in details) if timed else 0, "details": details}
+
+
+def _derivation(whole: dict, repeat: int) -> str:
+    """How `whole`'s figures were made, for a record's `method`."""
+    micro = f" x {repeat} micro-batches" if repeat > 1 else ""
+    if whole.get("reading") == "scanned":
+        if whole.get("exact"):
+            return f"are those of the compiled program (every block counted){micro}"
+        d, s = whole["counted"]
+        return ("are read off the scanned program, the one the chips run: XLA's figures for it at full depth "
+                f"{'(one micro-batch, compiled apart) ' if repeat > 1 else ''}count {d} double and {s} single "
+                "blocks (one loop body each), and every other block adds one block's cost, the difference between "
+                f"a loop body of 2 blocks and of 1 ({whole.get('variants', 0)} compiles with {SCAN_DEPTH} blocks of "
+                "each kind, lax.scan unroll (double, single) = (1, 1), (2, 1), (1, 2))"
+                + (f"{micro} (the once-per-step optimizer update is then counted {repeat} times: a small overcount)"
+                   if repeat > 1 else ""))
+    if whole.get("exact"):
+        return ("come from one compile of the whole step with its blocks unrolled (exact: no bigger than the "
+                f"extrapolation's largest variant){micro}")
+    return (f"are extrapolated from {whole.get('variants', 0)} unrolled compiles (double, single blocks) = "
+            f"(b, b), (b+1, b), (b, b+1), b = {whole.get('base')} (total = F(b,b) + (n-b) x per-block "
+            f"difference, per kind of block){micro} (the unrolled reading: docs/tpu.md)")
 
 
 def step_estimates(analytic: float, model: float, chips: int, peak: float, whole: dict | None, repeat: int = 1,
                    fits: bool = True, kernel_flops: float = 0.0, not_derived: str = "") -> dict:
     """Whole-step XLA figures and the step-time / MFU estimates of a `--topology` record, and how they were made.
 
-    `whole` is `whole_program_cost`'s per-chip figures for one of `repeat` identical passes, or None.
+    `whole` is `scanned_program_cost`'s (or, for older records, `whole_from_details`') per-chip
+    figures for one of `repeat` identical passes, or None.
     MFU and HFU are given only with an XLA time estimate: without one the step time is the FLOP
     bound, and they would be model / analytic and 100% by construction. `kernel_flops` (whole step,
     all chips) is the work inside Pallas kernels, which XLA's cost analysis does not see: it is
@@ -291,14 +346,9 @@ def step_estimates(analytic: float, model: float, chips: int, peak: float, whole
     if whole is not None:
         xla_flops = repeat * whole["flops"] * chips + kernel_flops
         xla_seconds = None if whole["seconds"] is None else repeat * whole["seconds"] + kernel_flops / (chips * peak)
-        derived = ("come from one compile of the whole step with its blocks unrolled (exact: no bigger than the "
-                   "extrapolation's largest variant)" if whole.get("exact") else
-                   f"are extrapolated from {whole.get('variants', 0)} unrolled compiles (double, single blocks) = "
-                   f"(b, b), (b+1, b), (b, b+1), b = {whole.get('base')} (total = F(b,b) + (n-b) x per-block "
-                   "difference, per kind of block)")
+        derived = _derivation(whole, repeat)
         how = (f"flops_per_step.xla: XLA cost_analysis per chip x {chips} chips. XLA counts a scanned loop body once, so "
-               f"the whole-step xla figures (flops, xla_seconds) {derived}"
-               f"{f' x {repeat} micro-batches' if repeat > 1 else ''}; xla_seconds is per chip (the chips run in "
+               f"the whole-step xla figures (flops, xla_seconds) {derived}; xla_seconds is per chip (the chips run in "
                f"parallel). ")
         if kernel_flops:
             how += (f"Pallas kernels (splash attention) are custom calls whose work XLA's cost analysis does not see: "
@@ -329,7 +379,7 @@ def topology_record(accelerator: str, mesh, compiled, compile_seconds: float, an
     `model_flops` the same count without remat recompute (the MFU numerator; default `analytic`,
     right for programs without remat); `kernel_flops` the part of `analytic` inside Pallas kernels
     (`flop_counts`), which XLA does not see; `whole` the per-chip XLA
-    figures at full depth (`whole_program_cost`) for one of `repeat` identical passes (micro-batches),
+    figures at full depth (`scanned_program_cost`) for one of `repeat` identical passes (micro-batches),
     or None when they were not derived (then the xla figures are None and the estimate is FLOP-bound only).
     """
     from fluxir_jax import tpu_topology
@@ -352,7 +402,7 @@ def topology_record(accelerator: str, mesh, compiled, compile_seconds: float, an
                            "xla_scan_body_once": once_flops * chips},
         "xla_seconds": est["xla_seconds"], "xla_seconds_scan_body_once": once_seconds,
         # libtpu's own figures per compile (raw optimal_seconds, ConcatBitcasts added back), for diagnosis
-        "xla_cost_analysis": {"scanned": once, "variants": (whole or {}).get("details", [])},
+        "xla_cost_analysis": _kept_costs(once, whole),
         "peak_flops_per_chip": peak,
         "est_step_seconds": est["est_step_seconds"], "est_mfu": est["est_mfu"], "est_hfu": est["est_hfu"],
         "compile_seconds": round(compile_seconds, 2),
@@ -361,6 +411,18 @@ def topology_record(accelerator: str, mesh, compiled, compile_seconds: float, an
                    f"(model FLOPs). {est['how']}"),
         **extra,
     }
+
+
+def _kept_costs(once: dict, whole: dict | None) -> dict:
+    """The libtpu figures a record keeps per compile: the program as compiled (`scanned`), the
+    variants, and for the scanned reading the blocks counted and the micro-batch program when it was
+    compiled apart (`micro`)."""
+    kept = {"scanned": once, "variants": (whole or {}).get("details", [])}
+    if whole is not None and whole.get("reading") == "scanned":
+        kept["reading"], kept["counted"] = "scanned", whole["counted"]
+        if whole["main"] != once:
+            kept["micro"] = whole["main"]
+    return kept
 
 
 def rederive(record: dict, depth: int, depth_single: int, repeat: int = 1) -> dict:
@@ -378,14 +440,20 @@ def rederive(record: dict, depth: int, depth_single: int, repeat: int = 1) -> di
 
     kept = record["xla_cost_analysis"]
     variants = [again(d) for d in kept["variants"]]
-    whole = whole_from_details(variants, depth, depth_single, min(d["double"] for d in variants)) if variants else None
+    scanned = again(kept["scanned"])
+    if kept.get("reading") == "scanned":
+        micro = again(kept["micro"]) if "micro" in kept else scanned
+        whole = whole_from_scanned(micro, variants, depth, depth_single, tuple(kept["counted"]))
+    else:
+        whole = whole_from_details(variants, depth, depth_single, min(d["double"] for d in variants)) if variants else None
     fl = record["flops_per_step"]
     est = step_estimates(fl["analytic"], fl.get("model", fl["analytic"]), record["chips"], acc.peak_bf16_flops,
                          whole, repeat, record["fits"], fl.get("kernels", 0.0))
     prefix, sep, _ = record["method"].partition("(model FLOPs). ")
     return {**record, "flops_per_step": {**fl, "xla": est["xla_flops"]}, "xla_seconds": est["xla_seconds"],
-            "xla_seconds_scan_body_once": again(kept["scanned"])["seconds"],
-            "xla_cost_analysis": {"scanned": again(kept["scanned"]), "variants": variants},
+            "xla_seconds_scan_body_once": scanned["seconds"],
+            "xla_cost_analysis": {**kept, "scanned": scanned, "variants": variants,
+                                  **({"micro": whole["main"]} if "micro" in kept else {})},
             "est_step_seconds": est["est_step_seconds"], "est_mfu": est["est_mfu"], "est_hfu": est["est_hfu"],
             "method": f"{prefix}{sep}{est['how']} (Derived again from the recorded libtpu figures: aot.rederive.)"}
 

@@ -170,13 +170,11 @@ def compile_topology(cfg: TrainConfig, topology: str, log=print, memory_only: bo
     """The `--compile-only --topology NAME` record: the real step compiled for a Cloud TPU slice.
 
     The mesh is `cfg.mesh` over the slice's chips (-1 fills); nothing is read or allocated. The
-    whole-step XLA figures come from unrolled 2/3-block compiles of one micro-batch (times
-    optim.accum_steps), see `aot.topology_record`; `memory_only` skips them (one compile: memory and
+    whole-step XLA figures are read off the scanned program of one micro-batch (times
+    optim.accum_steps, `_scanned_step_cost`), see `aot.topology_record`; `memory_only` skips them (one compile: memory and
     fits; the step-time estimate is then the FLOP bound). `slice_knobs`: the config's knobs for this
     slice already in `cfg` (`train_config.for_slice`), named in the record.
     """
-    import dataclasses
-
     from fluxir_jax import aot, tpu_topology
 
     tpu_topology.parse_accelerator(topology)  # unknown name: one line before anything is compiled
@@ -197,20 +195,39 @@ def compile_topology(cfg: TrainConfig, topology: str, log=print, memory_only: bo
         compiled, seconds = aot.compile_on(trainer.jitted, args, mesh)
     except aot.OutOfHBM as e:
         return aot.out_of_hbm_record(topology, mesh, e, what, analytic, **info)
-    micro = dataclasses.replace(cfg, batch_size=cfg.batch_size // accum,
-                                optim=dataclasses.replace(cfg.optim, accum_steps=1))
-    bc = trainer.models.base_config
-
-    def variant(d, s):
-        t = _unrolled_trainer(micro, mesh, bc, d, s)
-        return aot.compile_on(t.jitted, t.abstract_args(), mesh)[0]
-
     fits = aot.tpu_topology_fits(compiled, topology)
-    whole = (aot.whole_program_cost(variant, bc.depth, bc.depth_single_blocks, accelerator=topology)
+    whole = (_scanned_step_cost(cfg, mesh, trainer.models.base_config, compiled, topology)
              if fits and not memory_only else None)  # no extra compiles
     return aot.topology_record(topology, mesh, compiled, seconds, analytic, whole, what, repeat=accum,
                                model_flops=model_flops, kernel_flops=kernel_flops,
                                not_derived="--memory-only was given" if memory_only and fits else "", **info)
+
+
+def _scanned_step_cost(cfg: TrainConfig, mesh, bc, compiled, topology: str) -> dict:
+    """`aot.scanned_program_cost` of one micro-batch of the step: the program as compiled when
+    optim.accum_steps is 1, else the micro-batch step compiled apart at full depth, plus the
+    scanned variants with aot.SCAN_DEPTH blocks of each kind."""
+    import dataclasses
+
+    from fluxir_jax import aot, tpu_topology
+
+    accum = cfg.optim.accum_steps
+    micro = dataclasses.replace(cfg, batch_size=cfg.batch_size // accum, optim=dataclasses.replace(cfg.optim, accum_steps=1))
+    if accum == 1:
+        main = tpu_topology.cost_details(compiled, topology)
+    else:
+        t = Trainer(micro, mesh, abstract=True, log=lambda *a: None)
+        main = tpu_topology.cost_details(aot.compile_on(t.jitted, t.abstract_args(), mesh)[0], topology)
+
+    def variant(unroll_double, unroll_single):
+        small = dataclasses.replace(bc, depth=aot.SCAN_DEPTH, depth_single_blocks=aot.SCAN_DEPTH, scan_layers=True,
+                                    scan_unroll=unroll_double, scan_unroll_single=unroll_single)
+        t = Trainer(micro, mesh, abstract=True, log=lambda *a: None, base_config=small)
+        return aot.compile_on(t.jitted, t.abstract_args(), mesh)[0]
+
+    counted = (aot.counted_blocks(bc.depth, bc.scan_unroll, bc.scan_layers),
+               aot.counted_blocks(bc.depth_single_blocks, bc.unroll_single, bc.scan_layers))
+    return aot.scanned_program_cost(main, variant, bc.depth, bc.depth_single_blocks, counted, topology)
 
 
 def step_flops(cfg: TrainConfig, trainer: Trainer, mesh) -> tuple[float, float, float]:

@@ -219,7 +219,12 @@ def test_tpu_memory_rows_name_model_and_hardware_flops_utilisation():
     rows = {r["figure"].split(": ", 1)[1]: r["value"] for r in tpu_memory.figures("v5p-8/config", {"record": rec})}
     assert rows["per-chip bytes"] == 2.0 and rows["fits HBM"] == "yes"
     assert rows["FLOPs per step, model / analytic (recompute) / XLA"] == "3000 / 4000 / 3100"
-    assert rows["est. MFU (model FLOPs, estimate)"] == 30.0 and rows["est. HFU (recompute counted, estimate)"] == 40.0
+    # a record without the reading predates the scanned one: its figures were read off unrolled compiles
+    assert rows["est. MFU (model FLOPs, estimate, unrolled reading)"] == 30.0
+    assert rows["est. HFU (recompute counted, estimate)"] == 40.0
+    scanned = dict(rec, xla_cost_analysis={"reading": "scanned"})
+    rows = {r["figure"].split(": ", 1)[1]: r["value"] for r in tpu_memory.figures("v5p-8/config", {"record": scanned})}
+    assert rows["est. step time (estimate, scanned reading)"] == 2.0
     old = dict(rec, flops_per_step={"analytic": 4e15, "xla": 3.1e15}, est_mfu=0.4)
     del old["est_hfu"]  # written before the model count: its est_mfu counted the recompute
     rows = {r["figure"].split(": ", 1)[1]: r["value"] for r in tpu_memory.figures("k", {"record": old})}

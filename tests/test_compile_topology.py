@@ -18,7 +18,7 @@ def _run(capsys, *argv):
     return rc, out, err
 
 
-@pytest.mark.slow  # two TPU compiles (the scanned step + the step unrolled, for XLA's FLOPs): ~1-2 min of CPU
+@pytest.mark.slow  # seven TPU compiles (steps + scanned variants, for XLA's whole-step figures): ~2 min of CPU
 def test_tiny_train_step_for_v5p_8(capsys, tmp_path):
     out_file = tmp_path / "sub" / "record.json"
     rc, out, err = _run(capsys, "--compile-only", "--topology", "v5p-8", "--out", out_file, f"run_dir={tmp_path / 'run'}")
@@ -39,14 +39,27 @@ def test_tiny_train_step_for_v5p_8(capsys, tmp_path):
     assert 0 < flops["model"] <= flops["analytic"]
     assert rec["est_mfu"] == pytest.approx(flops["model"] / (4 * rec["peak_flops_per_chip"] * rec["est_step_seconds"]))
     assert rec["est_hfu"] == pytest.approx(flops["analytic"] / (4 * rec["peak_flops_per_chip"] * rec["est_step_seconds"]))
-    # tiny has 1 double + 2 single blocks, no bigger than the (1, 2) variant: compiled once, unrolled
-    assert "estimate" in rec["method"] and "one compile of the whole step with its blocks unrolled" in rec["method"]
+    # tiny has 1 double + 2 single blocks: the rolled single loop counts 1 of 2, so one single block's cost
+    # comes from two scanned variants (4 blocks of each kind, single loop bodies of 1 and 2 blocks)
+    kept = rec["xla_cost_analysis"]
+    assert kept["reading"] == "scanned" and kept["counted"] == [1, 1] and "micro" not in kept
+    assert [v["unroll"] for v in kept["variants"]] == [[1, 1], [1, 2]]
+    assert "estimate" in rec["method"] and "read off the scanned program" in rec["method"]
     assert json.loads(out_file.read_text()) == rec
     assert not (tmp_path / "run").exists()  # --out given: nothing in run_dir
     # derived again from the libtpu figures the record keeps: the same estimates as the compile gave
     again = aot.rederive(rec, 1, 2, rec["accum_steps"])
     for key in ("xla_seconds", "est_step_seconds", "est_mfu", "est_hfu", "flops_per_step"):
         assert again[key] == pytest.approx(rec[key]), key
+    # two micro-batches of half the batch: the micro-batch step is compiled apart and read the same way,
+    # and twice its XLA FLOPs land near the one-batch step's (the optimizer update counted twice)
+    rc, out, err = _run(capsys, "--compile-only", "--topology", "v5p-8", "optim.accum_steps=2", f"run_dir={tmp_path / 'run'}")
+    assert rc == 0, err
+    two = json.loads(out.strip().splitlines()[-1])
+    assert "micro" in two["xla_cost_analysis"] and "x 2 micro-batches" in two["method"]
+    assert two["flops_per_step"]["xla"] == pytest.approx(flops["xla"], rel=0.05)
+    again = aot.rederive(two, 1, 2, two["accum_steps"])
+    assert again["xla_seconds"] == pytest.approx(two["xla_seconds"]) and again["est_mfu"] == pytest.approx(two["est_mfu"])
 
 
 def test_memory_only_compiles_the_step_once(capsys, tmp_path, monkeypatch):
@@ -173,11 +186,19 @@ class _Compiled:
         return self.text
 
 
+def _scanned(cost):
+    """`aot.scanned_program_cost` for flux-dev's 19 + 38 blocks, rolled (one of each counted), where
+    `cost(d, s)` is a compiled program whose XLA figures count d double and s single blocks."""
+    from fluxir_jax import tpu_topology
+
+    main = tpu_topology.cost_details(cost(1, 1), "v6e-8")
+    return aot.scanned_program_cost(main, cost, 19, 38, (1, 1), accelerator="v6e-8")
+
+
 @pytest.mark.parametrize("timed", [True, False], ids=["optimal_seconds", "no_optimal_seconds"])
 def test_whole_step_estimates_with_and_without_xla_seconds(timed):
     """A chip whose cost analysis has no optimal_seconds gets no XLA time and no MFU, never a zero time."""
-    whole = aot.whole_program_cost(lambda d, s: _Compiled(1e12 * (1 + d + 2 * s), 0.01 * (d + s) if timed else None),
-                                   19, 38)
+    whole = _scanned(lambda d, s: _Compiled(1e12 * (1 + d + 2 * s), 0.01 * (d + s) if timed else None))
     assert whole["flops"] == 1e12 * (1 + 19 + 76) and whole["variants"] == 3 and not whole["exact"]
     chips, peak, analytic, model = 8, 918e12, 4e15, 3e15
     est = aot.step_estimates(analytic, model, chips, peak, whole, repeat=4)
@@ -194,19 +215,36 @@ def test_whole_step_estimates_with_and_without_xla_seconds(timed):
 
 
 def test_whole_step_seconds_add_back_libtpus_minus_one_per_concat_bitcast():
-    """v6e: each variant's optimal_seconds holds -1 s per ConcatBitcast; the whole-step figure does not."""
+    """v6e: each compile's optimal_seconds holds -1 s per ConcatBitcast; the whole-step figure does not."""
     def variant(d, s):  # 0.01 s per block, and one ConcatBitcast per block
         return _Compiled(1e9 * (1 + d + 2 * s), 0.01 * (d + s) - (d + s), concat_bitcasts=d + s)
 
-    whole = aot.whole_program_cost(variant, 19, 38, accelerator="v6e-8")
-    assert whole["seconds"] == pytest.approx(0.01 * 57) and whole["unmodelled"] == 2 + 3 + 3
+    whole = _scanned(variant)
+    assert whole["seconds"] == pytest.approx(0.01 * 57) and whole["unmodelled"] == 2 + 2 + 3 + 3
     est = aot.step_estimates(4e15, 3e15, 8, 918e12, whole, repeat=4)
     assert est["xla_seconds"] == pytest.approx(4 * 0.57) and est["est_mfu"] is not None
-    assert "8 ConcatBitcast custom calls" in est["how"]
+    assert "10 ConcatBitcast custom calls" in est["how"]
     # 0.5 s after adding back, below the 1e15 FLOPs at peak (1.09 s): a sentinel it does not know, unusable
-    bad = aot.whole_program_cost(lambda d, s: _Compiled(1e15, -1.5, concat_bitcasts=2), 19, 38, accelerator="v6e-8")
+    bad = _scanned(lambda d, s: _Compiled(1e15, -1.5, concat_bitcasts=2))
     assert bad["seconds"] is None and bad["unmodelled"] == 0
 
+
+@pytest.mark.parametrize("n,unroll", [(1, 1), (5, 1), (4, 2), (5, 2), (2, 2), (3, 4), (6, 3), (3, 3), (7, 0)])
+def test_counted_blocks_is_what_xla_counts_of_a_scan(n, unroll):
+    """XLA's CPU cost analysis of an n-step lax.scan of one matmul, with `unroll`, counts the matmuls
+    `counted_blocks` says: a rolled body once, jax's unrolled remainder, or all of them."""
+    import jax
+    import jax.numpy as jnp
+
+    from fluxir_jax import tpu_topology
+
+    def f(x, ws):
+        return jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), x, ws, unroll=unroll)[0]
+
+    x, ws = jax.ShapeDtypeStruct((64, 64), jnp.float32), jax.ShapeDtypeStruct((n, 64, 64), jnp.float32)
+    flops = tpu_topology.cost_details(jax.jit(f).lower(x, ws).compile())["flops"]
+    assert round(flops / (2 * 64**3)) == aot.counted_blocks(n, unroll)
+    assert aot.counted_blocks(n, unroll, scanned=False) == n
 
 
 def test_rederive_gives_the_v6e_flux_dev_step_the_time_its_variants_imply():

@@ -79,8 +79,11 @@ class FluxConfig:
     scan_layers    True: lax.scan over the stacked blocks; False: an unrolled Python loop
                    over the same stacked parameters (for debugging; compile grows with depth)
     scan_unroll    blocks per iteration of the scanned loops (lax.scan's `unroll`; 1: one
-                   block per iteration). `bench/tpu_layer_cost.py` uses 2 to read one block's
-                   cost off XLA's estimates, which count a loop body once
+                   block per iteration). `--topology` and `bench/tpu_layer_cost.py` compile
+                   variants with 2 to read one block's cost off XLA's estimates, which count a
+                   loop body once
+    scan_unroll_single
+                   the same for the single-block loop alone (null: scan_unroll)
     attention      the attention kernel (`models/attention.py`): "xla" (runs everywhere),
                    "splash" (Pallas splash attention on TPU, sharded over the mesh's batch and
                    heads axes; interpret mode on CPU), "cudnn" (NVIDIA GPU, bf16/fp16) or "auto"
@@ -108,6 +111,7 @@ class FluxConfig:
     remat_policy: str = "none"
     scan_layers: bool = True
     scan_unroll: int = 1
+    scan_unroll_single: int | None = None
     attention: str = "xla"
     splash_block_q: int = 512
     splash_block_kv: int = 512
@@ -119,8 +123,9 @@ class FluxConfig:
         head_dim = self.hidden_size // self.num_heads
         if sum(self.axes_dim) != head_dim:
             raise ValueError(f"sum(axes_dim)={sum(self.axes_dim)} must equal the head dim {head_dim}")
-        if self.scan_unroll < 1:
-            raise ValueError(f"scan_unroll must be >= 1, got {self.scan_unroll}")
+        for name in ("scan_unroll", "scan_unroll_single"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
         for name in ("dtype", "param_dtype"):
@@ -130,6 +135,11 @@ class FluxConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def unroll_single(self) -> int:
+        """lax.scan's `unroll` for the single-block loop."""
+        return self.scan_unroll if self.scan_unroll_single is None else self.scan_unroll_single
 
     @property
     def attention_spec(self) -> AttentionSpec:
@@ -336,7 +346,8 @@ class Flux(nnx.Module):
 
         graphdef, params = nnx.split(self.double_blocks)
         mods = _modulations(graphdef, params, vec)
-        return self._loop(body, (img, txt), params, per_layer, self.config.depth, intermediates, mods)
+        return self._loop(body, (img, txt), params, per_layer, self.config.depth, intermediates, mods,
+                          self.config.scan_unroll)
 
     def run_single_blocks(self, x, vec, pe, num_txt: int, stream: ControlStream | None = None, intermediates: bool = False):
         per_layer, shared = _split_control(stream, self.config.depth_single_blocks)
@@ -352,12 +363,15 @@ class Flux(nnx.Module):
 
         graphdef, params = nnx.split(self.single_blocks)
         mods = _modulations(graphdef, params, vec)
-        return self._loop(body, x, params, per_layer, self.config.depth_single_blocks, intermediates, mods)
+        return self._loop(body, x, params, per_layer, self.config.depth_single_blocks, intermediates, mods,
+                          self.config.unroll_single)
 
-    def _loop(self, body, carry, params, per_layer_ctrl, n: int, intermediates: bool = False, mods=None):
+    def _loop(self, body, carry, params, per_layer_ctrl, n: int, intermediates: bool = False, mods=None,
+              unroll: int = 1):
         """Run `body` over the n stacked layers; returns (carry, per-layer outputs or None).
 
-        `mods`: every layer's modulation vectors ([n, ...], from `_modulations`), scanned over with
+        `unroll`: lax.scan's `unroll` (blocks per loop iteration). `mods`: every layer's modulation
+        vectors ([n, ...], from `_modulations`), scanned over with
         the layers' parameters. Under `weight_gather.gathering(mesh)` (sharded inference) each
         layer's parameters are all-gathered inside the loop, just before the layer runs (a no-op
         otherwise).
@@ -369,7 +383,7 @@ class Flux(nnx.Module):
                 c = step(c, *xs)
                 return c, (c if intermediates else None)
 
-            return jax.lax.scan(scan_body, carry, (params, per_layer_ctrl, mods), unroll=self.config.scan_unroll)
+            return jax.lax.scan(scan_body, carry, (params, per_layer_ctrl, mods), unroll=unroll)
         history = []
         for i in range(n):
             layer = jax.tree.map(lambda a: a[i], (params, per_layer_ctrl, mods))

@@ -128,7 +128,7 @@ def variants_base():
     return dm, x, _loss_and_grad(flax_from_diffusers(dm), x)
 
 
-@pytest.mark.parametrize("variant", [dict(scan_layers=False), dict(scan_unroll=2), dict(remat_policy="full"), dict(remat_policy="save_attention"), dict(remat_policy="save_qkv_attention")])
+@pytest.mark.parametrize("variant", [dict(scan_layers=False), dict(scan_unroll=2), dict(scan_unroll_single=2), dict(remat_policy="full"), dict(remat_policy="save_attention"), dict(remat_policy="save_qkv_attention")])
 def test_scan_and_remat_variants_give_the_same_output_and_gradients(variants_base, variant):
     dm, x, (l0, (gp0, gi0)) = variants_base
     l1, (gp1, gi1) = _loss_and_grad(flax_from_diffusers(dm, **variant), x)
