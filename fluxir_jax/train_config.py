@@ -64,6 +64,13 @@ class ModelConfig:
                    weight is all-gathered in each micro-batch's forward and backward pass) or
                    "replicated" (whole on every chip: no weight collectives, +23.8 GB per chip
                    for flux-dev in bf16; for chips with the HBM to spare, e.g. v5p)
+    frozen_replicated
+                   regexes searched in the frozen base's parameter paths (`single_blocks/linear1/
+                   kernel`): weights whose path one finds are kept whole on every chip even when
+                   frozen_sharding is fsdp, so their layers run without weight all-gathers, at
+                   their full bytes per chip (flux-dev's 38 single blocks: 8.6 GB in bf16). For
+                   chips with HBM for part of the base, e.g. `[^single_blocks/]` on v6e-8. Each
+                   regex must find a parameter
     """
 
     dtype: str = "bfloat16"
@@ -71,6 +78,7 @@ class ModelConfig:
     remat_policy: str = "save_attention"
     attention: str = "xla"
     frozen_sharding: str = "fsdp"
+    frozen_replicated: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

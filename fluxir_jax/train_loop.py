@@ -190,7 +190,8 @@ def compile_topology(cfg: TrainConfig, topology: str, log=print, memory_only: bo
     what = "train step (forward, backward, AdamW update)."
     info = dict(program="train_step", base=cfg.base, batch_size=cfg.batch_size, per_chip_batch=cfg.batch_size / mesh.devices.size,
                 accum_steps=accum, crop_size=cfg.crop_size, remat_policy=cfg.model.remat_policy, attention=cfg.model.attention,
-                frozen_sharding=cfg.model.frozen_sharding, slice_knobs=list(slice_knobs or ()))
+                frozen_sharding=cfg.model.frozen_sharding,
+                frozen_replicated=list(cfg.model.frozen_replicated), slice_knobs=list(slice_knobs or ()))
     try:
         compiled, seconds = aot.compile_on(trainer.jitted, args, mesh)
     except aot.OutOfHBM as e:

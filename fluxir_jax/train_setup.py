@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 from typing import Any
 
 import jax
@@ -97,6 +98,27 @@ def frozen_rules(m) -> dict:
                         f"{', '.join(parallel.FROZEN_SHARDINGS)}") from None
 
 
+def base_shardings(base_abs, mesh, m) -> Any:
+    """Pure-dict shardings of the frozen base: `model.frozen_sharding`'s rules, and the replicated ones
+    for the parameters that a `model.frozen_replicated` regex finds in their path (`a/b/kernel`)."""
+    out = _pure_shardings(base_abs, mesh, frozen_rules(m))
+    if not m.frozen_replicated:
+        return out
+    try:
+        patterns = [re.compile(r) for r in m.frozen_replicated]
+    except re.error as e:
+        raise UserError(f"model.frozen_replicated: {e.pattern!r} is not a regex ({e})") from None
+    whole = _pure_shardings(base_abs, mesh, parallel.REPLICATED_OVER_FSDP)
+    name = lambda path: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)  # noqa: E731
+    names = [name(path) for path, _ in jax.tree_util.tree_flatten_with_path(out)[0]]
+    for r, pat in zip(m.frozen_replicated, patterns):
+        if not any(pat.search(n) for n in names):
+            raise UserError(f"model.frozen_replicated: {r!r} matches no parameter of the base "
+                            f"(paths look like {names[0]!r})")
+    return jax.tree_util.tree_map_with_path(
+        lambda path, sh, w: w if any(p.search(name(path)) for p in patterns) else sh, out, whole)
+
+
 def _abstract(make):
     graphdef, state = nnx.split(nnx.eval_shape(make))
     return graphdef, state
@@ -123,9 +145,8 @@ def build(cfg: TrainConfig, mesh, *, abstract: bool = False, log=print, base_con
     vae_gd, vae_abs = _abstract(lambda: AutoEncoder(vae_cfg, rngs=nnx.Rngs(cfg.seed + 1)))
     adapter_gd, adapter_abs = _abstract(adapter_make)
     check_compatible(nnx.eval_shape(adapter_make), base_cfg, text_len)
-    frozen = frozen_rules(cfg.model)
     models = Models(base_cfg, vae_cfg, base_gd, vae_gd, adapter_gd, base_abs, vae_abs, adapter_abs,
-                    _pure_shardings(base_abs, mesh, frozen), _pure_shardings(vae_abs, mesh, frozen),
+                    base_shardings(base_abs, mesh, cfg.model), _pure_shardings(vae_abs, mesh, frozen_rules(cfg.model)),
                     _pure_shardings(adapter_abs, mesh),
                     random_weights, text_len)
     if abstract:

@@ -75,9 +75,11 @@ def test_one_step_on_mesh_equals_one_device(tmp, sharded):
     cfg1 = _cfg(tmp, **{"mesh.data": 1, "mesh.fsdp": 1, "optim.eps": 1e-3})
     cfg8 = _cfg(tmp, **{"mesh.data": 2, "mesh.fsdp": 4, "optim.eps": 1e-3})
     cfg8r = _cfg(tmp, **{"mesh.data": 2, "mesh.fsdp": 4, "optim.eps": 1e-3, "model.frozen_sharding": "replicated"})
+    cfg8m = _cfg(tmp, **{"mesh.data": 2, "mesh.fsdp": 4, "optim.eps": 1e-3,
+                         "model.frozen_replicated": "[^single_blocks/, final_layer/linear]"})
     mesh1 = parallel.make_mesh(cfg1.mesh, jax.devices()[:1])
     results, trainers = [], []
-    for cfg, mesh in ((cfg1, mesh1), (cfg8, mesh8), (cfg8r, mesh8)):
+    for cfg, mesh in ((cfg1, mesh1), (cfg8, mesh8), (cfg8r, mesh8), (cfg8m, mesh8)):
         with jax.set_mesh(mesh), jax.default_matmul_precision("highest"):
             tr = Trainer(cfg, mesh, log=lambda *a: None)
             state = jax.tree.map(jnp.copy, tr.state)
@@ -97,7 +99,7 @@ def test_one_step_on_mesh_equals_one_device(tmp, sharded):
         assert f1.keys() == f8.keys()
         for k in f1:
             assert _rel(f8[k], f1[k]) < 1e-5, k
-    _, tr8, tr8r = trainers
+    _, tr8, tr8r, tr8m = trainers
     # the frozen base is sharded over fsdp on the (2, 4) mesh
     kernel = tr8.frozen.base["double_blocks"]["img_attn"]["qkv"]["kernel"]  # [layers, C, 3C]
     assert kernel.sharding.spec[0] is None and kernel.sharding.spec[1] == "fsdp"
@@ -110,6 +112,13 @@ def test_one_step_on_mesh_equals_one_device(tmp, sharded):
             assert "fsdp" not in jax.tree.leaves(tuple(leaf.sharding.spec)), leaf.shape
             assert leaf.addressable_shards[0].data.shape == leaf.shape
     assert tr8r.state.params["block"]["img_attn"]["qkv"]["kernel"].sharding.spec[0] == "fsdp"
+    # ... and with model.frozen_replicated, whole only where a pattern finds the path
+    whole = {"/".join(str(k.key) for k in path): "fsdp" not in jax.tree.leaves(tuple(leaf.sharding.spec))
+             for path, leaf in jax.tree_util.tree_flatten_with_path(tr8m.frozen.base)[0]}
+    assert all(v for k, v in whole.items() if k.startswith("single_blocks/") or "final_layer/linear" in k)
+    assert not whole["double_blocks/img_attn/qkv/kernel"] and not whole["final_layer/adaLN_modulation/1/kernel"]
+    assert tr8m.frozen.base["single_blocks"]["linear1"]["kernel"].addressable_shards[0].data.shape == \
+        tr8m.frozen.base["single_blocks"]["linear1"]["kernel"].shape
 
 
 def test_unknown_frozen_sharding_is_a_user_error(tmp):
@@ -118,6 +127,18 @@ def test_unknown_frozen_sharding_is_a_user_error(tmp):
     cfg = _cfg(tmp, **{"model.frozen_sharding": "tensor"})
     with pytest.raises(UserError, match="model.frozen_sharding: 'tensor' is not one of fsdp, replicated"):
         Trainer(cfg, parallel.make_mesh(cfg.mesh), log=lambda *a: None)
+
+
+@pytest.mark.parametrize("patterns, match", [
+    ("[single_block/]", "'single_block/' matches no parameter of the base"),
+    ("['(']", "'\\(' is not a regex"),
+])
+def test_bad_frozen_replicated_is_a_user_error(tmp, patterns, match):
+    from fluxir_jax.errors import UserError
+
+    cfg = _cfg(tmp, **{"model.frozen_replicated": patterns})
+    with pytest.raises(UserError, match="model.frozen_replicated: " + match):
+        Trainer(cfg, parallel.make_mesh(cfg.mesh), abstract=True, log=lambda *a: None)
 
 
 @pytest.mark.slow
