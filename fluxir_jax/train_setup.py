@@ -109,14 +109,24 @@ def base_shardings(base_abs, mesh, m) -> Any:
     except re.error as e:
         raise UserError(f"model.frozen_replicated: {e.pattern!r} is not a regex ({e})") from None
     whole = _pure_shardings(base_abs, mesh, parallel.REPLICATED_OVER_FSDP)
-    name = lambda path: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)  # noqa: E731
-    names = [name(path) for path, _ in jax.tree_util.tree_flatten_with_path(out)[0]]
+    names = [_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(out)[0]]
     for r, pat in zip(m.frozen_replicated, patterns):
         if not any(pat.search(n) for n in names):
             raise UserError(f"model.frozen_replicated: {r!r} matches no parameter of the base "
                             f"(paths look like {names[0]!r})")
     return jax.tree_util.tree_map_with_path(
-        lambda path, sh, w: w if any(p.search(name(path)) for p in patterns) else sh, out, whole)
+        lambda path, sh, w: w if any(p.search(_path(path)) for p in patterns) else sh, out, whole)
+
+
+def _path(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _rule(pure_shardings):
+    """A `(path, shape) -> Sharding` rule for `checkpoint.load_*(..., sharding=)`: the stored weights
+    are restored straight into the models' shardings."""
+    table = {_path(path): sh for path, sh in jax.tree_util.tree_flatten_with_path(pure_shardings)[0]}
+    return lambda path, shape: table["/".join(str(p) for p in path)]
 
 
 def _abstract(make):
@@ -164,11 +174,10 @@ def build(cfg: TrainConfig, mesh, *, abstract: bool = False, log=print, base_con
     else:
         over = dict(dtype=base_cfg.dtype, param_dtype=base_cfg.param_dtype, remat_policy=base_cfg.remat_policy,
                     attention=base_cfg.attention)
-        rule = parallel.rule_from_state(base_abs, mesh, frozen)
-        base = nnx.to_pure_dict(nnx.split(checkpoint.load_flux(cfg.base, mesh=mesh, sharding=rule, **over))[1])
-        vae_rule = parallel.rule_from_state(vae_abs, mesh, frozen)
+        base = nnx.to_pure_dict(nnx.split(checkpoint.load_flux(cfg.base, mesh=mesh, sharding=_rule(models.base_sh),
+                                                                **over))[1])
         vae = nnx.to_pure_dict(nnx.split(checkpoint.load_autoencoder(
-            cfg.base, mesh=mesh, sharding=vae_rule, dtype=vae_cfg.dtype, param_dtype=vae_cfg.param_dtype))[1])
+            cfg.base, mesh=mesh, sharding=_rule(models.vae_sh), dtype=vae_cfg.dtype, param_dtype=vae_cfg.param_dtype))[1])
         text = checkpoint.load_text_embeddings(cfg.base)
         if not text["computed"]:
             log(f"base: {cfg.base} stores no computed empty-prompt embeddings (zeros / random)")

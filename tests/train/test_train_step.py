@@ -129,6 +129,28 @@ def test_unknown_frozen_sharding_is_a_user_error(tmp):
         Trainer(cfg, parallel.make_mesh(cfg.mesh), log=lambda *a: None)
 
 
+def test_frozen_weights_load_into_their_shardings(tmp):
+    """A converted checkpoint is restored straight into the shardings the step was compiled for, also
+    where model.frozen_replicated keeps some weights whole."""
+    from fluxir_jax.init_checkpoint import init_checkpoint
+
+    ckpt = tmp / "ckpt"
+    if not ckpt.exists():
+        init_checkpoint("tiny", ckpt, seed=0, text_len=6, progress=False)
+    cfg = _cfg(tmp, **{"base": ckpt, "adapter.text_len": 6, "mesh.data": 2, "mesh.fsdp": 4,
+                       "model.frozen_replicated": "[^single_blocks/]"})
+    tr = Trainer(cfg, parallel.make_mesh(cfg.mesh), log=lambda *a: None)
+    for frozen, want in ((tr.frozen.base, tr.models.base_sh), (tr.frozen.vae, tr.models.vae_sh)):
+        got = jax.tree.map(lambda a: a.sharding, frozen)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert g.is_equivalent_to(w, 3) and g.spec == w.spec
+    specs = {leaf.sharding.spec for leaf in jax.tree.leaves(tr.frozen.base["double_blocks"])}
+    assert any("fsdp" in jax.tree.leaves(tuple(s)) for s in specs)
+    assert all("fsdp" not in jax.tree.leaves(tuple(leaf.sharding.spec))
+               for leaf in jax.tree.leaves(tr.frozen.base["single_blocks"]))
+
+
 @pytest.mark.parametrize("patterns, match", [
     ("[single_block/]", "'single_block/' matches no parameter of the base"),
     ("['(']", "'\\(' is not a regex"),
