@@ -5,13 +5,17 @@ loads it on every start, and on a machine with no TPU it prints a page of warnin
 `TPU_ACCELERATOR_TYPE` and `TPU_WORKER_HOSTNAMES` (it asks the cloud metadata server for them),
 whether or not a TPU is ever used. On such machines we give libtpu harmless values for those
 settings before JAX starts; they only describe the (absent) local TPU host, and compiling for a
-TPU topology names its own topology. We also let several processes load libtpu at once. On a machine with TPU chips nothing is changed, and values
-the user set are always kept.
+TPU topology names its own topology. We also let several processes load libtpu at once. On a machine
+with TPU chips nothing of this is changed, and values the user set are always kept.
+
+On every machine, `LIBTPU_FLAGS` are added to `LIBTPU_INIT_ARGS` (read when libtpu starts, at the
+first TPU compile) unless the user's `LIBTPU_INIT_ARGS` names them: then the user's value wins.
 """
 from __future__ import annotations
 
 import glob
 import os
+import re
 
 _GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips are PCI devices of this vendor
 
@@ -42,3 +46,40 @@ def quiet_libtpu_without_tpu() -> None:
         return
     for key, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+# libtpu flags set unless LIBTPU_INIT_ARGS names them. FSDP matmuls compile to an all-gather (or a
+# reduce-scatter) beside the matmul instead of a windowed einsum: a "collective matmul" loop that
+# multiplies one weight shard per step and adds each partial product into the whole output. libtpu's
+# cost model (libtpu 0.0.42.1) counts that loop's body once, like any loop, so `--topology` would
+# leave most of those matmuls' FLOPs and time out of its estimate (a flux-dev single block on v6e-8,
+# 8 per chip, FSDP: 10 such loops of 4 steps); without them every FLOP is seen, and libtpu estimates
+# the block faster (13.4 ms against 15.7 ms counted with the loops once; docs/tpu.md). Whether a real
+# chip agrees is not measured: `LIBTPU_INIT_ARGS=--xla_tpu_enable_windowed_einsum_for_all_gather=true`
+# (and `..._for_reduce_scatter=true`) brings XLA's choice back.
+LIBTPU_FLAGS = {
+    "xla_tpu_enable_windowed_einsum_for_all_gather": "false",
+    "xla_tpu_enable_windowed_einsum_for_reduce_scatter": "false",
+}
+
+
+def _named_flags(args: str) -> set[str]:
+    """Flag names in a LIBTPU_INIT_ARGS string (`--name=value`, `--name`, `--noname`)."""
+    names = set()
+    for token in args.split():
+        m = re.match(r"-{1,2}([\w.]+)", token)
+        if m:
+            name = m.group(1)
+            names.add(name)
+            if name.startswith("no"):
+                names.add(name[2:])
+    return names
+
+
+def default_libtpu_flags() -> None:
+    """Add the LIBTPU_FLAGS that LIBTPU_INIT_ARGS does not name."""
+    args = os.environ.get("LIBTPU_INIT_ARGS", "")
+    named = _named_flags(args)
+    extra = [f"--{k}={v}" for k, v in LIBTPU_FLAGS.items() if k not in named]
+    if extra:
+        os.environ["LIBTPU_INIT_ARGS"] = " ".join([args, *extra]).strip()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import re
 import time
 from typing import Any, Callable
@@ -223,6 +224,7 @@ class CompileRecord:
     flops: float  # XLA's count for the program one chip runs (loop bodies counted once)
     xla_seconds: float | None  # XLA's own estimate (cost_analysis "optimal_seconds"), if reported
     compile_seconds: float
+    libtpu_init_args: str = ""  # LIBTPU_INIT_ARGS the compiler ran with (libtpu_env.LIBTPU_FLAGS)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -369,6 +371,7 @@ def compile_for_topology(
         device_kind=mesh.devices.flat[0].device_kind, mesh=dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape))),
         per_chip_bytes=mem, hbm_bytes=acc.hbm_bytes, fits=mem["total"] <= acc.hbm_bytes, flops=flops,
         xla_seconds=xla_seconds, compile_seconds=round(seconds, 3),
+        libtpu_init_args=os.environ.get("LIBTPU_INIT_ARGS", ""),
     )
     return record, compiled
 

@@ -238,3 +238,53 @@ def test_splash_fwd_bwd_compiles_for_v6e_8():
     xla_hlo = tpu_topology.compile_for_topology(*_step(tiny_flux.config(), batch=2, train=False)[:2], "v6e-8", (2, 1, 4),
                                                 in_shardings=shardings)[1].as_text()
     assert "tpu_custom_call" not in xla_hlo
+
+
+@pytest.mark.parametrize("user, want", [
+    ("", "--xla_tpu_enable_windowed_einsum_for_all_gather=false --xla_tpu_enable_windowed_einsum_for_reduce_scatter=false"),
+    ("--xla_tpu_enable_windowed_einsum_for_all_gather=true --xla_other=1",
+     "--xla_tpu_enable_windowed_einsum_for_all_gather=true --xla_other=1 "
+     "--xla_tpu_enable_windowed_einsum_for_reduce_scatter=false"),
+    ("--noxla_tpu_enable_windowed_einsum_for_reduce_scatter --xla_tpu_enable_windowed_einsum_for_all_gather",
+     "--noxla_tpu_enable_windowed_einsum_for_reduce_scatter --xla_tpu_enable_windowed_einsum_for_all_gather"),
+])
+def test_libtpu_flags_are_defaults_the_user_overrides(monkeypatch, user, want):
+    if user:
+        monkeypatch.setenv("LIBTPU_INIT_ARGS", user)
+    else:
+        monkeypatch.delenv("LIBTPU_INIT_ARGS", raising=False)
+    libtpu_env.default_libtpu_flags()
+    assert os.environ["LIBTPU_INIT_ARGS"] == want
+
+
+_FSDP_MATMUL = """
+import json, jax, jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+from fluxir_jax import tpu_topology
+x, w = jax.ShapeDtypeStruct((64, 1536, 3072), jnp.bfloat16), jax.ShapeDtypeStruct((3072, 12288), jnp.bfloat16)
+rec, compiled = tpu_topology.compile_for_topology(lambda x, w: jnp.einsum("blc,cm->blm", x, w), (x, w), "v6e-8",
+                                                  in_shardings=lambda mesh: (P("fsdp"), P("fsdp", None)))
+print(json.dumps(dict(loops=compiled.as_text().count(" while("), flops=rec.flops, seconds=rec.xla_seconds,
+                      args=rec.libtpu_init_args)))
+"""
+
+
+def test_fsdp_matmuls_compile_without_windowed_einsum_loops_whose_cost_libtpu_counts_once():
+    """A flux-dev-sized matmul with its weight split over v6e-8's fsdp axis: with libtpu_env's flags it is an
+    all-gather and a matmul whose FLOPs XLA counts in full; with XLA's windowed einsum back on it is a loop
+    whose body (2 of 8 weight shards) libtpu counts once: fewer FLOPs than the matmul has, and an estimate
+    below the one without the loop although the loop does the same work."""
+    per_chip = 2 * (64 // 8) * 1536 * 3072 * 12288
+    env = {k: v for k, v in os.environ.items() if k != "LIBTPU_INIT_ARGS"}
+    runs = {}
+    for name, args in (("ours", None), ("windowed", "--xla_tpu_enable_windowed_einsum_for_all_gather=true")):
+        run_env = dict(env, **({"LIBTPU_INIT_ARGS": args} if args else {}))
+        out = subprocess.run([sys.executable, "-c", _FSDP_MATMUL], env=run_env, cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    ours, windowed = runs["ours"], runs["windowed"]
+    assert "--xla_tpu_enable_windowed_einsum_for_all_gather=false" in ours["args"]
+    assert ours["loops"] == 0 and ours["flops"] == per_chip
+    assert windowed["loops"] == 1 and windowed["flops"] <= 0.75 * per_chip
+    assert windowed["seconds"] < ours["seconds"]
