@@ -25,6 +25,7 @@ def test_tiny_train_step_for_v5p_8(capsys, tmp_path):
     assert rc == 0, err
     rec = json.loads(out.strip().splitlines()[-1])
     assert REQUIRED <= set(rec)
+    assert "--xla_tpu_enable_windowed_einsum_for_all_gather=false" in rec["libtpu_init_args"]  # libtpu_env.LIBTPU_FLAGS
     assert rec["device_kind"] == "TPU v5" and rec["chips"] == 4 and rec["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
     mem = rec["per_chip_bytes"]
     assert {"arguments", "temporaries", "outputs", "code", "total"} <= set(mem)
