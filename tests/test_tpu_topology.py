@@ -37,23 +37,41 @@ def test_hbm_and_peak_tables():
     assert bandwidth == {"v4": 1228, "v5p": 2765, "v5litepod": 819, "v6e": 1640}  # GB/s per chip
 
 
-def test_v6e_optimal_seconds_without_the_minus_one_per_concat_bitcast():
-    """libtpu's v6e cost model counts each ConcatBitcast custom call (collective matmuls of large FSDP
-    matmuls use them) as -1 s: `cost_details` adds those back. A program whose raw optimal_seconds is
-    negative gets a time no lower than its roofline max(FLOPs / peak, bytes / bandwidth), and the same
-    matmul below the size that uses the call (raw time, nothing to correct) costs about as much."""
-    sds = jax.ShapeDtypeStruct
-    w = sds((3072, 9216), jax.numpy.bfloat16)
-    details = {}
-    for rows in (12288, 24576):
-        x = sds((rows, 3072), jax.numpy.bfloat16)
-        _, compiled = tpu_topology.compile_for_topology(lambda x, w: x @ w, (x, w), "v6e-8", (1, -1, 1),
-                                                        in_shardings=(P("fsdp"), P("fsdp")))
-        details[rows] = tpu_topology.cost_details(compiled, "v6e-8")
-    small, big = details[12288], details[24576]
+_CONCAT_BITCAST = """
+import json, jax
+from jax.sharding import PartitionSpec as P
+from fluxir_jax import tpu_topology
+w, details = jax.ShapeDtypeStruct((3072, 9216), jax.numpy.bfloat16), {}
+for rows in (12288, 24576):
+    x = jax.ShapeDtypeStruct((rows, 3072), jax.numpy.bfloat16)
+    _, compiled = tpu_topology.compile_for_topology(lambda x, w: x @ w, (x, w), "v6e-8", (1, -1, 1),
+                                                    in_shardings=(P("fsdp"), P("fsdp")))
+    details[rows] = tpu_topology.cost_details(compiled, "v6e-8")
+print(json.dumps(details))
+"""
+
+
+@pytest.mark.parametrize("windowed", [True, False])
+def test_v6e_optimal_seconds_without_the_minus_one_per_concat_bitcast(windowed):
+    """libtpu's v6e cost model counts each ConcatBitcast custom call (the collective matmuls of large FSDP
+    matmuls, XLA's windowed einsums, use them) as -1 s: `cost_details` adds those back. A program whose
+    raw optimal_seconds is negative gets a time no lower than its roofline max(FLOPs / peak, bytes /
+    bandwidth), and the same matmul below the size that uses the call (raw time, nothing to correct)
+    costs about as much. With libtpu_env's flags (no windowed einsums) there is no such call at all."""
+    env = {k: v for k, v in os.environ.items() if k != "LIBTPU_INIT_ARGS"}
+    if windowed:
+        env["LIBTPU_INIT_ARGS"] = "--xla_tpu_enable_windowed_einsum_for_all_gather=true"
+    out = subprocess.run([sys.executable, "-c", _CONCAT_BITCAST], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    details = json.loads(out.stdout.strip().splitlines()[-1])
+    small, big = details["12288"], details["24576"]
     assert small["unmodelled"] == 0 and small["seconds"] == small["raw_seconds"] > 0
-    assert big["raw_seconds"] < 0 and big["unmodelled"] == 1  # without the correction: no v6e time at all
-    assert big["seconds"] == pytest.approx(big["raw_seconds"] + 1)
+    if windowed:
+        assert big["raw_seconds"] < 0 and big["unmodelled"] == 1  # without the correction: no v6e time at all
+        assert big["seconds"] == pytest.approx(big["raw_seconds"] + 1)
+    else:
+        assert big["unmodelled"] == 0 and big["seconds"] == big["raw_seconds"] > 0
     spec = tpu_topology.GENERATIONS["v6e"]
     assert big["seconds"] >= max(big["flops"] / spec.peak_bf16_flops, big["bytes"] / spec.hbm_bandwidth)
     assert 0.5 * small["seconds"] < big["seconds"] < 4 * small["seconds"]  # twice the rows: about 1-2x the time
