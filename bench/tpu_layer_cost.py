@@ -95,7 +95,7 @@ def main(argv=None) -> int:
             "model": args.model, "res": args.res, "txt": args.txt, "examples_per_chip": args.examples_per_chip,
             "policy": args.policy, "weights": args.weights, "block": block, "row": row,
             "figures": figures(args.accelerator, args.model, args.examples_per_chip, args.policy, args.weights, block, row),
-            "cpu": cpu_name(), "cores": os.cpu_count(),
+            "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""), "cpu": cpu_name(), "cores": os.cpu_count(),
             "device": "no TPU attached: libtpu compile-only on this CPU machine", "date": time.strftime("%Y-%m-%d")})
     return 0
 
