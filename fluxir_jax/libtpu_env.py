@@ -53,7 +53,7 @@ def quiet_libtpu_without_tpu() -> None:
 # multiplies one weight shard per step and adds each partial product into the whole output. libtpu's
 # cost model (libtpu 0.0.42.1) counts that loop's body once, like any loop, so `--topology` would
 # leave most of those matmuls' FLOPs and time out of its estimate (a flux-dev single block on v6e-8,
-# 8 per chip, FSDP: 10 such loops of 4 steps); without them every FLOP is seen, and libtpu estimates
+# 8 per chip, FSDP: 6 such loops of 4 steps); without them every FLOP is seen, and libtpu estimates
 # the block faster (13.4 ms against 15.7 ms counted with the loops once; docs/tpu.md). Whether a real
 # chip agrees is not measured: `LIBTPU_INIT_ARGS=--xla_tpu_enable_windowed_einsum_for_all_gather=true`
 # (and `..._for_reduce_scatter=true`) brings XLA's choice back.

@@ -66,11 +66,11 @@ class ModelConfig:
                    for flux-dev in bf16; for chips with the HBM to spare, e.g. v5p)
     frozen_replicated
                    regexes searched in the frozen base's parameter paths (such as
-                   `single_blocks/linear1/kernel`): weights whose path one finds are whole on every chip even when
-                   frozen_sharding is fsdp, so their layers run without weight all-gathers, at
-                   their full bytes per chip (flux-dev's 38 single blocks: 8.6 GB in bf16). For
-                   chips with HBM for part of the base, e.g. `[^single_blocks/]` on v6e-8. Each
-                   regex must find a parameter
+                   `single_blocks/linear1/kernel`): weights whose path one finds are whole on
+                   every chip even when frozen_sharding is fsdp, so their layers run without
+                   weight all-gathers, at their full bytes per chip (flux-dev's 38 single
+                   blocks: 8.6 GB in bf16). For chips with HBM for part of the base, e.g.
+                   `[^single_blocks/]`. Each regex must find a parameter
     """
 
     dtype: str = "bfloat16"
