@@ -20,10 +20,15 @@ The unrolled programs have one block of the other kind besides, the scanned ones
 scan_unroll 2 a 1-block loop would be unrolled whole, and XLA could merge its remat away).
 XLA seconds only: the Pallas kernels' FLOPs (counted at peak by `--topology`) are the same on both
 sides of each difference. Appends to bench/results/tpu_layer_cost.jsonl.
+
+`--gelu identity` is a diagnostic, not a model: the MLP's GELU-tanh replaced by the identity, so
+the difference to the real block is what libtpu's model charges for GELU (its forward in the second
+projection's input, its derivative in float32 on the backward pass's [tokens, 4C] tensor).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pathlib
 import sys
@@ -49,8 +54,28 @@ def seconds(accelerator: str, model: str, batch: int, res: int, txt: int, weight
     return rec.xla_seconds
 
 
+@contextlib.contextmanager
+def gelu_as(kind: str):
+    """The blocks' GELU as given: "tanh" (the model's) or "identity" (the `--gelu` diagnostic)."""
+    from fluxir_jax.models import layers
+
+    real = layers.gelu_tanh
+    if kind == "identity":
+        layers.gelu_tanh = lambda x: x
+    try:
+        yield
+    finally:
+        layers.gelu_tanh = real
+
+
 def measure(accelerator: str, model: str, per_chip: int, res: int, txt: int, policy: str, weights: str,
-            block: str) -> dict:
+            block: str, gelu: str = "tanh") -> dict:
+    with gelu_as(gelu):
+        return _measure(accelerator, model, per_chip, res, txt, policy, weights, block)
+
+
+def _measure(accelerator: str, model: str, per_chip: int, res: int, txt: int, policy: str, weights: str,
+             block: str) -> dict:
     batch = per_chip * tpu_topology.parse_accelerator(accelerator).chips
     own, other = ("depth_single_blocks", "depth") if block == "single" else ("depth", "depth_single_blocks")
     run = lambda **cfg: seconds(accelerator, model, batch, res, txt, weights, remat_policy=policy, **cfg)  # noqa: E731
@@ -64,8 +89,11 @@ def measure(accelerator: str, model: str, per_chip: int, res: int, txt: int, pol
             "compile_seconds": round(time.perf_counter() - t0, 1)}
 
 
-def figures(accelerator: str, model: str, per_chip: int, policy: str, weights: str, block: str, row: dict) -> list[dict]:
+def figures(accelerator: str, model: str, per_chip: int, policy: str, weights: str, block: str, row: dict,
+            gelu: str = "tanh") -> list[dict]:
     what = f"{accelerator}, one {model} {block} block fwd+bwd (dX), {per_chip}/chip, remat {policy}, {weights} weights"
+    if gelu != "tanh":
+        what += f", GELU replaced by {gelu} (diagnostic)"
     return [{"figure": f"{what}: XLA est. from unrolled compiles (estimate)", "value": row["block_unrolled_ms"],
              "unit": "ms", "repeats": 1},
             {"figure": f"{what}: XLA est. from the scanned loop (estimate)", "value": row["block_scanned_ms"],
@@ -82,6 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--res", type=int, default=512)
     ap.add_argument("--txt", type=int, default=512)
     ap.add_argument("--model", default="flux-dev")
+    ap.add_argument("--gelu", default="tanh", choices=["tanh", "identity"],
+                    help="identity: a diagnostic, the MLP's GELU replaced by the identity (what GELU costs)")
     ap.add_argument("--quick", action="store_true", help="smoke run: the tiny preset at 64² on v5p-8, 1 per chip")
     args = ap.parse_args(argv)
     if args.quick:
@@ -89,12 +119,13 @@ def main(argv=None) -> int:
     jax.config.update("jax_enable_compilation_cache", False)
     for block in args.blocks:
         row = measure(args.accelerator, args.model, args.examples_per_chip, args.res, args.txt, args.policy,
-                      args.weights, block)
+                      args.weights, block, args.gelu)
         append_record("tpu_layer_cost.jsonl", {
             "benchmark": "TPU block cost, unrolled vs scanned (compile-only)", "accelerator": args.accelerator,
             "model": args.model, "res": args.res, "txt": args.txt, "examples_per_chip": args.examples_per_chip,
-            "policy": args.policy, "weights": args.weights, "block": block, "row": row,
-            "figures": figures(args.accelerator, args.model, args.examples_per_chip, args.policy, args.weights, block, row),
+            "policy": args.policy, "weights": args.weights, "block": block, "gelu": args.gelu, "row": row,
+            "figures": figures(args.accelerator, args.model, args.examples_per_chip, args.policy, args.weights, block, row,
+                               args.gelu),
             "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""), "cpu": cpu_name(), "cores": os.cpu_count(),
             "device": "no TPU attached: libtpu compile-only on this CPU machine", "date": time.strftime("%Y-%m-%d")})
     return 0

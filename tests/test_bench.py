@@ -357,3 +357,43 @@ def test_tpu_layer_cost_reads_one_block_both_ways(tmp_path, monkeypatch):
     assert row["block_unrolled_ms"] > 0 and row["block_scanned_ms"] > 0, row
     assert [f["value"] for f in rec["figures"]] == [row["block_unrolled_ms"], row["block_scanned_ms"]]
     assert "tiny single block" in rec["figures"][0]["figure"]
+
+
+def test_tpu_layer_cost_gelu_diagnostic_swaps_the_blocks_gelu_and_restores_it():
+    """`--gelu identity` traces the blocks without GELU's tanh (what libtpu charges for GELU is the
+    difference); the model's GELU is back afterwards, also after an error."""
+    import jax
+
+    from bench import tpu_attention, tpu_layer_cost
+    from fluxir_jax.models import layers
+
+    def has_tanh():
+        fn, args = tpu_attention.blocks_fwd_bwd("tiny", "xla", 1, 64, 16)
+        return "tanh" in str(jax.make_jaxpr(fn)(*args))
+
+    real = layers.gelu_tanh
+    assert has_tanh()
+    with tpu_layer_cost.gelu_as("identity"):
+        assert not has_tanh()
+    assert layers.gelu_tanh is real and has_tanh()
+    with pytest.raises(RuntimeError), tpu_layer_cost.gelu_as("identity"):
+        raise RuntimeError
+    assert layers.gelu_tanh is real
+    figs = tpu_layer_cost.figures("v6e-8", "flux-dev", 8, "save_attention", "fsdp", "single",
+                                  {"block_unrolled_ms": 1.0, "block_scanned_ms": 2.0}, "identity")
+    assert all("GELU replaced by identity (diagnostic)" in f["figure"] for f in figs)
+
+
+def test_tpu_vae_cost_compiles_the_steps_vae_work_for_a_tpu_slice(tmp_path, monkeypatch):
+    """The smoke run compiles the tiny VAE's step work (two encodes, decode fwd+bwd) for v5p-8 and
+    records libtpu's estimate, the FLOP bound and their ratio (a share of peak in (0, 1])."""
+    from bench import common, tpu_vae_cost
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    assert tpu_vae_cost.main(["--quick"]) == 0
+    rec = json.loads((tmp_path / "tpu_vae_cost.jsonl").read_text().splitlines()[-1])
+    row = rec["row"]
+    assert row["flops"] > 0 and row["xla_seconds"] > 0
+    assert 0 < row["share_of_peak"] <= 1.0, row
+    assert row["flop_bound_seconds"] == pytest.approx(row["flops"] / 4 / 459e12, rel=1e-6)
+    assert [f["unit"] for f in rec["figures"]] == ["ms", "ms", "%"]
