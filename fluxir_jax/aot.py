@@ -232,7 +232,7 @@ def out_of_hbm_record(accelerator: str, mesh, err: OutOfHBM, method: str, analyt
     }
 
 
-SCAN_DEPTH = 4  # blocks of each kind in the scanned variants: loops of 4 (unroll 1) or 2 (unroll 2) iterations
+SCAN_DEPTH = 4  # blocks of each kind in the scanned variants: loops of 4 (1 block per body) or 2 (2 blocks) iterations
 
 
 def counted_blocks(n: int, unroll: int, scanned: bool = True) -> int:
@@ -254,9 +254,12 @@ def scanned_program_cost(main: dict, compile_variant: Callable[[int, int], Any],
     `main` is `tpu_topology.cost_details` of the program as it runs, at full depth with its loops
     rolled, in which XLA counts `counted` = (double, single) blocks (`counted_blocks`: one loop body
     each). One block's cost per kind is the difference between two loop bodies, of 2 blocks and of 1:
-    `compile_variant(unroll_double, unroll_single)` returns the compiled program with SCAN_DEPTH
-    blocks of each kind, scanned with those lax.scan unrolls, at (1, 1), (2, 1) and (1, 2) (only the
-    kinds that need it). Whole = main + (n - counted) x one block, per kind (`whole_from_scanned`).
+    `compile_variant(group_double, group_single)` returns the compiled program with SCAN_DEPTH
+    blocks of each kind, scanned with that many blocks per loop body written out
+    (`FluxConfig.scan_group`: each block writes its own residuals, as in the loop of 1 that runs;
+    lax.scan's unroll, which records before 2026-12-05 used, stacks them first), at (1, 1), (2, 1)
+    and (1, 2) (only the kinds that need it). Whole = main + (n - counted) x one block, per kind
+    (`whole_from_scanned`).
     This reads the loop the chips run: an unrolled program can differ (bench/tpu_layer_cost.py,
     docs/tpu.md "One block's cost, read two ways").
     """
@@ -264,7 +267,7 @@ def scanned_program_cost(main: dict, compile_variant: Callable[[int, int], Any],
 
     need = [depth > counted[0], depth_single > counted[1]]
     unrolls = ([(1, 1)] if any(need) else []) + [u for u, n in zip(((2, 1), (1, 2)), need) if n]
-    details = [{"double": SCAN_DEPTH, "single": SCAN_DEPTH, "unroll": list(u),
+    details = [{"double": SCAN_DEPTH, "single": SCAN_DEPTH, "group": list(u),
                 **tpu_topology.cost_details(compile_variant(*u), accelerator)} for u in unrolls]
     return whole_from_scanned(main, details, depth, depth_single, counted)
 
@@ -272,8 +275,9 @@ def scanned_program_cost(main: dict, compile_variant: Callable[[int, int], Any],
 def whole_from_scanned(main: dict, details: list[dict], depth: int, depth_single: int,
                        counted: tuple[int, int]) -> dict:
     """`scanned_program_cost`'s figures from the `cost_details` of the main program and its variants
-    (each with `unroll`, the [double, single] lax.scan unrolls it was compiled with)."""
-    by_unroll = {tuple(d["unroll"]): d for d in details}
+    (each with `group`, the [double, single] blocks per loop body it was compiled with, or, in
+    records made before 2026-12-05, `unroll`, the lax.scan unrolls)."""
+    by_unroll = {tuple(d["group"] if "group" in d else d["unroll"]): d for d in details}
     grow = [(n - c, u) for n, c, u in ((depth, counted[0], (2, 1)), (depth_single, counted[1], (1, 2))) if n > c]
 
     def total(key):
@@ -282,7 +286,7 @@ def whole_from_scanned(main: dict, details: list[dict], depth: int, depth_single
     # libtpu gives no usable optimal_seconds for some programs: then no XLA time estimate, not a zero one
     timed = all(d["seconds"] is not None for d in [main, *details])
     return {"flops": total("flops"), "seconds": total("seconds") if timed else None, "reading": "scanned",
-            "variants": len(details), "counted": list(counted), "exact": not grow,
+            "block_variant": "unroll" if any("unroll" in d for d in details) else "group", "variants": len(details), "counted": list(counted), "exact": not grow,
             "unmodelled": sum(d["unmodelled"] for d in [main, *details]) if timed else 0, "main": main,
             "details": details}
 
@@ -320,7 +324,10 @@ def _derivation(whole: dict, repeat: int) -> str:
                 f"{'(one micro-batch, compiled apart) ' if repeat > 1 else ''}count {d} double and {s} single "
                 "blocks (one loop body each), and every other block adds one block's cost, the difference between "
                 f"a loop body of 2 blocks and of 1 ({whole.get('variants', 0)} compiles with {SCAN_DEPTH} blocks of "
-                "each kind, lax.scan unroll (double, single) = (1, 1), (2, 1), (1, 2))"
+                + ("each kind, lax.scan unroll (double, single) = (1, 1), (2, 1), (1, 2))"
+                   if whole.get("block_variant") == "unroll" else
+                   "each kind, blocks per loop body written out (double, single) = (1, 1), (2, 1), (1, 2): "
+                   "FluxConfig.scan_group)")
                 + (f"{micro} (the once-per-step optimizer update is then counted {repeat} times: a small overcount)"
                    if repeat > 1 else ""))
     if whole.get("exact"):

@@ -220,14 +220,15 @@ def _scanned_step_cost(cfg: TrainConfig, mesh, bc, compiled, topology: str) -> d
         t = Trainer(micro, mesh, abstract=True, log=lambda *a: None)
         main = tpu_topology.cost_details(aot.compile_on(t.jitted, t.abstract_args(), mesh)[0], topology)
 
-    def variant(unroll_double, unroll_single):
+    def variant(group_double, group_single):
         small = dataclasses.replace(bc, depth=aot.SCAN_DEPTH, depth_single_blocks=aot.SCAN_DEPTH, scan_layers=True,
-                                    scan_unroll=unroll_double, scan_unroll_single=unroll_single)
+                                    scan_unroll=1, scan_unroll_single=None,
+                                    scan_group=group_double, scan_group_single=group_single)
         t = Trainer(micro, mesh, abstract=True, log=lambda *a: None, base_config=small)
         return aot.compile_on(t.jitted, t.abstract_args(), mesh)[0]
 
-    counted = (aot.counted_blocks(bc.depth, bc.scan_unroll, bc.scan_layers),
-               aot.counted_blocks(bc.depth_single_blocks, bc.unroll_single, bc.scan_layers))
+    counted = (aot.counted_blocks(bc.depth, bc.scan_unroll * bc.scan_group, bc.scan_layers),
+               aot.counted_blocks(bc.depth_single_blocks, bc.unroll_single * bc.group_single, bc.scan_layers))
     return aot.scanned_program_cost(main, variant, bc.depth, bc.depth_single_blocks, counted, topology)
 
 

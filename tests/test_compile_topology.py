@@ -44,7 +44,7 @@ def test_tiny_train_step_for_v5p_8(capsys, tmp_path):
     # comes from two scanned variants (4 blocks of each kind, single loop bodies of 1 and 2 blocks)
     kept = rec["xla_cost_analysis"]
     assert kept["reading"] == "scanned" and kept["counted"] == [1, 1] and "micro" not in kept
-    assert [v["unroll"] for v in kept["variants"]] == [[1, 1], [1, 2]]
+    assert [v["group"] for v in kept["variants"]] == [[1, 1], [1, 2]] and "blocks per loop body written out" in rec["method"]
     assert "estimate" in rec["method"] and "read off the scanned program" in rec["method"]
     assert json.loads(out_file.read_text()) == rec
     assert not (tmp_path / "run").exists()  # --out given: nothing in run_dir
@@ -269,3 +269,21 @@ def test_rederive_gives_the_v6e_flux_dev_step_the_time_its_variants_imply():
     assert again["est_mfu"] == pytest.approx(3153825238089728.0 / (8 * 918e12 * again["xla_seconds"]))
     assert again["method"].startswith("train step. (model FLOPs). flops_per_step.xla") and "no optimal_seconds" not in again["method"]
     assert again["xla_seconds_scan_body_once"] == pytest.approx(0.1606, abs=1e-4)
+
+
+def test_rederive_reads_records_whose_variants_were_unrolled_by_lax_scan():
+    """Records before 2026-12-05 read a block's cost off lax.scan unroll 2 (variants keyed `unroll`);
+    derived again they give the estimate they were recorded with, and say how their variants were made."""
+    rec = json.loads((pathlib.Path(__file__).parents[1] / "bench/results/tpu_memory.json").read_text())
+    rec = rec["cases"]["v6e-8/config"]["record"]
+    assert all("unroll" in v for v in rec["xla_cost_analysis"]["variants"])
+    again = aot.rederive(rec, 19, 38, rec["accum_steps"])
+    assert again["xla_seconds"] == pytest.approx(rec["xla_seconds"], rel=1e-9)
+    assert again["est_mfu"] == pytest.approx(rec["est_mfu"], rel=1e-9)
+    assert "lax.scan unroll (double, single)" in again["method"]
+    grouped = [dict({k: v for k, v in d.items() if k != "unroll"}, group=d["unroll"]) for d in rec["xla_cost_analysis"]["variants"]]
+    main = rec["xla_cost_analysis"]["scanned"]
+    old = aot.whole_from_scanned(main, rec["xla_cost_analysis"]["variants"], 19, 38, (1, 1))
+    new = aot.whole_from_scanned(main, grouped, 19, 38, (1, 1))
+    assert (old["block_variant"], new["block_variant"]) == ("unroll", "group") and new["seconds"] == old["seconds"]
+    assert old["seconds"] == pytest.approx(0.1054 + 18 * 0.0163 + 37 * 0.0134, abs=2e-3)  # docs/tpu.md's breakdown

@@ -84,6 +84,14 @@ class FluxConfig:
                    loop body once
     scan_unroll_single
                    the same for the single-block loop alone (null: scan_unroll)
+    scan_group, scan_group_single
+                   blocks per loop body written out (1: off): the stacked layers are viewed as
+                   [n / group, group] and each iteration runs `group` blocks, each writing its own
+                   residuals. lax.scan's unroll writes its unrolled blocks' residuals stacked
+                   together, which libtpu charges for (v6e-8, one single block at 8 per chip,
+                   save_attention: 13.37 ms read with unroll 2, 12.64 ms with group 2), so
+                   `--topology` and `bench/tpu_layer_cost.py` read a block's cost off groups of 2.
+                   Must divide the loop's depth; the main program runs with 1
     attention      the attention kernel (`models/attention.py`): "xla" (runs everywhere),
                    "splash" (Pallas splash attention on TPU, sharded over the mesh's batch and
                    heads axes; interpret mode on CPU), "cudnn" (NVIDIA GPU, bf16/fp16) or "auto"
@@ -112,6 +120,8 @@ class FluxConfig:
     scan_layers: bool = True
     scan_unroll: int = 1
     scan_unroll_single: int | None = None
+    scan_group: int = 1
+    scan_group_single: int | None = None
     attention: str = "xla"
     splash_block_q: int = 512
     splash_block_kv: int = 512
@@ -123,9 +133,13 @@ class FluxConfig:
         head_dim = self.hidden_size // self.num_heads
         if sum(self.axes_dim) != head_dim:
             raise ValueError(f"sum(axes_dim)={sum(self.axes_dim)} must equal the head dim {head_dim}")
-        for name in ("scan_unroll", "scan_unroll_single"):
+        for name in ("scan_unroll", "scan_unroll_single", "scan_group", "scan_group_single"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, group, n in (("scan_group", self.scan_group, self.depth),
+                               ("scan_group_single", self.group_single, self.depth_single_blocks)):
+            if n % group:
+                raise ValueError(f"{name} {group} does not divide the loop's {n} blocks")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
         for name in ("dtype", "param_dtype"):
@@ -140,6 +154,11 @@ class FluxConfig:
     def unroll_single(self) -> int:
         """lax.scan's `unroll` for the single-block loop."""
         return self.scan_unroll if self.scan_unroll_single is None else self.scan_unroll_single
+
+    @property
+    def group_single(self) -> int:
+        """Blocks per loop body written out, for the single-block loop."""
+        return self.scan_group if self.scan_group_single is None else self.scan_group_single
 
     @property
     def attention_spec(self) -> AttentionSpec:
@@ -347,7 +366,7 @@ class Flux(nnx.Module):
         graphdef, params = nnx.split(self.double_blocks)
         mods = _modulations(graphdef, params, vec)
         return self._loop(body, (img, txt), params, per_layer, self.config.depth, intermediates, mods,
-                          self.config.scan_unroll)
+                          self.config.scan_unroll, self.config.scan_group)
 
     def run_single_blocks(self, x, vec, pe, num_txt: int, stream: ControlStream | None = None, intermediates: bool = False):
         per_layer, shared = _split_control(stream, self.config.depth_single_blocks)
@@ -364,13 +383,14 @@ class Flux(nnx.Module):
         graphdef, params = nnx.split(self.single_blocks)
         mods = _modulations(graphdef, params, vec)
         return self._loop(body, x, params, per_layer, self.config.depth_single_blocks, intermediates, mods,
-                          self.config.unroll_single)
+                          self.config.unroll_single, self.config.group_single)
 
     def _loop(self, body, carry, params, per_layer_ctrl, n: int, intermediates: bool = False, mods=None,
-              unroll: int = 1):
+              unroll: int = 1, group: int = 1):
         """Run `body` over the n stacked layers; returns (carry, per-layer outputs or None).
 
-        `unroll`: lax.scan's `unroll` (blocks per loop iteration). `mods`: every layer's modulation
+        `unroll`: lax.scan's `unroll` (blocks per loop iteration); `group`: blocks per loop body
+        written out (`FluxConfig.scan_group`). `mods`: every layer's modulation
         vectors ([n, ...], from `_modulations`), scanned over with
         the layers' parameters. Under `weight_gather.gathering(mesh)` (sharded inference) each
         layer's parameters are all-gathered inside the loop, just before the layer runs (a no-op
@@ -379,11 +399,23 @@ class Flux(nnx.Module):
         step = _remat(lambda c, layer_params, layer_ctrl, layer_mods: body(c, gather(layer_params), layer_ctrl, layer_mods),
                       self.config.remat_policy, self.config.scan_layers)
         if self.config.scan_layers:
-            def scan_body(c, xs):
-                c = step(c, *xs)
-                return c, (c if intermediates else None)
+            xs = (params, per_layer_ctrl, mods)
+            if group > 1:  # [n, ...] -> [n / group, group, ...]: a free reshape of the leading axis
+                xs = jax.tree.map(lambda a: a.reshape(n // group, group, *a.shape[1:]), xs)
 
-            return jax.lax.scan(scan_body, carry, (params, per_layer_ctrl, mods), unroll=unroll)
+            def scan_body(c, layer_xs):
+                history = []
+                for j in range(group):
+                    c = step(c, *(layer_xs if group == 1 else jax.tree.map(lambda a: a[j], layer_xs)))
+                    history.append(c)
+                if not intermediates:
+                    return c, None
+                return c, (c if group == 1 else jax.tree.map(lambda *h: jnp.stack(h), *history))
+
+            carry, ys = jax.lax.scan(scan_body, carry, xs, unroll=unroll)
+            if intermediates and group > 1:
+                ys = jax.tree.map(lambda a: a.reshape(n, *a.shape[2:]), ys)
+            return carry, ys
         history = []
         for i in range(n):
             layer = jax.tree.map(lambda a: a[i], (params, per_layer_ctrl, mods))

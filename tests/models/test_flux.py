@@ -1,4 +1,5 @@
 """The whole Flax FLUX transformer against diffusers' FluxTransformer2DModel (every weight random)."""
+import dataclasses
 import time
 
 import jax
@@ -9,7 +10,7 @@ import torch
 from flax import nnx
 
 from fluxir_jax.models import presets
-from fluxir_jax.models.flux import Control, ControlStream, Flux
+from fluxir_jax.models.flux import Control, ControlStream, Flux, FluxConfig
 from tests.models.flux_reference import (
     flax_from_diffusers,
     inputs,
@@ -128,7 +129,8 @@ def variants_base():
     return dm, x, _loss_and_grad(flax_from_diffusers(dm), x)
 
 
-@pytest.mark.parametrize("variant", [dict(scan_layers=False), dict(scan_unroll=2), dict(scan_unroll_single=2), dict(remat_policy="full"), dict(remat_policy="save_attention"), dict(remat_policy="save_qkv_attention")])
+@pytest.mark.parametrize("variant", [dict(scan_layers=False), dict(scan_unroll=2), dict(scan_unroll_single=2), dict(remat_policy="full"), dict(remat_policy="save_attention"), dict(remat_policy="save_qkv_attention"),
+                                     dict(scan_group_single=3), dict(scan_group_single=3, remat_policy="save_attention")])
 def test_scan_and_remat_variants_give_the_same_output_and_gradients(variants_base, variant):
     dm, x, (l0, (gp0, gi0)) = variants_base
     l1, (gp1, gi1) = _loss_and_grad(flax_from_diffusers(dm, **variant), x)
@@ -136,6 +138,31 @@ def test_scan_and_remat_variants_give_the_same_output_and_gradients(variants_bas
     assert rel_err(gi1, gi0) <= 1e-5
     for a, b in zip(jax.tree.leaves(gp1), jax.tree.leaves(gp0)):
         assert rel_err(a, b) <= 1e-4 or np.linalg.norm(np.asarray(b)) < 1e-12
+
+
+def test_grouped_loops_give_every_blocks_output_and_check_the_group_divides_the_depth():
+    """scan_group: a loop body of several blocks written out gives the same per-block outputs
+    (intermediates) as one block per body; a group that does not divide a loop's depth is an error."""
+    cfg = dict(dataclasses.asdict(presets.get("tiny")), depth=2, depth_single_blocks=4)
+    x = {k: jnp.asarray(v) for k, v in inputs(batch=2, h=2, w=3, t=3).items()}
+    ids = lambda a: jnp.broadcast_to(a, (2, *a.shape))  # noqa: E731
+    args = (x["img"], ids(x["img_ids"]), x["txt"], ids(x["txt_ids"]), x["timesteps"], x["y"], x["guidance"])
+    outs = []
+    for group in ({}, dict(scan_group=2), dict(scan_group=2, scan_group_single=4)):
+        model = Flux(FluxConfig(**{**cfg, **group}), rngs=nnx.Rngs(3))
+        graphdef, state = nnx.split(model)
+        with jax.default_matmul_precision("highest"):
+            outs.append(jax.jit(lambda s, g=graphdef: nnx.merge(g, s).forward(*args, intermediates=True))(state))
+    (out0, inter0), *rest = outs
+    assert {k: v.shape[0] for k, v in inter0.items() if v is not None} == {"double_img": 2, "double_txt": 2, "single": 4}
+    for out, inter in rest:
+        assert rel_err(out, out0) <= 1e-6
+        for k, v in inter0.items():
+            assert (v is None) == (inter[k] is None) and (v is None or rel_err(inter[k], v) <= 1e-6), k
+    with pytest.raises(ValueError, match="scan_group_single 3 does not divide the loop's 4 blocks"):
+        FluxConfig(**{**cfg, "scan_group_single": 3})
+    with pytest.raises(ValueError, match="scan_group must be >= 1, got 0"):
+        FluxConfig(**{**cfg, "scan_group": 0})
 
 
 def test_jit_of_split_model_matches_eager():
