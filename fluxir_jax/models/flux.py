@@ -79,9 +79,7 @@ class FluxConfig:
     scan_layers    True: lax.scan over the stacked blocks; False: an unrolled Python loop
                    over the same stacked parameters (for debugging; compile grows with depth)
     scan_unroll    blocks per iteration of the scanned loops (lax.scan's `unroll`; 1: one
-                   block per iteration). `--topology` and `bench/tpu_layer_cost.py` compile
-                   variants with 2 to read one block's cost off XLA's estimates, which count a
-                   loop body once
+                   block per iteration)
     scan_unroll_single
                    the same for the single-block loop alone (null: scan_unroll)
     scan_group, scan_group_single
@@ -90,8 +88,9 @@ class FluxConfig:
                    residuals. lax.scan's unroll writes its unrolled blocks' residuals stacked
                    together, which libtpu charges for (v6e-8, one single block at 8 per chip,
                    save_attention: 13.37 ms read with unroll 2, 12.64 ms with group 2), so
-                   `--topology` and `bench/tpu_layer_cost.py` read a block's cost off groups of 2.
-                   Must divide the loop's depth; the main program runs with 1
+                   `--topology` and `bench/tpu_layer_cost.py` read one block's cost off XLA's
+                   estimates (which count a loop body once) as a group of 2 minus a group of 1.
+                   Must divide the loop's depth (null for the single blocks: scan_group)
     attention      the attention kernel (`models/attention.py`): "xla" (runs everywhere),
                    "splash" (Pallas splash attention on TPU, sharded over the mesh's batch and
                    heads axes; interpret mode on CPU), "cudnn" (NVIDIA GPU, bf16/fp16) or "auto"
