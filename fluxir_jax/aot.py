@@ -286,7 +286,8 @@ def whole_from_scanned(main: dict, details: list[dict], depth: int, depth_single
     # libtpu gives no usable optimal_seconds for some programs: then no XLA time estimate, not a zero one
     timed = all(d["seconds"] is not None for d in [main, *details])
     return {"flops": total("flops"), "seconds": total("seconds") if timed else None, "reading": "scanned",
-            "block_variant": "unroll" if any("unroll" in d for d in details) else "group", "variants": len(details), "counted": list(counted), "exact": not grow,
+            "block_variant": "unroll" if any("unroll" in d for d in details) else "group",
+            "variants": len(details), "counted": list(counted), "exact": not grow,
             "unmodelled": sum(d["unmodelled"] for d in [main, *details]) if timed else 0, "main": main,
             "details": details}
 
