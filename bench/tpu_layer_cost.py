@@ -73,20 +73,15 @@ def gelu_as(kind: str):
 
 def measure(accelerator: str, model: str, per_chip: int, res: int, txt: int, policy: str, weights: str,
             block: str, gelu: str = "tanh") -> dict:
-    with gelu_as(gelu):
-        return _measure(accelerator, model, per_chip, res, txt, policy, weights, block)
-
-
-def _measure(accelerator: str, model: str, per_chip: int, res: int, txt: int, policy: str, weights: str,
-             block: str) -> dict:
     batch = per_chip * tpu_topology.parse_accelerator(accelerator).chips
     own, other = ("depth_single_blocks", "depth") if block == "single" else ("depth", "depth_single_blocks")
     run = lambda **cfg: seconds(accelerator, model, batch, res, txt, weights, remat_policy=policy, **cfg)  # noqa: E731
     t0 = time.perf_counter()
-    unrolled = [run(scan_layers=False, **{own: n, other: 1}) for n in (1, 2)]
-    # none of the other kind: a 1-block loop may be unrolled whole, and XLA may then merge that block's
-    # remat with its forward pass (prevent_cse is off in loops)
-    scanned = [run(scan_layers=True, scan_group=g, **{own: 4, other: 0}) for g in (1, 2)]
+    with gelu_as(gelu):
+        unrolled = [run(scan_layers=False, **{own: n, other: 1}) for n in (1, 2)]
+        # none of the other kind: a 1-block loop may be unrolled whole, and XLA may then merge that block's
+        # remat with its forward pass (prevent_cse is off in loops)
+        scanned = [run(scan_layers=True, scan_group=g, **{own: 4, other: 0}) for g in (1, 2)]
     return {"unrolled_seconds": unrolled, "scanned_seconds": scanned,
             "block_unrolled_ms": (unrolled[1] - unrolled[0]) * 1e3, "block_scanned_ms": (scanned[1] - scanned[0]) * 1e3,
             "scanned_by": "group",

@@ -59,7 +59,8 @@ def vae_step_part(preset: str, batch: int, crop: int, pixel_crop: int):
 
 
 def measure(accelerator: str, preset: str, per_chip: int, crop: int, pixel_crop: int) -> dict:
-    chips = tpu_topology.parse_accelerator(accelerator).chips
+    acc = tpu_topology.parse_accelerator(accelerator)
+    chips = acc.chips
     fn, args = vae_step_part(preset, per_chip * chips, crop, pixel_crop)
     flops = aot.analytic_flops(fn, *args)
     rec, _ = tpu_topology.compile_for_topology(
@@ -67,7 +68,7 @@ def measure(accelerator: str, preset: str, per_chip: int, crop: int, pixel_crop:
         in_shardings=lambda mesh: (jax.tree.map(lambda _: P(), args[0]), P("fsdp"), P("fsdp"), P("fsdp")))
     if rec.xla_seconds is None:
         raise SystemExit(f"libtpu gave no time estimate for the VAE on {accelerator}")
-    bound = flops / chips / tpu_topology.parse_accelerator(accelerator).peak_bf16_flops
+    bound = flops / chips / acc.peak_bf16_flops
     return {"flops": flops, "xla_seconds": rec.xla_seconds, "flop_bound_seconds": bound,
             "share_of_peak": bound / rec.xla_seconds, "per_chip_bytes": rec.per_chip_bytes["total"],
             "compile_seconds": round(rec.compile_seconds, 1)}

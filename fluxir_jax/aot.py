@@ -266,9 +266,9 @@ def scanned_program_cost(main: dict, compile_variant: Callable[[int, int], Any],
     from fluxir_jax import tpu_topology
 
     need = [depth > counted[0], depth_single > counted[1]]
-    unrolls = ([(1, 1)] if any(need) else []) + [u for u, n in zip(((2, 1), (1, 2)), need) if n]
-    details = [{"double": SCAN_DEPTH, "single": SCAN_DEPTH, "group": list(u),
-                **tpu_topology.cost_details(compile_variant(*u), accelerator)} for u in unrolls]
+    groups = ([(1, 1)] if any(need) else []) + [g for g, n in zip(((2, 1), (1, 2)), need) if n]
+    details = [{"double": SCAN_DEPTH, "single": SCAN_DEPTH, "group": list(g),
+                **tpu_topology.cost_details(compile_variant(*g), accelerator)} for g in groups]
     return whole_from_scanned(main, details, depth, depth_single, counted)
 
 
@@ -277,11 +277,11 @@ def whole_from_scanned(main: dict, details: list[dict], depth: int, depth_single
     """`scanned_program_cost`'s figures from the `cost_details` of the main program and its variants
     (each with `group`, the [double, single] blocks per loop body it was compiled with, or, in
     records made before 2026-12-05, `unroll`, the lax.scan unrolls)."""
-    by_unroll = {tuple(d["group"] if "group" in d else d["unroll"]): d for d in details}
+    by_variant = {tuple(d["group"] if "group" in d else d["unroll"]): d for d in details}
     grow = [(n - c, u) for n, c, u in ((depth, counted[0], (2, 1)), (depth_single, counted[1], (1, 2))) if n > c]
 
     def total(key):
-        return main[key] + sum(extra * (by_unroll[u][key] - by_unroll[(1, 1)][key]) for extra, u in grow)
+        return main[key] + sum(extra * (by_variant[u][key] - by_variant[(1, 1)][key]) for extra, u in grow)
 
     # libtpu gives no usable optimal_seconds for some programs: then no XLA time estimate, not a zero one
     timed = all(d["seconds"] is not None for d in [main, *details])
