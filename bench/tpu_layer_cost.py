@@ -72,10 +72,11 @@ def gelu_as(kind: str):
 
 
 def measure(accelerator: str, model: str, per_chip: int, res: int, txt: int, policy: str, weights: str,
-            block: str, gelu: str = "tanh") -> dict:
+            block: str, gelu: str = "tanh", keep_gelu_grad: str = "none") -> dict:
     batch = per_chip * tpu_topology.parse_accelerator(accelerator).chips
     own, other = ("depth_single_blocks", "depth") if block == "single" else ("depth", "depth_single_blocks")
-    run = lambda **cfg: seconds(accelerator, model, batch, res, txt, weights, remat_policy=policy, **cfg)  # noqa: E731
+    run = lambda **cfg: seconds(accelerator, model, batch, res, txt, weights, remat_policy=policy,  # noqa: E731
+                                keep_gelu_grad=keep_gelu_grad, **cfg)
     t0 = time.perf_counter()
     with gelu_as(gelu):
         unrolled = [run(scan_layers=False, **{own: n, other: 1}) for n in (1, 2)]
@@ -92,8 +93,10 @@ _BY = {"unroll": "", "group": ", 2 blocks per body written out"}  # how the body
 
 
 def figures(accelerator: str, model: str, per_chip: int, policy: str, weights: str, block: str, row: dict,
-            gelu: str = "tanh") -> list[dict]:
+            gelu: str = "tanh", keep_gelu_grad: str = "none") -> list[dict]:
     what = f"{accelerator}, one {model} {block} block fwd+bwd (dX), {per_chip}/chip, remat {policy}, {weights} weights"
+    if keep_gelu_grad != "none":
+        what += f", GELU derivative kept ({keep_gelu_grad})"
     if gelu != "tanh":
         what += f", GELU replaced by {gelu} (diagnostic)"
     return [{"figure": f"{what}: XLA est. from unrolled compiles (estimate)", "value": row["block_unrolled_ms"],
@@ -115,6 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="flux-dev")
     ap.add_argument("--gelu", default="tanh", choices=["tanh", "identity"],
                     help="identity: a diagnostic, the MLP's GELU replaced by the identity (what GELU costs)")
+    ap.add_argument("--keep-gelu-grad", default="none", choices=["none", "double", "single", "all"],
+                    help="FluxConfig.keep_gelu_grad: blocks that keep the GELU's derivative for the backward pass")
     ap.add_argument("--quick", action="store_true", help="smoke run: the tiny preset at 64² on v5p-8, 1 per chip")
     args = ap.parse_args(argv)
     if args.quick:
@@ -122,13 +127,14 @@ def main(argv=None) -> int:
     jax.config.update("jax_enable_compilation_cache", False)
     for block in args.blocks:
         row = measure(args.accelerator, args.model, args.examples_per_chip, args.res, args.txt, args.policy,
-                      args.weights, block, args.gelu)
+                      args.weights, block, args.gelu, args.keep_gelu_grad)
         append_record("tpu_layer_cost.jsonl", {
             "benchmark": "TPU block cost, unrolled vs scanned (compile-only)", "accelerator": args.accelerator,
             "model": args.model, "res": args.res, "txt": args.txt, "examples_per_chip": args.examples_per_chip,
-            "policy": args.policy, "weights": args.weights, "block": block, "gelu": args.gelu, "row": row,
+            "policy": args.policy, "weights": args.weights, "block": block, "gelu": args.gelu,
+            "keep_gelu_grad": args.keep_gelu_grad, "row": row,
             "figures": figures(args.accelerator, args.model, args.examples_per_chip, args.policy, args.weights, block, row,
-                               args.gelu),
+                               args.gelu, args.keep_gelu_grad),
             "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""), "cpu": cpu_name(), "cores": os.cpu_count(),
             "device": "no TPU attached: libtpu compile-only on this CPU machine", "date": time.strftime("%Y-%m-%d")})
     return 0

@@ -57,7 +57,8 @@ def is_preset(base: str) -> bool:
 def resolve_configs(cfg: TrainConfig) -> tuple[FluxConfig, AutoEncoderConfig, int, bool]:
     """(base config, VAE config, stored text length, random weights?) without reading weights."""
     m = cfg.model
-    over = dict(dtype=m.dtype, param_dtype=m.dtype, remat_policy=m.remat_policy, attention=m.attention)
+    over = dict(dtype=m.dtype, param_dtype=m.dtype, remat_policy=m.remat_policy, keep_gelu_grad=m.keep_gelu_grad,
+                attention=m.attention)
     try:
         if is_preset(cfg.base):
             base = presets.get(cfg.base, **over)
@@ -173,7 +174,7 @@ def build(cfg: TrainConfig, mesh, *, abstract: bool = False, log=print, base_con
         y = jax.device_put(jax.random.normal(k2, (base_cfg.vec_in_dim,), jnp.float32), rep)
     else:
         over = dict(dtype=base_cfg.dtype, param_dtype=base_cfg.param_dtype, remat_policy=base_cfg.remat_policy,
-                    attention=base_cfg.attention)
+                    keep_gelu_grad=base_cfg.keep_gelu_grad, attention=base_cfg.attention)
         base = nnx.to_pure_dict(nnx.split(checkpoint.load_flux(cfg.base, mesh=mesh, sharding=_rule(models.base_sh),
                                                                 **over))[1])
         vae = nnx.to_pure_dict(nnx.split(checkpoint.load_autoencoder(

@@ -42,6 +42,7 @@ REMAT_POLICIES = (
     "none", "full", "save_dots_no_batch", "save_attention", "save_qkv_attention",
     "offload_dots_no_batch", "offload_attention", "offload_qkv_attention",
 )
+KEEP_GELU_GRAD = ("none", "double", "single", "all")
 # checkpoint_name tags inside the blocks (models/layers.py)
 _ATTENTION_NAMES = ("attn_output", "attn_lse")
 _QKV_ATTENTION_NAMES = (*_ATTENTION_NAMES, "img_qkv_proj", "txt_qkv_proj", "lin1_norm_hidden_states")
@@ -76,6 +77,15 @@ class FluxConfig:
                                            the same tensors, kept in pinned host memory instead
                                            of HBM (copied out in the forward, back in the
                                            backward: trades PCIe/DMA time for HBM)
+    keep_gelu_grad
+                   which blocks' backward passes keep the MLP GELU's derivative (`gelu_grad`,
+                   [B, L, 4C] in `dtype`, computed in the forward from the same tanh) on top of
+                   what `remat_policy` keeps: "none", "double", "single" or "all". Without it a
+                   remat'ed backward pass recomputes the derivative: float32 vector work over the
+                   MLP's hidden tensor that libtpu's v6e model charges about 1.5 ms per flux-dev
+                   block at 8 examples per chip (docs/tpu.md), for 302 MB per block per chip
+                   kept. No effect with remat "none", which keeps it anyway (the GELU's VJP keeps
+                   the derivative instead of its input); the offload policies keep it in HBM
     scan_layers    True: lax.scan over the stacked blocks; False: an unrolled Python loop
                    over the same stacked parameters (for debugging; compile grows with depth)
     scan_unroll    blocks per iteration of the scanned loops (lax.scan's `unroll`; 1: one
@@ -116,6 +126,7 @@ class FluxConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    keep_gelu_grad: str = "none"
     scan_layers: bool = True
     scan_unroll: int = 1
     scan_unroll_single: int | None = None
@@ -141,6 +152,8 @@ class FluxConfig:
                 raise ValueError(f"{name} {group} does not divide the loop's {n} blocks")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
+        if self.keep_gelu_grad not in KEEP_GELU_GRAD:
+            raise ValueError(f"keep_gelu_grad {self.keep_gelu_grad!r} is not one of {KEEP_GELU_GRAD}")
         for name in ("dtype", "param_dtype"):
             jnp.dtype(getattr(self, name))  # raises TypeError on an unknown dtype
         self.attention_spec  # raises ValueError on an unknown kernel or bad block sizes
@@ -196,35 +209,41 @@ class Control:
     single: Optional[ControlStream] = None
 
 
-def remat_policy(policy: str):
-    """The `jax.checkpoint` policy for a `FluxConfig.remat_policy` name (None for "none")."""
+def remat_policy(policy: str, keep: tuple[str, ...] = ()):
+    """The `jax.checkpoint` policy for a `FluxConfig.remat_policy` name (None for "none"); `keep`:
+    further checkpoint names it keeps in HBM (`gelu_grad`)."""
     cp = jax.checkpoint_policies
     offload = dict(offload_src="device", offload_dst="pinned_host")
     table = {
         "none": lambda: None,
-        "full": lambda: cp.nothing_saveable,
-        "save_dots_no_batch": lambda: cp.dots_with_no_batch_dims_saveable,
-        "save_attention": lambda: cp.save_only_these_names(*_ATTENTION_NAMES),
-        "save_qkv_attention": lambda: cp.save_only_these_names(*_QKV_ATTENTION_NAMES),
-        "offload_dots_no_batch": lambda: cp.offload_dot_with_no_batch_dims(**offload),
+        "full": lambda: cp.save_only_these_names(*keep) if keep else cp.nothing_saveable,
+        "save_dots_no_batch": lambda: (cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable,
+                                                                  cp.save_only_these_names(*keep))
+                                       if keep else cp.dots_with_no_batch_dims_saveable),
+        "save_attention": lambda: cp.save_only_these_names(*_ATTENTION_NAMES, *keep),
+        "save_qkv_attention": lambda: cp.save_only_these_names(*_QKV_ATTENTION_NAMES, *keep),
+        "offload_dots_no_batch": lambda: (cp.save_from_both_policies(cp.offload_dot_with_no_batch_dims(**offload),
+                                                                     cp.save_only_these_names(*keep))
+                                          if keep else cp.offload_dot_with_no_batch_dims(**offload)),
         "offload_attention": lambda: cp.save_and_offload_only_these_names(
-            names_which_can_be_saved=[], names_which_can_be_offloaded=list(_ATTENTION_NAMES), **offload),
+            names_which_can_be_saved=list(keep), names_which_can_be_offloaded=list(_ATTENTION_NAMES), **offload),
         "offload_qkv_attention": lambda: cp.save_and_offload_only_these_names(
-            names_which_can_be_saved=[], names_which_can_be_offloaded=list(_QKV_ATTENTION_NAMES), **offload),
+            names_which_can_be_saved=list(keep), names_which_can_be_offloaded=list(_QKV_ATTENTION_NAMES), **offload),
     }
     return table[policy]()
 
 
-def _remat(fn: Callable, policy: str, scanned: bool = True) -> Callable:
-    """`fn` rematerialised by `policy`. prevent_cse=False is safe only inside a scan: in an unrolled
-    loop XLA would merge the recomputation with the original forward and drop the remat.
+def _remat(fn: Callable, policy: str, scanned: bool = True, keep: tuple[str, ...] = ()) -> Callable:
+    """`fn` rematerialised by `policy` (keeping the checkpoint names `keep` too). prevent_cse=False
+    is safe only inside a scan: in an unrolled loop XLA would merge the recomputation with the
+    original forward and drop the remat.
 
     "none" is `fn` itself, not a checkpoint that saves everything: jax.checkpoint marks every saved
     residual with a reduce_precision (jax PR 22244), which on TPU splits fusions (a v6e-8 block pair
     fwd+bwd estimated 40% slower that way)."""
     if policy == "none":
         return fn
-    return jax.checkpoint(fn, policy=remat_policy(policy), prevent_cse=not scanned)
+    return jax.checkpoint(fn, policy=remat_policy(policy, keep), prevent_cse=not scanned)
 
 
 def _split_control(stream: ControlStream | None, n: int):
@@ -365,7 +384,7 @@ class Flux(nnx.Module):
         graphdef, params = nnx.split(self.double_blocks)
         mods = _modulations(graphdef, params, vec)
         return self._loop(body, (img, txt), params, per_layer, self.config.depth, intermediates, mods,
-                          self.config.scan_unroll, self.config.scan_group)
+                          self.config.scan_unroll, self.config.scan_group, "double")
 
     def run_single_blocks(self, x, vec, pe, num_txt: int, stream: ControlStream | None = None, intermediates: bool = False):
         per_layer, shared = _split_control(stream, self.config.depth_single_blocks)
@@ -382,21 +401,23 @@ class Flux(nnx.Module):
         graphdef, params = nnx.split(self.single_blocks)
         mods = _modulations(graphdef, params, vec)
         return self._loop(body, x, params, per_layer, self.config.depth_single_blocks, intermediates, mods,
-                          self.config.unroll_single, self.config.group_single)
+                          self.config.unroll_single, self.config.group_single, "single")
 
     def _loop(self, body, carry, params, per_layer_ctrl, n: int, intermediates: bool = False, mods=None,
-              unroll: int = 1, group: int = 1):
+              unroll: int = 1, group: int = 1, kind: str = "double"):
         """Run `body` over the n stacked layers; returns (carry, per-layer outputs or None).
 
         `unroll`: lax.scan's `unroll` (blocks per loop iteration); `group`: blocks per loop body
-        written out (`FluxConfig.scan_group`). `mods`: every layer's modulation
+        written out (`FluxConfig.scan_group`); `kind`: "double" or "single", for
+        `FluxConfig.keep_gelu_grad`. `mods`: every layer's modulation
         vectors ([n, ...], from `_modulations`), scanned over with
         the layers' parameters. Under `weight_gather.gathering(mesh)` (sharded inference) each
         layer's parameters are all-gathered inside the loop, just before the layer runs (a no-op
         otherwise).
         """
         step = _remat(lambda c, layer_params, layer_ctrl, layer_mods: body(c, gather(layer_params), layer_ctrl, layer_mods),
-                      self.config.remat_policy, self.config.scan_layers)
+                      self.config.remat_policy, self.config.scan_layers,
+                      ("gelu_grad",) if self.config.keep_gelu_grad in (kind, "all") else ())
         if self.config.scan_layers:
             xs = (params, per_layer_ctrl, mods)
             if group > 1:  # [n, ...] -> [n / group, group, ...]: a free reshape of the leading axis

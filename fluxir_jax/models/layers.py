@@ -231,9 +231,9 @@ def recomputed_in_backward(fn: Callable[..., Array]) -> Callable[..., Array]:
     the rest: its VJP is `jax.vjp(fn)` run on the saved inputs, so gradients are exactly those of fn's
     own autodiff.
 
-    For the norms and the MLP's GELU. Autodiff keeps their intermediates for the backward pass: the
-    float32 upcast and centred copy of a LayerNorm input ([B, L, C] float32, twice), the float32 q
-    and k of an RMSNorm, four [B, L, 4C] terms of GELU-tanh. Without remat (`remat_policy="none"`) a
+    For the norms. Autodiff keeps their intermediates for the backward pass: the float32 upcast and
+    centred copy of a LayerNorm input ([B, L, C] float32, twice), the float32 q and k of an RMSNorm
+    (and four [B, L, 4C] terms of GELU-tanh, whose VJP keeps its derivative instead). Without remat (`remat_policy="none"`) a
     scanned layer loop stacks them for every layer: at flux-dev's training shapes they were most of
     the per-layer memory. The recompute is elementwise work on data the backward pass reads anyway.
     Forward-mode differentiation (jax.jvp) of such a function is not supported (custom_vjp)."""
@@ -252,10 +252,40 @@ def layer_norm(x: Array) -> Array:
     return ((x32 - mean) * jax.lax.rsqrt(var + NORM_EPS)).astype(x.dtype)
 
 
-@recomputed_in_backward
+_GELU_C = math.sqrt(2.0 / math.pi)
+_GELU_A = 0.044715
+
+
+def _gelu_and_grad(x: Array) -> tuple[Array, Array]:
+    """GELU-tanh and its derivative from one tanh, in float32, each cast back to x's dtype (as
+    PyTorch computes a bf16 GELU: float32 math, one rounding)."""
+    x32 = x.astype(jnp.float32)
+    x2 = x32 * x32
+    t = jnp.tanh(_GELU_C * x32 * (1.0 + _GELU_A * x2))
+    y = 0.5 * x32 * (1.0 + t)
+    d = 0.5 * (1.0 + t) + 0.5 * x32 * (1.0 - t * t) * (_GELU_C * (1.0 + 3.0 * _GELU_A * x2))
+    return y.astype(x.dtype), d.astype(x.dtype)
+
+
+@jax.custom_vjp
 def gelu_tanh(x: Array) -> Array:
-    """GELU, tanh approximation; recomputed in the backward pass (`recomputed_in_backward`)."""
-    return jax.nn.gelu(x, approximate=True)
+    """GELU, tanh approximation (0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))), in float32.
+
+    Its backward pass keeps GELU's derivative, computed in the forward from the same tanh, instead
+    of x, and named `gelu_grad`: the same bytes as x ([B, L, 4C] in x's dtype), and the backward
+    pass is one product. Under a remat policy that does not keep `gelu_grad` the backward pass
+    recomputes it with the block's forward (FluxConfig.keep_gelu_grad chooses the blocks that keep
+    it). In bf16 the derivative is rounded to bf16 before the product, as every intermediate of
+    autodiff's bf16 GELU is; in float32 the gradient is autodiff's to float rounding."""
+    return _gelu_and_grad(x)[0]
+
+
+def _gelu_fwd(x: Array) -> tuple[Array, Array]:
+    y, d = _gelu_and_grad(x)
+    return y, checkpoint_name(d, "gelu_grad")
+
+
+gelu_tanh.defvjp(_gelu_fwd, lambda d, g: ((g.astype(jnp.float32) * d.astype(jnp.float32)).astype(d.dtype),))
 
 
 @recomputed_in_backward

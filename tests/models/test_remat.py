@@ -51,6 +51,63 @@ def test_policy_with_splash_gives_the_gradients_of_no_remat(policy):
     assert max(errs) <= TOL
 
 
+@pytest.mark.slow  # one fwd+bwd compile per case: ~10 s each on an idle 2-core CPU
+@pytest.mark.parametrize("policy, keep", [("save_attention", "all"), ("full", "double"), ("save_dots_no_batch", "single")])
+def test_keep_gelu_grad_gives_the_gradients_of_no_remat(reference, policy, keep):
+    """Keeping GELU's derivative (`FluxConfig.keep_gelu_grad`) on top of a policy changes what the
+    backward pass reads, not what it computes: float32 forward and gradients equal those without remat."""
+    x, state, ref = reference
+    gdef = tiny_flux.graphdef(tiny_flux.config(remat_policy=policy, keep_gelu_grad=keep))
+    with jax.default_matmul_precision("highest"):
+        out = tiny_flux.forward_and_grads(gdef, state, x)
+    errs = [tiny_flux.worst_leaf_err(o, r) for o, r in zip(out, ref)]
+    print(policy, keep, "forward / param grads / img grad:", [f"{e:.1e}" for e in errs])
+    assert max(errs) <= TOL
+
+
+def _count(jaxpr, primitive: str) -> int:
+    """How often `primitive` is called in `jaxpr` and every jaxpr inside it."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == primitive
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else [value]:
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    n += _count(sub, primitive)
+    return n
+
+
+@pytest.mark.parametrize("keep, stacked_per_loop", [("none", {}), ("double", {2: 2}), ("single", {3: 1}),
+                                                    ("all", {2: 2, 3: 1})])
+def test_keep_gelu_grad_stacks_the_derivative_and_skips_its_recompute(keep, stacked_per_loop):
+    """Under save_attention, the loops `keep_gelu_grad` names stack GELU's derivative per layer ([B, L,
+    4C] bf16: two per double layer, img and txt, one per single layer) and their backward pass
+    computes no tanh; the others keep no [B, L, 4C] tensor and compute GELU's tanh again (forward:
+    one tanh per stream, 3 in all; each backward pass that recomputes adds its loop's)."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    cfg = tiny_flux.config(dtype="bfloat16", param_dtype="bfloat16", depth=2, depth_single_blocks=3,
+                           remat_policy="save_attention", keep_gelu_grad=keep)
+    gdef, state = tiny_flux.graphdef(cfg), tiny_flux.random_state(cfg)
+    mlp = int(cfg.hidden_size * cfg.mlp_ratio)
+    x = tiny_flux.inputs(batch=3, h=4, w=5, t=6)
+    loss = lambda img: tiny_flux.output_loss(tiny_flux.forward(gdef, state, {**x, "img": img}).astype(jnp.float32))  # noqa: E731
+    stacked = [a for a, why in saved_residuals(loss, x["img"]) if "output of scan" in why and a.shape[-1] == mlp]
+    per_loop = {}
+    for a in stacked:
+        assert a.dtype == jnp.bfloat16 and a.shape[1] == 3, a
+        per_loop[a.shape[0]] = per_loop.get(a.shape[0], 0) + 1
+    assert per_loop == stacked_per_loop, [(str(a.dtype), a.shape) for a in stacked]
+    recomputed = 3 - sum(stacked_per_loop.values())
+    assert _count(jax.make_jaxpr(jax.grad(loss))(x["img"]).jaxpr, "tanh") == 3 + recomputed
+
+
+def test_unknown_keep_gelu_grad_is_user_error():
+    with pytest.raises(UserError, match="keep_gelu_grad 'img' is not one of"):
+        config.load(FluxConfig, None, overrides=["keep_gelu_grad=img"], base=FluxConfig())
+
+
 def test_no_remat_traces_without_checkpoint(reference):
     """jax.checkpoint marks each residual it keeps with a reduce_precision, which splits TPU fusions:
     "none" must not be a checkpoint that saves everything (flux._remat)."""
@@ -66,7 +123,7 @@ def test_no_remat_keeps_activations_only():
     activation (it has the batch dimension; no view of a kernel, `layers.project(view=...)`: those
     were a per-layer copy of the weights, 11 GiB per v5p chip for flux-dev with whole weights), none
     is float32 with the hidden or head width (the norms' float32 copies: recomputed), and the MLP
-    keeps one [B, L, 4C] tensor per stream (its input: GELU-tanh's four other terms are recomputed)."""
+    keeps one [B, L, 4C] tensor per stream (GELU's derivative, `layers.gelu_tanh`)."""
     from jax._src.ad_checkpoint import saved_residuals  # the list behind jax.ad_checkpoint.print_saved_residuals
 
     cfg = tiny_flux.config(dtype="bfloat16", param_dtype="bfloat16", depth=2, depth_single_blocks=3)
