@@ -214,17 +214,20 @@ def remat_policy(policy: str, keep: tuple[str, ...] = ()):
     further checkpoint names it keeps in HBM (`gelu_grad`)."""
     cp = jax.checkpoint_policies
     offload = dict(offload_src="device", offload_dst="pinned_host")
+
+    def and_keep(base):  # jax's save_from_both_policies takes boolean policies only, not offloading ones
+        if not keep:
+            return base
+        names = cp.save_only_these_names(*keep)
+        return lambda prim, *args, **params: True if names(prim, *args, **params) else base(prim, *args, **params)
+
     table = {
         "none": lambda: None,
-        "full": lambda: cp.save_only_these_names(*keep) if keep else cp.nothing_saveable,
-        "save_dots_no_batch": lambda: (cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable,
-                                                                  cp.save_only_these_names(*keep))
-                                       if keep else cp.dots_with_no_batch_dims_saveable),
+        "full": lambda: and_keep(cp.nothing_saveable),
+        "save_dots_no_batch": lambda: and_keep(cp.dots_with_no_batch_dims_saveable),
         "save_attention": lambda: cp.save_only_these_names(*_ATTENTION_NAMES, *keep),
         "save_qkv_attention": lambda: cp.save_only_these_names(*_QKV_ATTENTION_NAMES, *keep),
-        "offload_dots_no_batch": lambda: (cp.save_from_both_policies(cp.offload_dot_with_no_batch_dims(**offload),
-                                                                     cp.save_only_these_names(*keep))
-                                          if keep else cp.offload_dot_with_no_batch_dims(**offload)),
+        "offload_dots_no_batch": lambda: and_keep(cp.offload_dot_with_no_batch_dims(**offload)),
         "offload_attention": lambda: cp.save_and_offload_only_these_names(
             names_which_can_be_saved=list(keep), names_which_can_be_offloaded=list(_ATTENTION_NAMES), **offload),
         "offload_qkv_attention": lambda: cp.save_and_offload_only_these_names(

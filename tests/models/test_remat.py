@@ -52,7 +52,8 @@ def test_policy_with_splash_gives_the_gradients_of_no_remat(policy):
 
 
 @pytest.mark.slow  # one fwd+bwd compile per case: ~10 s each on an idle 2-core CPU
-@pytest.mark.parametrize("policy, keep", [("save_attention", "all"), ("full", "double"), ("save_dots_no_batch", "single")])
+@pytest.mark.parametrize("policy, keep", [("save_attention", "all"), ("full", "double"), ("save_dots_no_batch", "single"),
+                                          ("offload_dots_no_batch", "all")])
 def test_keep_gelu_grad_gives_the_gradients_of_no_remat(reference, policy, keep):
     """Keeping GELU's derivative (`FluxConfig.keep_gelu_grad`) on top of a policy changes what the
     backward pass reads, not what it computes: float32 forward and gradients equal those without remat."""
