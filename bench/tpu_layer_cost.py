@@ -45,6 +45,7 @@ import jax  # noqa: E402
 from bench.common import append_record, cpu_name  # noqa: E402
 from bench.tpu_attention import block_shardings, blocks_fwd_bwd  # noqa: E402
 from fluxir_jax import tpu_topology  # noqa: E402
+from fluxir_jax.models.flux import KEEP_GELU_GRAD  # noqa: E402
 
 
 def seconds(accelerator: str, model: str, batch: int, res: int, txt: int, weights: str, **cfg) -> float:
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="flux-dev")
     ap.add_argument("--gelu", default="tanh", choices=["tanh", "identity"],
                     help="identity: a diagnostic, the MLP's GELU replaced by the identity (what GELU costs)")
-    ap.add_argument("--keep-gelu-grad", default="none", choices=["none", "double", "single", "all"],
+    ap.add_argument("--keep-gelu-grad", default="none", choices=KEEP_GELU_GRAD,
                     help="FluxConfig.keep_gelu_grad: blocks that keep the GELU's derivative for the backward pass")
     ap.add_argument("--quick", action="store_true", help="smoke run: the tiny preset at 64² on v5p-8, 1 per chip")
     args = ap.parse_args(argv)

@@ -170,8 +170,8 @@ EST_MODEL = ("est_step_seconds = max(analytic FLOPs / (chips * peak bf16 FLOP/s)
 FLOP_BOUND = ("est_step_seconds is the FLOP bound, analytic FLOPs / (chips * peak bf16 FLOP/s), a lower bound (an "
               "estimate: no TPU ran), and est_mfu / est_hfu are null (they would be model / analytic and 100% by "
               "construction).")
-KNOBS = ("model.remat_policy (full or offload_* keep the least in HBM), model.keep_gelu_grad=none, mesh.fsdp (shard weights and optimizer state "
-         "over more chips), model.frozen_sharding=fsdp (frozen weights split, not whole on every chip) and fewer "
+KNOBS = ("model.remat_policy (full or offload_* keep the least in HBM), model.keep_gelu_grad=none, "
+         "mesh.fsdp (shard weights and optimizer state over more chips), model.frozen_sharding=fsdp (frozen weights split, not whole on every chip) and fewer "
          "model.frozen_replicated patterns, "
          "a smaller per-chip batch (batch_size, or optim.accum_steps to keep the global batch), "
          "a bigger slice")

@@ -84,8 +84,9 @@ class FluxConfig:
                    remat'ed backward pass recomputes the derivative: float32 vector work over the
                    MLP's hidden tensor that libtpu's v6e-8 model charges 1.6 ms per flux-dev
                    single block and 1.2 ms per double block at 8 examples per chip with
-                   save_attention (docs/tpu.md), for 302 MB per block per chip kept. No effect with remat "none", which keeps it anyway (the GELU's VJP keeps
-                   the derivative instead of its input); the offload policies keep it in HBM
+                   save_attention (docs/tpu.md), for 302 MB per block per chip kept. No effect
+                   with remat "none", which keeps it anyway (the GELU's VJP keeps the
+                   derivative instead of its input); the offload policies keep it in HBM
     scan_layers    True: lax.scan over the stacked blocks; False: an unrolled Python loop
                    over the same stacked parameters (for debugging; compile grows with depth)
     scan_unroll    blocks per iteration of the scanned loops (lax.scan's `unroll`; 1: one

@@ -233,9 +233,9 @@ def recomputed_in_backward(fn: Callable[..., Array]) -> Callable[..., Array]:
 
     For the norms. Autodiff keeps their intermediates for the backward pass: the float32 upcast and
     centred copy of a LayerNorm input ([B, L, C] float32, twice), the float32 q and k of an RMSNorm
-    (and four [B, L, 4C] terms of GELU-tanh, whose VJP keeps its derivative instead). Without remat (`remat_policy="none"`) a
-    scanned layer loop stacks them for every layer: at flux-dev's training shapes they were most of
-    the per-layer memory. The recompute is elementwise work on data the backward pass reads anyway.
+    (GELU-tanh's four [B, L, 4C] terms are not kept either: its VJP keeps its derivative instead).
+    Without remat (`remat_policy="none"`) a scanned layer loop stacks them for every layer: at
+    flux-dev's training shapes they were most of the per-layer memory. The recompute is elementwise work on data the backward pass reads anyway.
     Forward-mode differentiation (jax.jvp) of such a function is not supported (custom_vjp)."""
     f = jax.custom_vjp(fn)
     f.defvjp(lambda *args: (fn(*args), args), lambda args, g: jax.vjp(fn, *args)[1](g))
