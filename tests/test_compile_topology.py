@@ -313,3 +313,24 @@ def test_the_v6e8_config_record_keeps_the_double_blocks_gelu_derivative():
     assert rec["est_step_seconds"] < before["est_step_seconds"] and rec["est_mfu"] > before["est_mfu"]
     assert rec["flops_per_step"]["analytic"] < before["flops_per_step"]["analytic"]
     assert rec["flops_per_step"]["model"] == before["flops_per_step"]["model"]
+
+
+def test_the_v5p8_config_record_reads_the_same_program_with_groups():
+    """The v5p-8 config compiled again on 698613d (record `v5p-8/config`) against the record it replaced
+    (`v5p-8/config@71e0ecf-unroll`): the same per-chip bytes and the same scanned step (its own
+    optimal_seconds); only how one block's cost was read differs (groups of 2 written out instead of
+    lax.scan unroll 2), which moves the estimate from 2.70 s to 2.45 s. Both re-derive to what they say."""
+    root = pathlib.Path(__file__).parents[1]
+    cases = json.loads((root / "bench/results/tpu_memory.json").read_text())["cases"]
+    rec, before = cases["v5p-8/config"]["record"], cases["v5p-8/config@71e0ecf-unroll"]["record"]
+    assert rec["fits"] and rec["per_chip_bytes"]["temporaries"] == before["per_chip_bytes"]["temporaries"]
+    assert rec["per_chip_bytes"]["arguments"] == before["per_chip_bytes"]["arguments"]
+    main, main_before = rec["xla_cost_analysis"]["scanned"], before["xla_cost_analysis"]["scanned"]
+    assert main["seconds"] == pytest.approx(main_before["seconds"], rel=1e-3)
+    assert all("group" in v for v in rec["xla_cost_analysis"]["variants"])
+    assert all("unroll" in v for v in before["xla_cost_analysis"]["variants"])
+    for r, want in ((rec, 2.451), (before, 2.698)):
+        again = aot.rederive(r, 19, 38, r["accum_steps"])
+        assert again["est_step_seconds"] == pytest.approx(r["est_step_seconds"], rel=1e-9)
+        assert r["est_step_seconds"] == pytest.approx(want, abs=1e-3)
+    assert rec["est_mfu"] > 0.70 > before["est_mfu"]
