@@ -79,20 +79,50 @@ def block_shardings(state, x, weights: str):
 _INSTRUCTION = re.compile(r"\s+(?:ROOT )?%([\w.\-]+) = .*? ([a-z][\w\-]*)\(")
 
 
-def cycle_breakdown(hlo_text: str) -> list[dict]:
+_HEADER = re.compile(r"(?:ENTRY )?%([\w.\-]+) .*\{\s*$")
+_CALLED = re.compile(r"(?:body|condition|true_computation|false_computation)=%([\w.\-]+)|branch_computations=\{([^}]*)\}")
+
+
+def _computations(hlo_text: str) -> tuple[str, dict[str, list[str]]]:
+    """(entry name, {computation name: its instruction lines}) of an HLO module's text; an instruction's
+    attributes may continue on the next lines."""
+    comps: dict[str, list[str]] = {}
+    entry, current = "", None
+    for line in hlo_text.splitlines():
+        header = None if line.startswith(" ") else _HEADER.match(line)
+        if header:
+            current = comps.setdefault(header.group(1), [])
+            entry = header.group(1) if line.startswith("ENTRY ") else entry
+        elif current is not None and re.match(r"\s+(ROOT )?%", line):
+            current.append(line)
+        elif current:
+            current[-1] += " " + line
+    return entry, comps
+
+
+def cycle_breakdown(hlo_text: str, loops: bool = False) -> list[dict]:
     """The entry computation's instructions of a compiled TPU program with libtpu's `estimated_cycles`:
-    [{name, opcode, kind, op_name, cycles}], costliest first. `kind` groups them: `matmul` (any
-    instruction from a dot_general but rope's pair swap), `rope swap`, `splash` (the Pallas kernels and
-    their operands' reformatting), else the opcode and the JAX op it came from (`copy: transpose`)."""
-    body = hlo_text[hlo_text.index("\nENTRY "):].splitlines()[1:]
-    lines: list[str] = []
-    for line in body:  # an instruction's attributes may continue on the next lines
-        if re.match(r"\s+(ROOT )?%", line):
-            lines.append(line)
-        elif lines:
-            lines[-1] += " " + line
+    [{name, opcode, kind, op_name, block, cycles}], costliest first. `loops`: also the instructions of
+    the loops' bodies (and conditions, and conditionals' branches) called from it, each counted once, as
+    libtpu's estimate counts a loop body. `kind` groups them: `matmul` (any instruction from a
+    dot_general but rope's pair swap), `rope swap`, `splash` (the Pallas kernels and their operands'
+    reformatting), else the opcode and the JAX op it came from (`copy: transpose`). `block`: "double"
+    or "single" for instructions of a flux block (its named scope, `layers.BLOCK_SCOPES`), else ""."""
+    from fluxir_jax.models.layers import BLOCK_SCOPES
+
+    entry, comps = _computations(hlo_text)
+    names, todo = [], [entry]
+    while todo:
+        name = todo.pop()
+        if name in names or name not in comps:
+            continue
+        names.append(name)
+        if loops:
+            for line in comps[name]:
+                for m in _CALLED.finditer(line):
+                    todo += [m.group(1)] if m.group(1) else [c.strip().lstrip("%") for c in m.group(2).split(",")]
     rows = []
-    for line in lines:
+    for line in (line for name in names for line in comps[name]):
         m, cycles = _INSTRUCTION.match(line), re.search(r'"estimated_cycles":"(\d+)"', line)
         if not (m and cycles):
             continue
@@ -106,7 +136,9 @@ def cycle_breakdown(hlo_text: str) -> list[dict]:
             kind = "matmul"
         else:
             kind = f"{m.group(2)}: {op_name.rsplit('/', 1)[-1] or '-'}"
-        rows.append(dict(name=m.group(1), opcode=m.group(2), kind=kind, op_name=op_name, cycles=int(cycles.group(1))))
+        block = next((b for b, scope in BLOCK_SCOPES.items() if scope in op_name), "")
+        rows.append(dict(name=m.group(1), opcode=m.group(2), kind=kind, op_name=op_name, block=block,
+                         cycles=int(cycles.group(1))))
     return sorted(rows, key=lambda r: -r["cycles"])
 
 

@@ -24,6 +24,10 @@ loop of the other kind could be unrolled whole, and XLA could merge its remat aw
 XLA seconds only: the Pallas kernels' FLOPs (counted at peak by `--topology`) are the same on both
 sides of each difference. Appends to bench/results/tpu_layer_cost.jsonl.
 
+`--breakdown N` also compiles 2 double + 2 single blocks scanned and sums libtpu's `estimated_cycles`
+per block (the blocks' named scopes) and per kind of instruction, loop bodies counted once
+(`loop_cycles` in the row; the N costliest instructions of each block printed).
+
 `--gelu identity` is a diagnostic, not a model: the MLP's GELU-tanh replaced by the identity, so
 the difference to the real block is what libtpu's model charges for GELU (its forward in the second
 projection's input, its derivative in float32 on the backward pass's [tokens, 4C] tensor).
@@ -43,7 +47,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 
 from bench.common import append_record, cpu_name  # noqa: E402
-from bench.tpu_attention import block_shardings, blocks_fwd_bwd  # noqa: E402
+from bench.tpu_attention import block_shardings, blocks_fwd_bwd, cycle_breakdown  # noqa: E402
 from fluxir_jax import tpu_topology  # noqa: E402
 from fluxir_jax.models.flux import KEEP_GELU_GRAD  # noqa: E402
 
@@ -90,6 +94,31 @@ def measure(accelerator: str, model: str, per_chip: int, res: int, txt: int, pol
             "compile_seconds": round(time.perf_counter() - t0, 1)}
 
 
+def loop_cycles(accelerator: str, model: str, per_chip: int, res: int, txt: int, policy: str, weights: str,
+                gelu: str = "tanh", keep_gelu_grad: str = "none", top: int = 0) -> dict:
+    """Where libtpu's estimate puts one block's time, per kind of block: the scanned program of 2 double
+    and 2 single blocks (one block per loop body) with each instruction's `estimated_cycles`, loop
+    bodies counted once (`tpu_attention.cycle_breakdown(loops=True)`), summed per block and per kind of
+    instruction. `top`: print the N costliest instructions of each block."""
+    batch = per_chip * tpu_topology.parse_accelerator(accelerator).chips
+    with gelu_as(gelu):
+        fn, (state, x) = blocks_fwd_bwd(model, "splash", batch, res, txt, remat_policy=policy, keep_gelu_grad=keep_gelu_grad,
+                                        scan_layers=True, depth=2, depth_single_blocks=2)
+        _, compiled = tpu_topology.compile_for_topology(fn, (state, x), accelerator, (1, -1, 1),
+                                                        in_shardings=block_shardings(state, x, weights))
+    rows = cycle_breakdown(compiled.as_text(), loops=True)
+    out = {}
+    for block in ("double", "single"):
+        mine = [r for r in rows if r["block"] == block]
+        kinds: dict[str, int] = {}
+        for r in mine:
+            kinds[r["kind"]] = kinds.get(r["kind"], 0) + r["cycles"]
+        out[block] = {"cycles": sum(kinds.values()), "by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1]))}
+        for r in mine[:top]:
+            print(f"  {block:6s} {r['cycles']:>10d} cycles  {r['kind']:<28.28s} {r['name']:<32.32s} {r['op_name'][-60:]}")
+    return out
+
+
 _BY = {"unroll": "", "group": ", 2 blocks per body written out"}  # how the body of 2 was made
 
 
@@ -121,6 +150,9 @@ def main(argv=None) -> int:
                     help="identity: a diagnostic, the MLP's GELU replaced by the identity (what GELU costs)")
     ap.add_argument("--keep-gelu-grad", default="none", choices=KEEP_GELU_GRAD,
                     help="FluxConfig.keep_gelu_grad: blocks that keep the GELU's derivative for the backward pass")
+    ap.add_argument("--breakdown", type=int, default=None, metavar="N",
+                    help="also compile 2 + 2 scanned blocks and record libtpu's cycles per block and kind of "
+                         "instruction (`loop_cycles` in the row); print the N costliest instructions of each block")
     ap.add_argument("--quick", action="store_true", help="smoke run: the tiny preset at 64² on v5p-8, 1 per chip")
     args = ap.parse_args(argv)
     if args.quick:
@@ -129,6 +161,9 @@ def main(argv=None) -> int:
     for block in args.blocks:
         row = measure(args.accelerator, args.model, args.examples_per_chip, args.res, args.txt, args.policy,
                       args.weights, block, args.gelu, args.keep_gelu_grad)
+        if args.breakdown is not None and block == args.blocks[0]:  # one program holds both kinds
+            row["loop_cycles"] = loop_cycles(args.accelerator, args.model, args.examples_per_chip, args.res, args.txt,
+                                             args.policy, args.weights, args.gelu, args.keep_gelu_grad, args.breakdown)
         append_record("tpu_layer_cost.jsonl", {
             "benchmark": "TPU block cost, unrolled vs scanned (compile-only)", "accelerator": args.accelerator,
             "model": args.model, "res": args.res, "txt": args.txt, "examples_per_chip": args.examples_per_chip,

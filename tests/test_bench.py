@@ -293,6 +293,53 @@ def test_tpu_attention_cycle_breakdown_reads_the_entry_instructions_estimated_cy
                                                 "other": 0.002}
 
 
+HLO_LOOP = """HloModule jit_fn, is_scheduled=true
+
+%fused_computation (p: bf16[8,128]) -> bf16[8,128] {
+  ROOT %copy.9 = bf16[8,128]{1,0} copy(%p), backend_config={"estimated_cycles":"999999"}
+}
+
+%region_0.body (arg: (s32[], bf16[8,128])) -> (s32[], bf16[8,128]) {
+  %arg = (s32[], bf16[8,128]{1,0}) parameter(0)
+  %gte.1 = bf16[8,128]{1,0} get-tuple-element(%arg), index=1
+  %fusion.7 = bf16[8,128]{1,0} fusion(%gte.1), kind=kOutput, calls=%fused_computation,
+    metadata={op_name="jit(fn)/while/body/double_block/dot_general"}, backend_config={"estimated_cycles":"300"}
+  %add.8 = bf16[8,128]{1,0} add(%fusion.7, %fusion.7), metadata={op_name="jit(fn)/while/body/single_block/add"}, backend_config={"estimated_cycles":"40"}
+  %i = s32[] get-tuple-element(%arg), index=0
+  ROOT %t = (s32[], bf16[8,128]{1,0}) tuple(%i, %add.8)
+}
+
+%region_1.cond (arg: (s32[], bf16[8,128])) -> pred[] {
+  %arg = (s32[], bf16[8,128]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%arg), index=0
+  %c = s32[] constant(4)
+  ROOT %lt = pred[] compare(%i, %c), direction=LT, backend_config={"estimated_cycles":"1"}
+}
+
+ENTRY %main (param.1: bf16[8,128]) -> bf16[8,128] {
+  %param.1 = bf16[8,128]{1,0} parameter(0)
+  %zero = s32[] constant(0)
+  %init = (s32[], bf16[8,128]{1,0}) tuple(%zero, %param.1)
+  %while.1 = (s32[], bf16[8,128]{1,0}) while(%init), condition=%region_1.cond, body=%region_0.body, backend_config={"estimated_cycles":"5"}
+  ROOT %out = bf16[8,128]{1,0} get-tuple-element(%while.1), index=1
+}
+"""
+
+
+def test_tpu_attention_cycle_breakdown_reads_loop_bodies_once_with_their_block():
+    """With `loops` the instructions of the loops called from the entry count once each (as libtpu's
+    estimate counts a loop body), tagged with the flux block whose named scope they carry; the fused
+    computation's instructions still do not count."""
+    from bench import tpu_attention
+
+    assert [r["name"] for r in tpu_attention.cycle_breakdown(HLO_LOOP)] == ["while.1"]
+    rows = tpu_attention.cycle_breakdown(HLO_LOOP, loops=True)
+    assert [(r["name"], r["kind"], r["block"], r["cycles"]) for r in rows] == [
+        ("fusion.7", "matmul", "double", 300), ("add.8", "add: add", "single", 40), ("while.1", "while: -", "", 5),
+        ("lt", "compare: -", "", 1)]
+    assert [r["block"] for r in tpu_attention.cycle_breakdown(HLO, loops=True)] == [""] * 5
+
+
 def test_tpu_memory_cases_merged_on_another_machine_keep_their_own_machine_and_date(tmp_path, monkeypatch):
     """tpu_memory.json gathers cases compiled on different days and machines: merging one must not relabel the rest."""
     from bench import tpu_memory
@@ -347,14 +394,18 @@ def test_tpu_memory_rederive_keeps_the_case_and_derives_its_estimates_again(tmp_
 
 def test_tpu_layer_cost_reads_one_block_both_ways(tmp_path, monkeypatch):
     """The smoke run compiles the tiny model for v5p-8 unrolled (1, 2 single blocks) and scanned (4 blocks,
-    unroll 1 and 2) and records one block's cost from each: both positive (a second block costs time)."""
+    groups of 1 and 2) and records one block's cost from each: both positive (a second block costs time); with
+    `--breakdown` also each block's cycles in a scanned program of 2 + 2 blocks, matmuls among them."""
     from bench import common, tpu_layer_cost
 
     monkeypatch.setattr(common, "RESULTS", tmp_path)
-    assert tpu_layer_cost.main(["--quick"]) == 0
+    assert tpu_layer_cost.main(["--quick", "--breakdown", "2"]) == 0
     rec = json.loads((tmp_path / "tpu_layer_cost.jsonl").read_text().splitlines()[-1])
     row = rec["row"]
     assert row["block_unrolled_ms"] > 0 and row["block_scanned_ms"] > 0, row
+    for block in ("double", "single"):  # each block's loop body, with its matmuls
+        cycles = row["loop_cycles"][block]
+        assert cycles["cycles"] == sum(cycles["by_kind"].values()) > cycles["by_kind"]["matmul"] > 0, cycles
     assert [f["value"] for f in rec["figures"]] == [row["block_unrolled_ms"], row["block_scanned_ms"]]
     assert "tiny single block" in rec["figures"][0]["figure"]
 

@@ -44,6 +44,8 @@ from fluxir_jax.models.attention import (
 Array = jax.Array
 NORM_EPS = 1e-6
 PAIR_SWAP_SCOPE = "rope_pair_swap"
+# named scopes of the blocks' computations (op names in compiled programs and profiles)
+BLOCK_SCOPES = {"double": "double_block", "single": "single_block"}
 
 
 # ----------------------------------------------------------------------------- pure math
@@ -589,6 +591,10 @@ class DoubleStreamBlock(nnx.Module):
     def __call__(self, img: Array, txt: Array, vec: Array, pe: Array, mods: Array | None = None
                  ) -> tuple[Array, Array]:
         """`mods`: `self.modulations(vec)` computed beforehand (then `vec` is not read)."""
+        with jax.named_scope(BLOCK_SCOPES["double"]):
+            return self._forward(img, txt, vec, pe, mods)
+
+    def _forward(self, img: Array, txt: Array, vec: Array, pe: Array, mods: Array | None) -> tuple[Array, Array]:
         mods = self.modulations(vec) if mods is None else mods
         img_mod1, img_mod2 = self.img_mod.split(mods[0])
         txt_mod1, txt_mod2 = self.txt_mod.split(mods[1])
@@ -635,6 +641,10 @@ class SingleStreamBlock(nnx.Module):
 
     def __call__(self, x: Array, vec: Array, pe: Array, mods: Array | None = None) -> Array:
         """`mods`: `self.modulations(vec)` computed beforehand (then `vec` is not read)."""
+        with jax.named_scope(BLOCK_SCOPES["single"]):
+            return self._forward(x, vec, pe, mods)
+
+    def _forward(self, x: Array, vec: Array, pe: Array, mods: Array | None) -> Array:
         mod, _ = self.modulation.split(self.modulations(vec) if mods is None else mods)
         x_mod = checkpoint_name(modulate(layer_norm(x), mod), "lin1_norm_hidden_states")
         c, dt = self.hidden_size, self.linear1.dtype
