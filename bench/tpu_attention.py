@@ -142,13 +142,18 @@ def cycle_breakdown(hlo_text: str, loops: bool = False) -> list[dict]:
     return sorted(rows, key=lambda r: -r["cycles"])
 
 
+def cycles_by_kind(rows: list[dict]) -> dict[str, int]:
+    """The estimated cycles summed per kind, largest first."""
+    by_kind = collections.Counter()
+    for r in rows:
+        by_kind[r["kind"]] += r["cycles"]
+    return dict(by_kind.most_common())
+
+
 def cycle_shares(rows: list[dict]) -> dict[str, float]:
     """Share of the summed estimated cycles per kind (kinds under 0.5% pooled as `other`), largest first."""
     total = sum(r["cycles"] for r in rows) or 1
-    by_kind = collections.Counter()
-    for r in rows:
-        by_kind[r["kind"]] += r["cycles"] / total
-    shares = {k: v for k, v in by_kind.most_common() if v >= 0.005}
+    shares = {k: v / total for k, v in cycles_by_kind(rows).items() if v / total >= 0.005}
     rest = 1 - sum(shares.values())
     return {k: round(v, 4) for k, v in {**shares, **({"other": rest} if rest > 0 else {})}.items()}
 

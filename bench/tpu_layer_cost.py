@@ -47,7 +47,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 
 from bench.common import append_record, cpu_name  # noqa: E402
-from bench.tpu_attention import block_shardings, blocks_fwd_bwd, cycle_breakdown  # noqa: E402
+from bench.tpu_attention import block_shardings, blocks_fwd_bwd, cycle_breakdown, cycles_by_kind  # noqa: E402
 from fluxir_jax import tpu_topology  # noqa: E402
 from fluxir_jax.models.flux import KEEP_GELU_GRAD  # noqa: E402
 
@@ -110,10 +110,8 @@ def loop_cycles(accelerator: str, model: str, per_chip: int, res: int, txt: int,
     out = {}
     for block in ("double", "single"):
         mine = [r for r in rows if r["block"] == block]
-        kinds: dict[str, int] = {}
-        for r in mine:
-            kinds[r["kind"]] = kinds.get(r["kind"], 0) + r["cycles"]
-        out[block] = {"cycles": sum(kinds.values()), "by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1]))}
+        kinds = cycles_by_kind(mine)
+        out[block] = {"cycles": sum(kinds.values()), "by_kind": kinds}
         for r in mine[:top]:
             print(f"  {block:6s} {r['cycles']:>10d} cycles  {r['kind']:<28.28s} {r['name']:<32.32s} {r['op_name'][-60:]}")
     return out
