@@ -37,7 +37,8 @@ from fluxir_jax.errors import UserError
 
 _STRUCTURAL_SKIP = {"dtype", "param_dtype", "remat_policy", "scan_layers", "tile_size", "tile_overlap", "tile_halo",
                     "tile_stat_passes", "attn_chunk", "resolution",
-                    "attention", "splash_block_q", "splash_block_kv", "splash_block_kv_compute"}
+                    "attention", "splash_block_q", "splash_block_kv", "splash_block_kv_compute",
+                    "splash_fused_bwd", "splash_block_kv_bwd"}
 
 
 def rel_err(a, b) -> float:

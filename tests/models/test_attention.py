@@ -73,9 +73,42 @@ def test_splash_mesh_divisibility_is_a_user_error():
     [(128, 512, 128), (1536, 512, 512), (4608, 512, 512), (4352, 512, 256), (4608, 1024, 768), (640, 512, 128)],
 )
 def test_splash_blocks_divide_the_padded_length(padded, blocks, want):
-    sizes = attention.splash_block_sizes(AttentionSpec("splash", blocks, blocks, blocks), padded)
+    sizes = attention.splash_block_sizes(AttentionSpec("splash", blocks, blocks, blocks, fused_bwd=False), padded)
     assert sizes.block_q == sizes.block_kv == sizes.block_q_dkv == sizes.block_kv_dq == want
     assert padded % sizes.block_q == 0 and sizes.block_kv % sizes.block_kv_compute == 0
+    assert not sizes.use_fused_bwd_kernel
+
+
+@pytest.mark.parametrize("padded, bwd, want", [(1536, 4608, 1536), (4608, 4608, 4608), (16896, 4608, 4224), (1536, None, 512)])
+def test_fused_backward_walks_the_keys_in_its_own_tiles(padded, bwd, want):
+    sizes = attention.splash_block_sizes(AttentionSpec("splash", block_kv_bwd=bwd), padded)
+    assert sizes.use_fused_bwd_kernel and sizes.block_q_dq is None and sizes.block_kv_dq is None
+    assert (sizes.block_kv, sizes.block_kv_dkv) == (512, want)
+    assert padded % sizes.block_kv_dkv == 0 and sizes.block_kv_dkv % sizes.block_kv_dkv_compute == 0
+
+
+@pytest.mark.parametrize("spec", [AttentionSpec("splash", 128, 128, 128, fused_bwd=False),
+                                  AttentionSpec("splash", 128, 128, 128, block_kv_bwd=4608),
+                                  AttentionSpec("splash", 128, 256, 128, block_kv_bwd=128)],
+                         ids=["two kernels", "fused, one key tile", "fused, 3 key tiles (partial dq summed)"])
+def test_splash_backward_variants_equal_xla(spec):
+    """Forward and (dq, dk, dv) of splash in interpret mode against XLA attention, float32, 3 tiles of 128
+    queries (330 tokens padded to 384, the padding masked out)."""
+    rng = np.random.default_rng(3)
+    q, k, v = (jax.numpy.asarray(rng.standard_normal((2, 330, 2, 64)), np.float32) for _ in range(3))
+    w = jax.numpy.asarray(rng.standard_normal((2, 330, 2, 64)), np.float32)
+
+    def loss(spec):
+        return lambda q, k, v: (attention.splash_attention(q, k, v, spec, interpret=True) if spec.kind == "splash"
+                                else attention.dot_product_attention(q, k, v, spec)) * w
+
+    with jax.default_matmul_precision("highest"):
+        ref, ref_vjp = jax.vjp(loss(AttentionSpec("xla")), q, k, v)
+        out, out_vjp = jax.vjp(loss(spec), q, k, v)
+        pairs = [(out, ref)] + list(zip(out_vjp(w), ref_vjp(w)))
+    errs = [tiny_flux.rel_err(a, b) for a, b in pairs]
+    assert max(errs) <= TOL, errs
+    assert tiny_flux.rel_err(pairs[1][0], pairs[1][1] * 1.01) > TOL  # the comparison can fail
 
 
 def test_kernel_choice_by_backend():
@@ -114,16 +147,21 @@ def test_bad_attention_config_is_user_error(override, match):
 
 def test_flop_count_sees_the_work_inside_splash_kernels():
     """The analytic FLOP count (`aot.flop_counts`) multiplies a Pallas kernel's body by its grid: splash's
-    forward is exactly XLA attention's two matmuls; its backward recomputes QK^T and dO V^T in both the
-    dq and the dkv kernel (7 matmuls to XLA's 4). All of splash's work is kernel work, none of XLA's."""
+    forward is exactly XLA attention's two matmuls; its two-kernel backward recomputes QK^T and dO V^T in
+    both the dq and the dkv kernel (7 matmuls to XLA's 4), the fused backward (the default) once (5
+    matmuls), whether its key tiles cover the sequence or not. All of splash's work is kernel work, none
+    of XLA's."""
     from fluxir_jax import aot
 
     b, length, heads, dim = 2, 384, 4, 64
     q = jax.ShapeDtypeStruct((b, length, heads, dim), np.float32)
     one_matmul = 2.0 * b * heads * length * length * dim
     counts = {}
-    for name, spec in [("xla", AttentionSpec("xla")), ("splash", AttentionSpec("splash")),
-                       ("splash tiled", AttentionSpec("splash", block_q=128, block_kv=256, block_kv_compute=128))]:
+    two_kernels = dict(fused_bwd=False)
+    for name, spec in [("xla", AttentionSpec("xla")), ("splash", AttentionSpec("splash", **two_kernels)),
+                       ("splash tiled", AttentionSpec("splash", block_q=128, block_kv=256, block_kv_compute=128, **two_kernels)),
+                       ("fused", AttentionSpec("splash")),
+                       ("fused tiled", AttentionSpec("splash", block_q=128, block_kv=256, block_kv_compute=128, block_kv_bwd=128))]:
         def loss(q, k, v, spec=spec):
             if spec.kind == "splash":
                 return attention.splash_attention(q, k, v, spec, interpret=True).sum()
@@ -132,10 +170,11 @@ def test_flop_count_sees_the_work_inside_splash_kernels():
         counts[name] = (aot.flop_counts(loss, q, q, q), aot.flop_counts(jax.grad(loss, argnums=(0, 1, 2)), q, q, q))
     (xla_fwd, xla_fwd_k), (xla_all, xla_all_k) = counts["xla"]
     assert (xla_fwd, xla_all) == (2 * one_matmul, 6 * one_matmul) and xla_fwd_k == xla_all_k == 0
-    for name in ("splash", "splash tiled"):  # grid (batch, head, 1, 1), and (batch, head, 3, 3) tiles of 128 x 128
+    for name, matmuls in [("splash", 9), ("splash tiled", 9), ("fused", 7), ("fused tiled", 7)]:
+        # grid (batch, head, 1, 1), and (batch, head, 3, 3) tiles of 128 x 128
         (fwd, fwd_k), (both, both_k) = counts[name]
         assert fwd == fwd_k == 2 * one_matmul, name
-        assert both_k == 9 * one_matmul and both - both_k < 0.01 * one_matmul, name
+        assert both_k == matmuls * one_matmul and both - both_k < 0.01 * one_matmul, name
     # under a (2, 2, 2) mesh splash runs in a shard_map on local shapes: its body counts once per shard
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
     q4 = jax.ShapeDtypeStruct((4, length, 4, dim), np.float32)
