@@ -191,7 +191,7 @@ def compile_topology(cfg: TrainConfig, topology: str, log=print, memory_only: bo
     info = dict(program="train_step", base=cfg.base, batch_size=cfg.batch_size, per_chip_batch=cfg.batch_size / mesh.devices.size,
                 accum_steps=accum, crop_size=cfg.crop_size, remat_policy=cfg.model.remat_policy,
                 keep_gelu_grad=cfg.model.keep_gelu_grad, attention=cfg.model.attention,
-                frozen_sharding=cfg.model.frozen_sharding,
+                splash_fused_bwd=trainer.models.base_config.splash_fused_bwd, frozen_sharding=cfg.model.frozen_sharding,
                 frozen_replicated=list(cfg.model.frozen_replicated), slice_knobs=list(slice_knobs or ()))
     try:
         compiled, seconds = aot.compile_on(trainer.jitted, args, mesh)

@@ -100,6 +100,7 @@ def test_slice_knobs_apply_on_their_slice_under_the_command_line(capsys, tmp_pat
     assert rc == 0, err
     other = json.loads(out.strip().splitlines()[-1])
     assert other["slice_knobs"] == [] and other["accum_steps"] == 1 and other["remat_policy"] == "none"
+    assert other["splash_fused_bwd"] is True and rec["splash_fused_bwd"] is True  # the default, named in the record
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -313,6 +314,26 @@ def test_the_v6e8_config_record_keeps_the_double_blocks_gelu_derivative():
     assert rec["est_step_seconds"] < before["est_step_seconds"] and rec["est_mfu"] > before["est_mfu"]
     assert rec["flops_per_step"]["analytic"] < before["flops_per_step"]["analytic"]
     assert rec["flops_per_step"]["model"] == before["flops_per_step"]["model"]
+
+
+def test_the_v6e8_config_record_runs_splash_fused_backward():
+    """The v6e-8 config compiled on daf20cc, where splash's backward became one kernel by default (record
+    `v6e-8/config`), against the same config with the two-kernel backward (`v6e-8/config@1cae0eb`): the
+    kernels' FLOPs are 7/9 of what they were (forward 2 + backward 5 matmuls against 2 + 7), the model's
+    FLOPs and the per-chip arguments are the same, and the estimate is shorter. Both re-derive to what
+    they say."""
+    root = pathlib.Path(__file__).parents[1]
+    cases = json.loads((root / "bench/results/tpu_memory.json").read_text())["cases"]
+    rec, before = cases["v6e-8/config"]["record"], cases["v6e-8/config@1cae0eb"]["record"]
+    assert rec["attention"] == before["attention"] == "splash" and rec["fits"]
+    assert rec["flops_per_step"]["kernels"] == pytest.approx(before["flops_per_step"]["kernels"] * 7 / 9, rel=1e-9)
+    assert rec["flops_per_step"]["model"] == before["flops_per_step"]["model"]
+    assert rec["per_chip_bytes"]["arguments"] == before["per_chip_bytes"]["arguments"]
+    for r, want in ((rec, 0.8775), (before, 0.8959)):
+        again = aot.rederive(r, 19, 38, r["accum_steps"])
+        assert again["est_step_seconds"] == pytest.approx(r["est_step_seconds"], rel=1e-9)
+        assert r["est_step_seconds"] == pytest.approx(want, abs=1e-4)
+    assert rec["est_mfu"] > 0.489 > before["est_mfu"]
 
 
 def test_the_v5p8_config_record_reads_the_same_program_with_groups():
