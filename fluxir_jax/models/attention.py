@@ -47,9 +47,9 @@ HEAD_AXIS = "tensor"
 class AttentionSpec:
     """Which kernel, and the splash tile sizes.
 
-    Splash's backward is two kernels by default (dq, then dk/dv), each recomputing the attention
-    probabilities: 7 matmuls where the forward has 2. `fused_bwd` computes dq, dk and dv in one kernel
-    (5 matmuls). It walks the keys in tiles of `block_kv_bwd` (None: `block_kv`) and writes one partial
+    Splash's backward as two kernels (dq, then dk/dv; `fused_bwd=False`) recomputes the attention
+    probabilities in each: 7 matmuls where the forward has 2. `fused_bwd` (the default) computes dq, dk
+    and dv in one kernel (5 matmuls). It walks the keys in tiles of `block_kv_bwd` (None: `block_kv`) and writes one partial
     dq per tile in the inputs' dtype, which are then summed: with a tile as long as the sequence
     there is one partial, accumulated in float32 inside the kernel like the two-kernel backward's."""
 
@@ -65,7 +65,7 @@ class AttentionSpec:
             raise ValueError(f"attention {self.kind!r} is not one of {ATTENTION_KINDS}")
         for name in ("block_q", "block_kv", "block_kv_compute", "block_kv_bwd"):
             value = getattr(self, name)
-            if value is None and name == "block_kv_bwd":
+            if value is None:  # block_kv_bwd: block_kv
                 continue
             if value < LANES or value % LANES:
                 raise ValueError(f"splash {name} must be a positive multiple of {LANES}, got {value}")
@@ -159,18 +159,12 @@ def splash_block_sizes(spec: AttentionSpec, padded_len: int):
     bq = _largest_block(spec.block_q, padded_len)
     bkv = _largest_block(spec.block_kv, padded_len)
     bkv_c = _largest_block(min(spec.block_kv_compute, bkv), bkv)
+    shared = dict(block_q=bq, block_kv=bkv, block_kv_compute=bkv_c, block_q_dkv=bq)  # forward tiles, backward query tile
     if not spec.fused_bwd:
-        return BlockSizes(
-            block_q=bq, block_kv=bkv, block_kv_compute=bkv_c,
-            block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv_c,
-            block_q_dq=bq, block_kv_dq=bkv,
-        )
+        return BlockSizes(**shared, block_kv_dkv=bkv, block_kv_dkv_compute=bkv_c, block_q_dq=bq, block_kv_dq=bkv)
     bkv_bwd = _largest_block(spec.block_kv_bwd or spec.block_kv, padded_len)
-    return BlockSizes(
-        block_q=bq, block_kv=bkv, block_kv_compute=bkv_c,
-        block_q_dkv=bq, block_kv_dkv=bkv_bwd, block_kv_dkv_compute=_largest_block(min(spec.block_kv_compute, bkv_bwd), bkv_bwd),
-        use_fused_bwd_kernel=True,
-    )
+    return BlockSizes(**shared, block_kv_dkv=bkv_bwd, block_kv_dkv_compute=_largest_block(min(spec.block_kv_compute, bkv_bwd), bkv_bwd),
+                      use_fused_bwd_kernel=True)
 
 
 def _splash_kernel(heads: int, padded: int, spec: AttentionSpec, interpret: bool, save_residuals: bool = False):
