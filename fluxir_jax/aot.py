@@ -189,18 +189,19 @@ class OutOfHBM(Exception):
 
 
 def compile_on(jitted, args, mesh) -> tuple[Any, float]:
-    """Compile `jitted` for abstract `args` on a (TPU topology) mesh, outside the persistent cache; (compiled, s).
+    """Compile `jitted` for abstract `args` on a (TPU topology) mesh, outside the persistent cache, with the
+    chips' compiler options (`libtpu_env.compiler_options`); (compiled, s).
 
     Raises OutOfHBM when libtpu's compiler stops because the program does not fit a chip's HBM.
     """
     import time
 
-    from fluxir_jax import tpu_topology
+    from fluxir_jax import libtpu_env, tpu_topology
 
     t0 = time.perf_counter()
     try:
         with tpu_topology._without_persistent_cache(), jax.set_mesh(mesh):
-            compiled = jitted.lower(*args).compile()
+            compiled = jitted.lower(*args).compile(compiler_options=libtpu_env.mesh_compiler_options(mesh))
     except jax.errors.JaxRuntimeError as e:
         text = str(e)
         if "RESOURCE_EXHAUSTED" not in text and "memory" not in text.lower():
@@ -212,7 +213,7 @@ def compile_on(jitted, args, mesh) -> tuple[Any, float]:
 
 def out_of_hbm_record(accelerator: str, mesh, err: OutOfHBM, method: str, analytic: float, **extra) -> dict:
     """The record of a program the TPU compiler refused for lack of HBM (figures from its message)."""
-    from fluxir_jax import tpu_topology
+    from fluxir_jax import libtpu_env, tpu_topology
 
     acc = tpu_topology.parse_accelerator(accelerator)
     chips = int(mesh.devices.size)
@@ -224,7 +225,7 @@ def out_of_hbm_record(accelerator: str, mesh, err: OutOfHBM, method: str, analyt
         "hbm_bytes": acc.hbm_bytes, "fits": False, "compiler_error": err.message,
         "flops_per_step": {"analytic": analytic, "xla": None}, "xla_seconds": None,
         "peak_flops_per_chip": acc.peak_bf16_flops, "est_step_seconds": None, "est_mfu": None,
-        "compile_seconds": round(err.seconds, 2),
+        "compile_seconds": round(err.seconds, 2), "compiler_options": libtpu_env.mesh_compiler_options(mesh),
         "method": (f"{method} The TPU compiler stopped with RESOURCE_EXHAUSTED: per_chip_bytes.temporaries is the "
                    "requirement it reported (the other figures are unknown); no step estimate for a program that "
                    "cannot run."),
@@ -392,7 +393,7 @@ def topology_record(accelerator: str, mesh, compiled, compile_seconds: float, an
     figures at full depth (`scanned_program_cost`) for one of `repeat` identical passes (micro-batches),
     or None when they were not derived (then the xla figures are None and the estimate is FLOP-bound only).
     """
-    from fluxir_jax import tpu_topology
+    from fluxir_jax import libtpu_env, tpu_topology
 
     acc = tpu_topology.parse_accelerator(accelerator)
     chips = int(mesh.devices.size)
@@ -417,6 +418,7 @@ def topology_record(accelerator: str, mesh, compiled, compile_seconds: float, an
         "est_step_seconds": est["est_step_seconds"], "est_mfu": est["est_mfu"], "est_hfu": est["est_hfu"],
         "compile_seconds": round(compile_seconds, 2),
         "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""),
+        "compiler_options": libtpu_env.mesh_compiler_options(mesh),
         "method": (f"{method} flops_per_step.analytic: matmul/conv FLOPs of the jaxpr over all chips, scans times their "
                    f"trip counts, remat recompute included; flops_per_step.model: the same without remat recompute "
                    f"(model FLOPs). {est['how']}"),

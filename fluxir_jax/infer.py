@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fluxir_jax import libtpu_env
 from fluxir_jax.errors import UserError
 from fluxir_jax.models.weight_gather import gather_unscanned, gathering
 from fluxir_jax.parallel import rule_from_state, state_shardings
@@ -171,7 +172,8 @@ class Engine:
             else:
                 run = (lambda params, batch: program(gather_unscanned(params), batch)) if self.gather_weights else program
                 fn = jax.jit(run, in_shardings=(self._param_shardings, self._batch_sharding),
-                             out_shardings=self._batch_sharding)
+                             out_shardings=self._batch_sharding,
+                             compiler_options=libtpu_env.mesh_compiler_options(self._mesh))
             self._compiled[program] = fn
         return fn
 

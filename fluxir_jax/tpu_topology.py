@@ -225,6 +225,7 @@ class CompileRecord:
     xla_seconds: float | None  # XLA's own estimate (cost_analysis "optimal_seconds"), if reported
     compile_seconds: float
     libtpu_init_args: str = ""  # LIBTPU_INIT_ARGS the compiler ran with (libtpu_env.LIBTPU_FLAGS)
+    compiler_options: dict = dataclasses.field(default_factory=dict)  # per-compile options (libtpu_env.compiler_options)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -345,16 +346,22 @@ def compile_for_topology(
     donate_argnums=(),
     static_argnums=(),
     num_slices: int = 1,
+    compiler_options: dict | None = None,
 ) -> tuple[CompileRecord, Any]:
     """Compile `fn(*abstract_args)` for the TPU slice `accelerator` over a mesh; returns (record, compiled).
 
     `abstract_args` are arrays or `jax.ShapeDtypeStruct`s. `in_shardings` / `out_shardings` are
     pytrees of `PartitionSpec` (over `axis_names`), `NamedSharding`s, None (the compiler
     chooses), or a callable `mesh -> shardings`. `fn` is traced under `jax.set_mesh(mesh)`, so
-    code that reads the current mesh (splash attention's shard_map) sees the TPU mesh.
+    code that reads the current mesh (splash attention's shard_map) sees the TPU mesh. `compiler_options`
+    default to the chip's (`libtpu_env.compiler_options`); the record names them.
     """
+    from fluxir_jax import libtpu_env
+
     acc = parse_accelerator(accelerator)
     mesh = topology_mesh(accelerator, mesh_shape, axis_names, num_slices)
+    if compiler_options is None:
+        compiler_options = libtpu_env.mesh_compiler_options(mesh)
     jit_kw: dict[str, Any] = dict(donate_argnums=donate_argnums, static_argnums=static_argnums)
     if in_shardings is not None:
         jit_kw["in_shardings"] = _to_shardings(mesh, in_shardings)
@@ -362,7 +369,7 @@ def compile_for_topology(
         jit_kw["out_shardings"] = _to_shardings(mesh, out_shardings)
     start = time.perf_counter()
     with _without_persistent_cache(), jax.set_mesh(mesh):
-        compiled = jax.jit(fn, **jit_kw).lower(*abstract_args).compile()
+        compiled = jax.jit(fn, **jit_kw).lower(*abstract_args).compile(compiler_options=compiler_options)
     seconds = time.perf_counter() - start
     mem = memory_bytes(compiled)
     flops, xla_seconds = cost(compiled, accelerator)
@@ -371,7 +378,7 @@ def compile_for_topology(
         device_kind=mesh.devices.flat[0].device_kind, mesh=dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape))),
         per_chip_bytes=mem, hbm_bytes=acc.hbm_bytes, fits=mem["total"] <= acc.hbm_bytes, flops=flops,
         xla_seconds=xla_seconds, compile_seconds=round(seconds, 3),
-        libtpu_init_args=os.environ.get("LIBTPU_INIT_ARGS", ""),
+        libtpu_init_args=os.environ.get("LIBTPU_INIT_ARGS", ""), compiler_options=dict(compiler_options),
     )
     return record, compiled
 

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fluxir_jax import parallel, sampling
+from fluxir_jax import libtpu_env, parallel, sampling
 from fluxir_jax.models.adapter import FluxIR, fluxir_forward
 from fluxir_jax.models.layers import embed_nd
 from fluxir_jax.train_config import LossConfig, OptimConfig, TrainConfig
@@ -283,9 +283,10 @@ def state_shardings(abstract_params_shardings, tx, abstract_params, mesh) -> Tra
 
 
 def jit_step(step_fn, state_sh: TrainState, frozen_sh: Frozen, mesh):
-    """The step as one jax.jit with explicit shardings; the state is donated."""
+    """The step as one jax.jit with explicit shardings and the chips' compiler options
+    (`libtpu_env.compiler_options`); the state is donated."""
     batch_sh = {"hq": parallel.batch_sharding(mesh, 4), "lq_up": parallel.batch_sharding(mesh, 4)}
     rep = parallel.replicated(mesh)
     metrics_sh = {k: rep for k in ("loss", "loss_flow", "loss_pix", "grad_norm", "lr", "finite")}
     return jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, metrics_sh),
-                   donate_argnums=(0,))
+                   donate_argnums=(0,), compiler_options=libtpu_env.mesh_compiler_options(mesh))
