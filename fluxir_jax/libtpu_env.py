@@ -89,12 +89,13 @@ def default_libtpu_flags() -> None:
 # Scoped VMEM (KiB) that XLA's TPU fusions may use, per TPU generation (device_kind), passed with each
 # compile of the train step and the gen / restore programs (`compiler_options`). libtpu's default is
 # far below the chip's VMEM; a larger limit lets a fusion work on larger tiles and read HBM fewer times.
-# Only where it was measured: v6e (128 MiB of VMEM per core), 96 MiB as MaxText runs dense models. In
-# libtpu's estimate one flux-dev double + single block pair, fwd+bwd at 8 per chip on v6e-8, goes from
-# 27.04 to 23.89 ms of XLA's work (the same FLOPs; docs/tpu.md). Other chips keep libtpu's default
-# (v5p has 64 MiB of VMEM, v4 16 MiB); `LIBTPU_INIT_ARGS=--xla_tpu_scoped_vmem_limit_kib=N` sets it
-# for every chip and then wins.
-SCOPED_VMEM_KIB = {"TPU v6 lite": 98304}
+# Set where it was measured: v6e and v5e (128 MiB of VMEM per core), 96 MiB as MaxText runs dense models.
+# In libtpu's estimate one flux-dev double + single block pair, fwd+bwd at 8 per chip on v6e-8, goes
+# from 27.04 to 23.89 ms of XLA's work for the same FLOPs; on v5e a flux-dev MLP forward goes from 10.2
+# to 9.4 ms (docs/tpu.md). v5p (64 MiB of VMEM) showed no change at 48 MiB and keeps libtpu's default,
+# as does v4 (16 MiB). `LIBTPU_INIT_ARGS=--xla_tpu_scoped_vmem_limit_kib=N` sets it for every chip and
+# then wins.
+SCOPED_VMEM_KIB = {"TPU v6 lite": 98304, "TPU v5 lite": 98304}
 
 
 def compiler_options(device_kind: str) -> dict[str, str]:

@@ -277,8 +277,9 @@ def test_libtpu_flags_are_defaults_the_user_overrides(monkeypatch, user, want):
 
 def test_compiler_options_by_chip_unless_the_user_names_the_flag(monkeypatch):
     monkeypatch.setenv("LIBTPU_INIT_ARGS", "--xla_tpu_enable_windowed_einsum_for_all_gather=false")
-    assert libtpu_env.compiler_options("TPU v6 lite") == {"xla_tpu_scoped_vmem_limit_kib": "98304"}
-    for kind in ("TPU v5", "TPU v5 lite", "TPU v4", "cpu"):
+    for kind in ("TPU v6 lite", "TPU v5 lite"):  # 128 MiB of VMEM per core
+        assert libtpu_env.compiler_options(kind) == {"xla_tpu_scoped_vmem_limit_kib": "98304"}
+    for kind in ("TPU v5", "TPU v4", "cpu"):
         assert libtpu_env.compiler_options(kind) == {}
     assert libtpu_env.mesh_compiler_options(parallel.make_mesh(parallel.MeshConfig(), jax.devices())) == {}
     monkeypatch.setenv("LIBTPU_INIT_ARGS", "--xla_tpu_scoped_vmem_limit_kib=65536")  # the user's value wins
