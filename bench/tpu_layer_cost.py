@@ -48,7 +48,7 @@ import jax  # noqa: E402
 
 from bench.common import append_record, cpu_name  # noqa: E402
 from bench.tpu_attention import block_shardings, blocks_fwd_bwd, cycle_breakdown, cycles_by_kind  # noqa: E402
-from fluxir_jax import tpu_topology  # noqa: E402
+from fluxir_jax import libtpu_env, tpu_topology  # noqa: E402
 from fluxir_jax.models.flux import KEEP_GELU_GRAD  # noqa: E402
 
 
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
             "keep_gelu_grad": args.keep_gelu_grad, "row": row,
             "figures": figures(args.accelerator, args.model, args.examples_per_chip, args.policy, args.weights, block, row,
                                args.gelu, args.keep_gelu_grad),
-            "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""), "cpu": cpu_name(), "cores": os.cpu_count(),
+            **libtpu_env.compile_settings(tpu_topology.topology_devices(args.accelerator)[0].device_kind), "cpu": cpu_name(), "cores": os.cpu_count(),
             "device": "no TPU attached: libtpu compile-only on this CPU machine", "date": time.strftime("%Y-%m-%d")})
     return 0
 

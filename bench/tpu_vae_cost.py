@@ -31,7 +31,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from bench.common import append_record, cpu_name  # noqa: E402
-from fluxir_jax import aot, tpu_topology  # noqa: E402
+from fluxir_jax import aot, libtpu_env, tpu_topology  # noqa: E402
 from fluxir_jax.models.autoencoder import AE_PRESETS, AutoEncoder  # noqa: E402
 from fluxir_jax.train import crop_latent  # noqa: E402
 
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
         "benchmark": "TPU VAE cost in a FluxIR step (compile-only)", "accelerator": args.accelerator, "vae": args.vae,
         "crop": args.crop, "pixel_crop": args.pixel_crop, "examples_per_chip": args.examples_per_chip, "row": row,
         "figures": figures(args.accelerator, args.vae, args.examples_per_chip, args.crop, args.pixel_crop, row),
-        "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""), "cpu": cpu_name(), "cores": os.cpu_count(),
+        **libtpu_env.compile_settings(tpu_topology.topology_devices(args.accelerator)[0].device_kind), "cpu": cpu_name(), "cores": os.cpu_count(),
         "device": "no TPU attached: libtpu compile-only on this CPU machine", "date": time.strftime("%Y-%m-%d")})
     print(f"{args.accelerator} VAE: {row['xla_seconds'] * 1e3:.2f} ms est., FLOP bound "
           f"{row['flop_bound_seconds'] * 1e3:.2f} ms ({100 * row['share_of_peak']:.1f}% of peak)")

@@ -14,7 +14,6 @@ or 2 blocks.
 from __future__ import annotations
 
 import math
-import os
 import re
 from typing import Any, Callable
 
@@ -417,8 +416,7 @@ def topology_record(accelerator: str, mesh, compiled, compile_seconds: float, an
         "peak_flops_per_chip": peak,
         "est_step_seconds": est["est_step_seconds"], "est_mfu": est["est_mfu"], "est_hfu": est["est_hfu"],
         "compile_seconds": round(compile_seconds, 2),
-        "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""),
-        "compiler_options": libtpu_env.mesh_compiler_options(mesh),
+        **libtpu_env.compile_settings(mesh.devices.flat[0].device_kind),
         "method": (f"{method} flops_per_step.analytic: matmul/conv FLOPs of the jaxpr over all chips, scans times their "
                    f"trip counts, remat recompute included; flops_per_step.model: the same without remat recompute "
                    f"(model FLOPs). {est['how']}"),

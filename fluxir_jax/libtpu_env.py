@@ -110,3 +110,8 @@ def compiler_options(device_kind: str) -> dict[str, str]:
 def mesh_compiler_options(mesh) -> dict[str, str]:
     """`compiler_options` for the chips of a jax Mesh."""
     return compiler_options(mesh.devices.flat[0].device_kind)
+
+
+def compile_settings(device_kind: str) -> dict:
+    """What a record of a TPU compile names about the compiler's settings."""
+    return {"libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""), "compiler_options": compiler_options(device_kind)}

@@ -408,6 +408,7 @@ def test_tpu_layer_cost_reads_one_block_both_ways(tmp_path, monkeypatch):
         assert cycles["cycles"] == sum(cycles["by_kind"].values()) > cycles["by_kind"]["matmul"] > 0, cycles
     assert [f["value"] for f in rec["figures"]] == [row["block_unrolled_ms"], row["block_scanned_ms"]]
     assert "tiny single block" in rec["figures"][0]["figure"]
+    assert rec["compiler_options"] == {} and "windowed_einsum" in rec["libtpu_init_args"]  # v5p: libtpu's VMEM default
 
 
 def test_tpu_layer_cost_gelu_diagnostic_swaps_the_blocks_gelu_and_restores_it():
@@ -448,3 +449,4 @@ def test_tpu_vae_cost_compiles_the_steps_vae_work_for_a_tpu_slice(tmp_path, monk
     assert 0 < row["share_of_peak"] <= 1.0, row
     assert row["flop_bound_seconds"] == pytest.approx(row["flops"] / 4 / 459e12, rel=1e-6)
     assert [f["unit"] for f in rec["figures"]] == ["ms", "ms", "%"]
+    assert rec["compiler_options"] == {}  # v5p (libtpu_env.compiler_options)
