@@ -88,7 +88,7 @@ def default_libtpu_flags() -> None:
 
 # Scoped VMEM (KiB) that XLA's TPU fusions may use, per TPU generation (device_kind), passed with each
 # compile of the train step and the gen / restore programs (`compiler_options`). libtpu's default is
-# far below the chip's VMEM; a larger limit lets a fusion work on larger tiles and read HBM fewer times.
+# below the chip's VMEM; a larger limit lets a fusion work on larger tiles and read HBM fewer times.
 # Set where it was measured: v6e and v5e (128 MiB of VMEM per core), 96 MiB as MaxText runs dense models.
 # In libtpu's estimate one flux-dev double + single block pair, fwd+bwd at 8 per chip on v6e-8, goes
 # from 27.04 to 23.89 ms of XLA's work for the same FLOPs; on v5e a flux-dev MLP forward goes from 10.2
