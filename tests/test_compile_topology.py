@@ -323,17 +323,18 @@ def test_the_v6e8_config_record_keeps_the_double_blocks_gelu_derivative():
     assert rec["flops_per_step"]["model"] == before["flops_per_step"]["model"]
 
 
-@pytest.mark.parametrize("slice_, before_key, want, want_before, mfu", [
-    ("v6e-8", "v6e-8/config@1cae0eb", 0.8775, 0.8959, 0.489), ("v5p-8", "v5p-8/config@698613d-groups", 2.3914, 2.4509, 0.718)])
-def test_the_config_records_run_splash_fused_backward(slice_, before_key, want, want_before, mfu):
+@pytest.mark.parametrize("key, before_key, want, want_before, mfu", [
+    ("v6e-8/config@daf20cc", "v6e-8/config@1cae0eb", 0.8775, 0.8959, 0.489),
+    ("v5p-8/config", "v5p-8/config@698613d-groups", 2.3914, 2.4509, 0.718)])
+def test_the_config_records_run_splash_fused_backward(key, before_key, want, want_before, mfu):
     """The configs compiled with splash's backward as one kernel (the default since daf20cc; records
-    `v6e-8/config` on daf20cc, `v5p-8/config` on 47a81b9) against the same configs with the two-kernel
+    `v6e-8/config@daf20cc`, `v5p-8/config` on 47a81b9) against the same configs with the two-kernel
     backward: the kernels' FLOPs are 7/9 of what they were (forward 2 + backward 5 matmuls against 2 +
     7), the model's FLOPs and the per-chip arguments are the same, and the estimate is shorter. Both
     re-derive to what they say."""
     root = pathlib.Path(__file__).parents[1]
     cases = json.loads((root / "bench/results/tpu_memory.json").read_text())["cases"]
-    rec, before = cases[f"{slice_}/config"]["record"], cases[before_key]["record"]
+    rec, before = cases[key]["record"], cases[before_key]["record"]
     assert rec["attention"] == before["attention"] == "splash" and rec["fits"] and rec.get("splash_fused_bwd", True)  # older records: the default
     assert rec["flops_per_step"]["kernels"] == pytest.approx(before["flops_per_step"]["kernels"] * 7 / 9, rel=1e-9)
     assert rec["flops_per_step"]["model"] == before["flops_per_step"]["model"]
@@ -365,3 +366,24 @@ def test_the_v5p8_config_record_reads_the_same_program_with_groups():
         assert again["est_step_seconds"] == pytest.approx(r["est_step_seconds"], rel=1e-9)
         assert r["est_step_seconds"] == pytest.approx(want, abs=1e-3)
     assert rec["est_mfu"] > 0.70 > before["est_mfu"]
+
+
+def test_the_v6e8_config_record_compiles_with_96_mib_of_scoped_vmem():
+    """The v6e-8 config compiled with 96 MiB of scoped VMEM (record `v6e-8/config`: the option
+    `libtpu_env.compiler_options` passes with each v6e compile) against the
+    same config with libtpu's default (`v6e-8/config@daf20cc`): the same program by its FLOPs (model,
+    analytic, kernels) and arguments, a shorter estimate, and both re-derive to what they say."""
+    from fluxir_jax import libtpu_env
+
+    root = pathlib.Path(__file__).parents[1]
+    cases = json.loads((root / "bench/results/tpu_memory.json").read_text())["cases"]
+    rec, before = cases["v6e-8/config"]["record"], cases["v6e-8/config@daf20cc"]["record"]
+    assert rec["compiler_options"] == libtpu_env.compiler_options("TPU v6 lite") == {"xla_tpu_scoped_vmem_limit_kib": "98304"}
+    assert not before.get("compiler_options") and "scoped_vmem" not in before["libtpu_init_args"] + rec["libtpu_init_args"]
+    for key in ("analytic", "model", "kernels"):
+        assert rec["flops_per_step"][key] == before["flops_per_step"][key], key
+    assert rec["per_chip_bytes"]["arguments"] == before["per_chip_bytes"]["arguments"] and rec["fits"]
+    for r in (rec, before):
+        again = aot.rederive(r, 19, 38, r["accum_steps"])
+        assert again["est_step_seconds"] == pytest.approx(r["est_step_seconds"], rel=1e-9)
+    assert rec["est_step_seconds"] < before["est_step_seconds"] and rec["est_mfu"] > before["est_mfu"]
