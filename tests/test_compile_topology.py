@@ -279,11 +279,23 @@ def test_rederive_gives_the_v6e_flux_dev_step_the_time_its_variants_imply():
     assert again["xla_seconds_scan_body_once"] == pytest.approx(0.1606, abs=1e-4)
 
 
+def _recorded(*keys):
+    """The records of bench/results/tpu_memory.json's cases `keys`."""
+    cases = json.loads((pathlib.Path(__file__).parents[1] / "bench/results/tpu_memory.json").read_text())["cases"]
+    return [cases[k]["record"] for k in keys]
+
+
+def _assert_rederives(rec):
+    """A flux-dev record derived again (`aot.rederive`) gives the step estimate it was recorded with."""
+    again = aot.rederive(rec, 19, 38, rec["accum_steps"])
+    assert again["est_step_seconds"] == pytest.approx(rec["est_step_seconds"], rel=1e-9)
+    return again
+
+
 def test_rederive_reads_records_whose_variants_were_unrolled_by_lax_scan():
     """Records before 2026-12-05 read a block's cost off lax.scan unroll 2 (variants keyed `unroll`);
     derived again they give the estimate they were recorded with, and say how their variants were made."""
-    cases = json.loads((pathlib.Path(__file__).parents[1] / "bench/results/tpu_memory.json").read_text())["cases"]
-    rec = cases["v6e-8/config@8ed5a7f-unroll"]["record"]
+    rec, grouped_rec = _recorded("v6e-8/config@8ed5a7f-unroll", "v6e-8/config@fa7a116-groups")
     assert all("unroll" in v for v in rec["xla_cost_analysis"]["variants"])
     again = aot.rederive(rec, 19, 38, rec["accum_steps"])
     assert again["xla_seconds"] == pytest.approx(rec["xla_seconds"], rel=1e-9)
@@ -296,7 +308,6 @@ def test_rederive_reads_records_whose_variants_were_unrolled_by_lax_scan():
     assert (old["block_variant"], new["block_variant"]) == ("unroll", "group") and new["seconds"] == old["seconds"]
     assert old["seconds"] == pytest.approx(0.1054 + 18 * 0.0163 + 37 * 0.0134, abs=2e-3)  # docs/tpu.md's breakdown
     # the config as recorded on fa7a116: the same main program, its (2, 1) and (1, 2) variants compiled with groups
-    grouped_rec = cases["v6e-8/config@fa7a116-groups"]["record"]
     assert all("group" in v for v in grouped_rec["xla_cost_analysis"]["variants"])
     again = aot.rederive(grouped_rec, 19, 38, grouped_rec["accum_steps"])
     assert again["est_step_seconds"] == pytest.approx(0.9264, abs=1e-4) and again["est_step_seconds"] < rec["est_step_seconds"]
@@ -313,11 +324,9 @@ def test_the_v6e8_config_record_keeps_the_double_blocks_gelu_derivative():
     root = pathlib.Path(__file__).parents[1]
     knobs = yaml.safe_load((root / "configs/train/fluxir-dev.yaml").read_text())["slice_knobs"]["v6e-8"]
     assert "model.keep_gelu_grad=double" in knobs
-    cases = json.loads((root / "bench/results/tpu_memory.json").read_text())["cases"]
-    rec, before = cases["v6e-8/config"]["record"], cases["v6e-8/config@fa7a116-groups"]["record"]
+    rec, before = _recorded("v6e-8/config", "v6e-8/config@fa7a116-groups")
     assert rec["keep_gelu_grad"] == "double" and "keep_gelu_grad" not in before and rec["fits"]
-    again = aot.rederive(rec, 19, 38, rec["accum_steps"])
-    assert again["est_step_seconds"] == pytest.approx(rec["est_step_seconds"], rel=1e-9)
+    _assert_rederives(rec)
     assert rec["est_step_seconds"] < before["est_step_seconds"] and rec["est_mfu"] > before["est_mfu"]
     assert rec["flops_per_step"]["analytic"] < before["flops_per_step"]["analytic"]
     assert rec["flops_per_step"]["model"] == before["flops_per_step"]["model"]
@@ -332,16 +341,13 @@ def test_the_config_records_run_splash_fused_backward(key, before_key, want, wan
     backward: the kernels' FLOPs are 7/9 of what they were (forward 2 + backward 5 matmuls against 2 +
     7), the model's FLOPs and the per-chip arguments are the same, and the estimate is shorter. Both
     re-derive to what they say."""
-    root = pathlib.Path(__file__).parents[1]
-    cases = json.loads((root / "bench/results/tpu_memory.json").read_text())["cases"]
-    rec, before = cases[key]["record"], cases[before_key]["record"]
+    rec, before = _recorded(key, before_key)
     assert rec["attention"] == before["attention"] == "splash" and rec["fits"] and rec.get("splash_fused_bwd", True)  # older records: the default
     assert rec["flops_per_step"]["kernels"] == pytest.approx(before["flops_per_step"]["kernels"] * 7 / 9, rel=1e-9)
     assert rec["flops_per_step"]["model"] == before["flops_per_step"]["model"]
     assert rec["per_chip_bytes"]["arguments"] == before["per_chip_bytes"]["arguments"]
     for r, w in ((rec, want), (before, want_before)):
-        again = aot.rederive(r, 19, 38, r["accum_steps"])
-        assert again["est_step_seconds"] == pytest.approx(r["est_step_seconds"], rel=1e-9)
+        _assert_rederives(r)
         assert r["est_step_seconds"] == pytest.approx(w, abs=1e-4)
     assert rec["est_mfu"] > mfu > before["est_mfu"]
 
@@ -352,9 +358,7 @@ def test_the_v5p8_config_record_reads_the_same_program_with_groups():
     (`v5p-8/config@71e0ecf-unroll`): the same per-chip bytes and the same scanned step (its own
     optimal_seconds); only how one block's cost was read differs (groups of 2 written out instead of
     lax.scan unroll 2), which moves the estimate from 2.70 s to 2.45 s. Both re-derive to what they say."""
-    root = pathlib.Path(__file__).parents[1]
-    cases = json.loads((root / "bench/results/tpu_memory.json").read_text())["cases"]
-    rec, before = cases["v5p-8/config@698613d-groups"]["record"], cases["v5p-8/config@71e0ecf-unroll"]["record"]
+    rec, before = _recorded("v5p-8/config@698613d-groups", "v5p-8/config@71e0ecf-unroll")
     assert rec["fits"] and rec["per_chip_bytes"]["temporaries"] == before["per_chip_bytes"]["temporaries"]
     assert rec["per_chip_bytes"]["arguments"] == before["per_chip_bytes"]["arguments"]
     main, main_before = rec["xla_cost_analysis"]["scanned"], before["xla_cost_analysis"]["scanned"]
@@ -362,8 +366,7 @@ def test_the_v5p8_config_record_reads_the_same_program_with_groups():
     assert all("group" in v for v in rec["xla_cost_analysis"]["variants"])
     assert all("unroll" in v for v in before["xla_cost_analysis"]["variants"])
     for r, want in ((rec, 2.451), (before, 2.698)):
-        again = aot.rederive(r, 19, 38, r["accum_steps"])
-        assert again["est_step_seconds"] == pytest.approx(r["est_step_seconds"], rel=1e-9)
+        _assert_rederives(r)
         assert r["est_step_seconds"] == pytest.approx(want, abs=1e-3)
     assert rec["est_mfu"] > 0.70 > before["est_mfu"]
 
@@ -375,15 +378,12 @@ def test_the_v6e8_config_record_compiles_with_96_mib_of_scoped_vmem():
     analytic, kernels) and arguments, a shorter estimate, and both re-derive to what they say."""
     from fluxir_jax import libtpu_env
 
-    root = pathlib.Path(__file__).parents[1]
-    cases = json.loads((root / "bench/results/tpu_memory.json").read_text())["cases"]
-    rec, before = cases["v6e-8/config"]["record"], cases["v6e-8/config@daf20cc"]["record"]
+    rec, before = _recorded("v6e-8/config", "v6e-8/config@daf20cc")
     assert rec["compiler_options"] == libtpu_env.compiler_options("TPU v6 lite") == {"xla_tpu_scoped_vmem_limit_kib": "98304"}
     assert not before.get("compiler_options") and "scoped_vmem" not in before["libtpu_init_args"] + rec["libtpu_init_args"]
     for key in ("analytic", "model", "kernels"):
         assert rec["flops_per_step"][key] == before["flops_per_step"][key], key
     assert rec["per_chip_bytes"]["arguments"] == before["per_chip_bytes"]["arguments"] and rec["fits"]
     for r in (rec, before):
-        again = aot.rederive(r, 19, 38, r["accum_steps"])
-        assert again["est_step_seconds"] == pytest.approx(r["est_step_seconds"], rel=1e-9)
+        _assert_rederives(r)
     assert rec["est_step_seconds"] < before["est_step_seconds"] and rec["est_mfu"] > before["est_mfu"]
